@@ -1,0 +1,90 @@
+"""Names shared by every module: neuron ids ``L{layer}N{index}``, matrices, poles, layer ranges."""
+
+from __future__ import annotations
+
+import re
+
+from neuronmap.errors import NeuronmapError
+
+MATRICES = ("gate", "up", "down")
+POLES = ("+", "-")
+_NEURON = re.compile(r"^L(\d+)N(\d+)$")
+
+
+def neuron_id(layer: int, neuron: int) -> str:
+    """The id of a neuron, e.g. ``neuron_id(29, 808) == "L29N808"``."""
+    return f"L{layer}N{neuron}"
+
+
+def parse_neuron_id(text: str, n_layers: int | None = None, d_mlp: int | None = None) -> tuple[int, int]:
+    """Parse ``L29N808`` into ``(29, 808)``, checking the range when the shape is given.
+
+    Raises:
+        NeuronmapError: malformed or out of range.
+
+    Example:
+        >>> parse_neuron_id("L29N808")
+        (29, 808)
+    """
+    m = _NEURON.match(text.strip())
+    if not m:
+        raise NeuronmapError(f"malformed neuron id {text!r}: expected L{{layer}}N{{index}}, e.g. L29N808")
+    layer, neuron = int(m.group(1)), int(m.group(2))
+    if n_layers is not None and layer >= n_layers:
+        raise NeuronmapError(f"neuron {text}: layer {layer} is out of range, the model has layers 0-{n_layers - 1}")
+    if d_mlp is not None and neuron >= d_mlp:
+        raise NeuronmapError(f"neuron {text}: index {neuron} is out of range, each layer has neurons 0-{d_mlp - 1}")
+    return layer, neuron
+
+
+def parse_layers(text: str | None, n_layers: int) -> list[int]:
+    """Parse ``"0-5,9"`` into ``[0, 1, 2, 3, 4, 5, 9]``; None means every layer.
+
+    Negative indices count from the end (``-1`` is the last layer).
+
+    Raises:
+        NeuronmapError: malformed, or a layer outside ``0..n_layers-1``.
+    """
+    if text is None or text.strip() in ("", "all"):
+        return list(range(n_layers))
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        m = re.match(r"^(-?\d+)(?:-(-?\d+))?$", part)
+        if not m:
+            raise NeuronmapError(f"malformed --layers {text!r}: expected a list of layers and ranges, e.g. 0-5,9")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        lo, hi = (lo + n_layers if lo < 0 else lo), (hi + n_layers if hi < 0 else hi)
+        if not (0 <= lo <= hi < n_layers):
+            raise NeuronmapError(
+                f"--layers {text!r} is out of range: the model has {n_layers} layers, 0-{n_layers - 1}"
+            )
+        out.update(range(lo, hi + 1))
+    return sorted(out)
+
+
+def parse_matrices(text: str | None, available: tuple[str, ...]) -> list[str]:
+    """Parse ``"gate,up"``; None means every matrix the family has.
+
+    Raises:
+        NeuronmapError: an unknown matrix, or one this family lacks (``gate`` on GPT-2).
+    """
+    if text is None or text.strip() in ("", "all"):
+        return list(available)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for n in names:
+        if n not in MATRICES:
+            raise NeuronmapError(f"unknown matrix {n!r}: expected some of gate, up, down")
+        if n not in available:
+            raise NeuronmapError(f"this model has no {n!r} matrix (its MLP is not gated): use {','.join(available)}")
+    return [m for m in available if m in names]
+
+
+def parse_poles(text: str | None) -> list[str]:
+    """Parse ``"+"``, ``"-"`` or ``"both"`` (None) into a list of poles."""
+    if text is None or text in ("both", "+-", "all"):
+        return list(POLES)
+    if text not in POLES:
+        raise NeuronmapError(f"unknown pole {text!r}: expected +, - or both")
+    return [text]

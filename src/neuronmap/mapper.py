@@ -1,0 +1,196 @@
+"""``map``: stream every chosen (matrix, layer) through decode and into an atlas."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+import neuronmap
+from neuronmap import atlas as atlas_io
+from neuronmap.decode import block_rows, build_head, decode_block, resolve_device, resolve_dtype
+from neuronmap.errors import NeuronmapError
+from neuronmap.ids import parse_layers, parse_matrices
+from neuronmap.sources import Source, Weights, file_sha256, open_weights, resolve_source
+
+WORD = re.compile(r"^ ?[A-Za-z][a-z]{3,}$")
+
+
+@dataclass(frozen=True)
+class MapOptions:
+    """What ``map`` decodes and how; recorded in meta.json as ``decode``."""
+
+    matrices: str | None = None
+    layers: str | None = None
+    top_k: int = 10
+    device: str = "auto"
+    dtype: str = "auto"
+    norm: str = "final"
+    fold_input_norm: bool = False
+    n_candidates: int = 16
+
+
+@dataclass(frozen=True)
+class MapResult:
+    """What ``map`` did.
+
+    Attributes:
+        path: the atlas directory.
+        meta: its meta.json.
+        n_vectors: vectors decoded (each gives two rows, one per pole).
+        seconds: wall time, end to end.
+        highlights: confident content-word rows, best first (dicts with id, matrix, pole, token, prob).
+    """
+
+    path: Path
+    meta: dict
+    n_vectors: int
+    seconds: float
+    highlights: list[dict] = field(default_factory=list)
+
+
+def _highlights(best: dict[str, dict], n: int = 12) -> list[dict]:
+    return sorted(best.values(), key=lambda r: -r["prob"])[:n]
+
+
+def map_model(
+    source: Source | str | None,
+    out: Path | str,
+    options: MapOptions = MapOptions(),
+    overwrite: bool = False,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> MapResult:
+    """Decode every neuron vector of a model into an atlas.
+
+    Args:
+        source: anything ``resolve_source`` takes (None: the demo model).
+        out: atlas directory to create.
+        options: matrices, layers, top-k, device, dtype, norm options.
+        overwrite: replace an existing ``out``.
+        progress: called as ``progress(layers_done, n_layers_chosen, vectors_done)``.
+
+    Returns:
+        MapResult.
+
+    Raises:
+        NeuronmapError: bad source, options or output; nothing is left behind.
+
+    Example:
+        >>> r = map_model(None, "demo-atlas", MapOptions(layers="29", matrices="up"))  # doctest: +SKIP
+        >>> r.n_vectors
+        1536
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    atlas_io.check_output(out, overwrite)  # fail before reading any weights
+    src = source if isinstance(source, Source) else resolve_source(source)
+    weights = open_weights(src)
+    matrices = parse_matrices(options.matrices, weights.family.matrices)
+    layers = parse_layers(options.layers, weights.n_layers)
+    if not 1 <= options.top_k <= weights.d_vocab:
+        raise NeuronmapError(f"--top-k {options.top_k} is out of range: expected 1 to {weights.d_vocab} (the vocabulary size)")
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    t_head = time.perf_counter()
+    head = build_head(weights, options.norm, device, dtype)
+    vocab = pa.array(list(weights.tokens), pa.string())
+    rows = block_rows(weights.d_vocab)
+    timings = {"read_s": time.perf_counter() - t_head, "decode_s": 0.0, "write_s": 0.0}
+    best: dict[str, dict] = {}
+    n_vectors = 0
+
+    with atlas_io.atlas_writer(out, overwrite) as tmp:
+        writer = pq.ParquetWriter(tmp / "neurons.parquet", atlas_io.SCHEMA, compression="zstd")
+        try:
+            for li, layer in enumerate(layers):
+                for matrix in matrices:
+                    t = time.perf_counter()
+                    vecs = weights.vectors(matrix, layer)  # [d_mlp, d_model]
+                    if options.fold_input_norm and matrix != "down":
+                        vecs = vecs * weights.mlp_norm_gain(layer)
+                    norms = vecs.norm(dim=-1).numpy()
+                    vecs = vecs.to(device)
+                    timings["read_s"] += time.perf_counter() - t
+                    for start in range(0, weights.d_mlp, rows):
+                        t = time.perf_counter()
+                        with torch.inference_mode():
+                            dec = decode_block(head, vecs[start:start + rows], options.top_k, options.n_candidates)
+                        dec = {p: (d.token_ids.cpu().numpy(), d.logits.cpu().numpy(), d.logsumexp.cpu().numpy(),
+                                   d.entropy.cpu().numpy()) for p, d in dec.items()}
+                        t2 = time.perf_counter()
+                        timings["decode_s"] += t2 - t
+                        neurons = np.arange(start, start + len(norms[start:start + rows]))
+                        for pole, (ids, lg, lse, ent) in dec.items():
+                            writer.write_table(atlas_io.rows_table(matrix, layer, pole, neurons, ids, lg, lse, ent,
+                                                                   norms[start:start + rows], vocab))
+                            _track_best(best, weights.tokens, matrix, layer, pole, neurons, ids, lg, lse)
+                        timings["write_s"] += time.perf_counter() - t2
+                        n_vectors += len(neurons)
+                        if progress:
+                            progress(li, len(layers), n_vectors)
+                if progress:
+                    progress(li + 1, len(layers), n_vectors)
+        finally:
+            writer.close()
+        atlas_io.write_vocab(tmp / "vocab.parquet", weights.tokens)
+        seconds = time.perf_counter() - t0
+        meta = _meta(weights, src, options, matrices, layers, dtype, device, timings, seconds, n_vectors)
+        atlas_io.write_json(tmp / "meta.json", meta)
+    return MapResult(out, meta, n_vectors, seconds, _highlights(best))
+
+
+def _track_best(best, tokens, matrix, layer, pole, neurons, ids, lg, lse) -> None:
+    p1 = np.exp(lg[:, 0] - lse)
+    for j in np.argsort(-p1)[:8]:
+        tok = tokens[int(ids[j, 0])]
+        if not WORD.match(tok) or p1[j] < 0.3:
+            continue
+        key = tok.strip().lower()
+        if key not in best or best[key]["prob"] < p1[j]:
+            best[key] = {"id": f"L{layer}N{int(neurons[j])}", "matrix": matrix, "pole": pole, "token": tok, "prob": float(p1[j])}
+
+
+def _meta(weights: Weights, src: Source, options: MapOptions, matrices, layers, dtype, device, timings, seconds, n_vectors) -> dict:
+    return {
+        "format": atlas_io.FORMAT,
+        "version": atlas_io.VERSION,
+        "neuronmap_version": neuronmap.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {
+            "spec": src.spec,
+            "kind": src.kind,
+            "path": str(src.path.resolve()),
+            "files": [{"name": f.name, "bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in src.files],
+        },
+        "family": weights.family.name,
+        "n_layers": weights.n_layers,
+        "d_model": weights.d_model,
+        "d_mlp": weights.d_mlp,
+        "d_vocab": weights.d_vocab,
+        "tokenizer": weights.tokenizer,
+        "decode": {
+            "norm": options.norm,
+            "final_norm": weights.family.norm if options.norm == "final" else "none",
+            "eps": weights.eps,
+            "softcap": weights.softcap,
+            "fold_input_norm": options.fold_input_norm,
+            "top_k": options.top_k,
+            "matrices": list(matrices),
+            "layers": list(layers),
+            "poles": ["+", "-"],
+            "screen_candidates": options.n_candidates if dtype == "bfloat16" else None,
+        },
+        "dtype": dtype,
+        "device": str(device),
+        "n_vectors": n_vectors,
+        "n_rows": 2 * n_vectors,
+        "timings": {**{k: round(v, 3) for k, v in timings.items()}, "total_s": round(seconds, 3),
+                    "vectors_per_s": round(n_vectors / max(seconds, 1e-9), 1)},
+    }
