@@ -98,6 +98,10 @@ def atlas_writer(out: Path, overwrite: bool) -> Iterator[Path]:
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    # mkdtemp makes the directory private (0700); an atlas is an ordinary directory.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     try:
         yield tmp
         if out.exists():

@@ -20,7 +20,15 @@ from neuronmap.errors import NeuronmapError
 from neuronmap.ids import parse_layers, parse_matrices
 from neuronmap.sources import Source, Weights, file_sha256, open_weights, resolve_source
 
-WORD = re.compile(r"^ ?[A-Za-z][a-z]{3,}$")
+# A content word for the summary: a whole word (leading space), not a function word.
+WORD = re.compile(r"^ [A-Za-z][a-z]{3,}$")
+STOPWORDS = frozenset(
+    "about above after again also another because been before being below between both could does doing down during each "
+    "even every first from further have having here herself himself however into itself just last like made make many more "
+    "most much must myself never next only other ourselves over same should since some such than that their theirs them "
+    "themselves then there these they this those through under until upon very well were what when where which while whom "
+    "whose will with within without would your yours yourself left right around".split()
+)
 
 
 @dataclass(frozen=True)
@@ -150,7 +158,7 @@ def _track_best(best, tokens, matrix, layer, pole, neurons, ids, lg, lse) -> Non
     p1 = np.exp(lg[:, 0] - lse)
     for j in np.argsort(-p1)[:8]:
         tok = tokens[int(ids[j, 0])]
-        if not WORD.match(tok) or p1[j] < 0.3:
+        if not WORD.match(tok) or tok.strip().lower() in STOPWORDS or p1[j] < 0.3:
             continue
         key = tok.strip().lower()
         if key not in best or best[key]["prob"] < p1[j]:
