@@ -33,8 +33,9 @@ def _sample(weights, seed=0, per=64):
     return torch.cat(rows)  # [n, d_model]
 
 
-@pytest.mark.parametrize("dtype, prob_tol", [("float32", 1e-3), ("bfloat16", 1e-2)])
-def test_topk_and_probs_match_fp64_on_the_demo_model(demo, dtype, prob_tol):
+# bf16 screening rounds the tail's logits: documented bounds in docs/method.md.
+@pytest.mark.parametrize("dtype, prob_tol, ent_tol", [("float32", 1e-3, 1e-3), ("bfloat16", 1e-2, 5e-2)])
+def test_topk_and_probs_match_fp64_on_the_demo_model(demo, dtype, prob_tol, ent_tol):
     x = _sample(demo)
     head = build_head(demo, "final", "cpu", dtype)
     with torch.inference_mode():
@@ -55,7 +56,7 @@ def test_topk_and_probs_match_fp64_on_the_demo_model(demo, dtype, prob_tol):
         assert (d.probs.double() - ref_p).abs().max() < prob_tol
         p = torch.softmax(z, -1)
         ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
-        assert (d.entropy.double() - ent).abs().max() < 1e-3
+        assert (d.entropy.double() - ent).abs().max() < ent_tol
     assert n_same / n_total >= 0.999 if dtype == "float32" else n_same / n_total >= 0.99
 
 

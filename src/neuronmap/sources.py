@@ -135,8 +135,10 @@ def _resolve_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "tokenizer*"]
+    # Read the cache location now, not at huggingface_hub's import, so HF_HOME set later is honoured.
+    cache = os.environ.get("HF_HUB_CACHE") or (str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None)
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True, cache_dir=cache))
     except Exception:
         pass
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
@@ -147,7 +149,7 @@ def _resolve_hub(repo_id: str) -> Path:
     if offline:
         raise NeuronmapError(f"{hint}, and HF_HUB_OFFLINE is set: fetch it with `hf download {repo_id}` where the hub is reachable, or pass a local checkpoint directory")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache))
     except Exception as e:
         raise NeuronmapError(
             f"{hint}, and the hub is unreachable ({type(e).__name__}): fetch it with `hf download {repo_id}` "
