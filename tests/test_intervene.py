@@ -240,10 +240,6 @@ def test_known_neuron_raises_its_concept(demo):
     assert o.raised == len(r.prompts) == 20
     assert 0.0 < o.kl < 2.0
     assert r.baseline.mean < 0.02 < o.mean
-    # A sweep is monotone here: more activation, more "dog".
-    s = clamp(demo, [parse_spec("L29N808")], "dog", prompts=list(r.prompts[:5]), sweep="0,10x,20x")
-    means = [x.mean for x in s.outcomes]
-    assert means[0] < means[1] < means[2]
 
 
 def test_concept_tokens_are_single_tokens(demo):
@@ -266,10 +262,11 @@ def test_generate_pairs_samples_by_seed(demo):
     same = generate(demo, "What is your favourite animal?", [parse_spec("L29N808*=1")], n=2, max_new_tokens=5, seed=3)
     assert same.baseline == same.clamped and len(same.baseline) == 2
     r = generate(demo, "What is your favourite animal?", [parse_spec("L29N808=20x")], n=1, temperature=0,
-                 max_new_tokens=5, concept="dog")
+                 max_new_tokens=5, concepts=["dog", "cat"])
     assert r.notice is None
     assert r.clamped != r.baseline
-    assert mentions(r.clamped[0], "dog") or mentions(r.clamped[0], "cat"), r.clamped
+    assert [s.concept for s in r.shares] == ["dog", "cat"]
+    assert r.shares[0].clamped + r.shares[1].clamped >= 1 > r.shares[0].baseline + r.shares[1].baseline, r
 
 
 def test_verify_finds_and_confirms_the_dog_neuron(demo, tmp_path, capsys):
@@ -318,14 +315,16 @@ def test_cli_clamp_json(demo, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Our family has always had a\n\nI took a photo of a\n")
     rc, out, _ = run_cli(["clamp", "--neuron", "L29N808=20x", "--concept", "dog", "--prompts", str(prompts),
-                          "--sweep", "0,20x", "--json"], capsys)
+                          "--sweep", "0,10x,20x", "--json"], capsys)
     assert rc == 0
     d = json.loads(out)
-    assert [s["label"] for s in d["settings"]] == ["L29N808=0", "L29N808=20x"]
+    assert [s["label"] for s in d["settings"]] == ["L29N808=0", "L29N808=10x", "L29N808=20x"]
     assert len(d["baseline"]["prompts"]) == 2
-    assert d["settings"][1]["interventions"][0] == {**d["settings"][1]["interventions"][0], "id": "L29N808",
+    assert d["settings"][2]["interventions"][0] == {**d["settings"][2]["interventions"][0], "id": "L29N808",
                                                      "layer": 29, "neuron": 808, "mode": "set"}
-    assert d["settings"][1]["ratio"] > 10 > d["settings"][0]["ratio"]
+    # Dose-response: more activation, more "dog".
+    ratios = [s["ratio"] for s in d["settings"]]
+    assert ratios[0] < 2 < ratios[1] < ratios[2]
 
 
 @pytest.fixture(scope="session")

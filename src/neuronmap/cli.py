@@ -184,7 +184,7 @@ def add_generate(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default 0.7)")
     p.add_argument("--seed", type=int, default=0, help="random seed, shared by both sides (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="tokens per sample (default 24)")
-    p.add_argument("--concept", default=None, help="report the share of samples that mention this word")
+    p.add_argument("--concept", action="append", default=[], help="report the share of samples mentioning this word (repeatable)")
     _model_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -205,7 +205,7 @@ def cmd_generate(args) -> int:
         _print_json({"text": r.text, "chat_template": args.chat is not None and r.notice is None, "clamp": r.label,
                      "interventions": [_iv_json(iv) for iv in r.interventions], "seed": r.seed,
                      "temperature": r.temperature, "baseline": list(r.baseline), "clamped": list(r.clamped),
-                     "concept": r.concept, "share_baseline": r.share_baseline, "share_clamped": r.share_clamped})
+                     "shares": [{"concept": s.concept, "baseline": s.baseline, "clamped": s.clamped} for s in r.shares]})
         return 0
     t = Table(title=f"{r.text!r}: {len(r.baseline)} samples each, temperature {r.temperature:g}, seed {r.seed}")
     t.add_column("#")
@@ -214,8 +214,8 @@ def cmd_generate(args) -> int:
     for i, (b, c) in enumerate(zip(r.baseline, r.clamped), 1):
         t.add_row(str(i), b, c)
     out.print(t)
-    if r.concept:
-        out.print(f"Samples mentioning {r.concept!r}: baseline {r.share_baseline:.0%}, clamped {r.share_clamped:.0%}")
+    for s in r.shares:
+        out.print(f"Samples mentioning {s.concept!r}: baseline {s.baseline:.0%}, clamped {s.clamped:.0%}")
     return 0
 
 

@@ -301,12 +301,22 @@ def sample(m: Model, ids: torch.Tensor, interventions: list[Intervention] = (), 
 
 
 @dataclass(frozen=True)
+class Share:
+    """Fraction of samples that mention a concept (whole word, any case, singular or plural)."""
+
+    concept: str
+    baseline: float
+    clamped: float
+
+
+@dataclass(frozen=True)
 class GenerateReport:
     """Baseline and clamped samples for one message.
 
     Attributes:
         label: the specs applied.
-        share_baseline, share_clamped: fraction of samples mentioning ``concept`` (None without one).
+        notice: set when a chat was asked for and the model has no chat template.
+        shares: one per ``concepts`` given.
     """
 
     text: str
@@ -317,36 +327,44 @@ class GenerateReport:
     baseline: tuple[str, ...]
     clamped: tuple[str, ...]
     interventions: tuple[Intervention, ...]
-    concept: str | None = None
-    share_baseline: float | None = None
-    share_clamped: float | None = None
+    shares: tuple[Share, ...] = ()
 
 
 def generate(m: Model, text: str, specs: list[Spec], n: int = 10, temperature: float = 0.7, seed: int = 0,
-             max_new_tokens: int = 24, concept: str | None = None, positions: str = "all",
+             max_new_tokens: int = 24, concepts: list[str] = (), positions: str = "all",
              chat: bool = True) -> GenerateReport:
-    """Sample answers to ``text`` without and with the interventions.
+    """Sample answers to ``text`` without and with the interventions, with the same seed.
+
+    Args:
+        concepts: words whose share of mentions is reported, e.g. ``["dog", "cat"]``.
+        chat: wrap ``text`` in the chat template (plain text with a notice where there is none).
 
     Raises:
         NeuronmapError: bad specs, no tokenizer, ``n`` or ``max_new_tokens`` below 1, negative temperature.
 
     Example:
-        >>> r = generate(m, "What is your favourite animal?", [parse_spec("L29N808=20x")], concept="dog")  # doctest: +SKIP
+        >>> r = generate(m, "What is your favourite animal?", [parse_spec("L29N808=10x")], concepts=["dog"])  # doctest: +SKIP
+        >>> r.shares[0].clamped > r.shares[0].baseline  # doctest: +SKIP
+        True
     """
     check_positions(positions)
     if n < 1 or max_new_tokens < 1:
         raise NeuronmapError(f"-n {n} and --max-new-tokens {max_new_tokens} must be at least 1")
     if temperature < 0:
         raise NeuronmapError(f"--temperature {temperature} is negative: use 0 (greedy) or more")
+    for c in concepts:
+        surface_forms(c)
     ivs = resolve(specs, m)
-    if concept is not None:
-        surface_forms(concept)
     ids, notice = chat_input(m, text, chat)
     base = sample(m, ids, [], positions, n, temperature, seed, max_new_tokens)
     clamped = sample(m, ids, ivs, positions, n, temperature, seed, max_new_tokens)
-    share = (lambda xs: sum(mentions(x, concept) for x in xs) / len(xs)) if concept else (lambda xs: None)
+
+    def share(xs: list[str], c: str) -> float:
+        return sum(mentions(x, c) for x in xs) / len(xs)
+
+    shares = tuple(Share(c.strip(), share(base, c), share(clamped, c)) for c in concepts)
     return GenerateReport(text, _label(specs, None), notice, seed, temperature, tuple(base), tuple(clamped),
-                          tuple(ivs), concept, share(base), share(clamped))
+                          tuple(ivs), shares)
 
 
 # ------------------------------------------------------------------ verify
