@@ -245,6 +245,7 @@ def intervene(m: Model, interventions: list[Intervention], positions: str = "all
     for iv in interventions:
         if iv.mode not in MODES:
             raise NeuronmapError(f"unknown mode {iv.mode!r}: expected one of {', '.join(MODES)}")
+        parse_neuron_id(neuron_id(iv.layer, iv.neuron), m.n_layers, m.d_mlp)
     cursor = _Cursor()
     handles = [m.model.register_forward_pre_hook(_model_hook(cursor), with_kwargs=True)]
     try:

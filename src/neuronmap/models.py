@@ -11,6 +11,8 @@ module of the loaded model.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass, field
 
 import torch
@@ -146,7 +148,9 @@ def load_model(source: Source | str | None = None, device: str = "cpu", dtype: s
     transformers.utils.logging.disable_progress_bar()
     where, kw = (str(src.path.parent), {"gguf_file": src.path.name}) if src.kind == "gguf" else (str(src.path), {})
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=MODEL_DTYPES[dtype], **kw)
+        # The GGUF converter draws its own tqdm bar on stderr; errors still arrive as exceptions.
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=MODEL_DTYPES[dtype], **kw)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:160]
         raise NeuronmapError(
