@@ -476,7 +476,7 @@ def verify(m: Model, atlas_path: str | Path, word: str, top: int = 5, sweep: str
         spec = [Spec(c.layer, c.neuron, "set", None)]
         outs = []
         for v in values:
-            sv = Value(sign * v.amount, v.relative)
+            sv = Value(sign * v.amount + 0.0, v.relative)  # + 0.0: no "-0" label
             outs.append(base.measure(_label(spec, sv), resolve(spec, m, sv), positions))
         rows.append(Verified(c, sign, tuple(outs)))
     return VerifyReport(concept, tuple(prompts), base.outcome, tuple(rows))
