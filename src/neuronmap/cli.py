@@ -85,9 +85,199 @@ def cmd_map(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ clamp, generate, verify
+
+
+def _model_args(p, source: bool = True) -> None:
+    if source:
+        p.add_argument("source", nargs="?", default=None,
+                       help="checkpoint dir, .gguf file, hub id or packaged model, as for map; default: the demo model")
+    p.add_argument("--positions", default="all", help="all | prompt | generated | last (default all)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (default float32)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _iv_json(iv) -> dict:
+    from neuronmap.ids import neuron_id
+
+    return {"id": neuron_id(iv.layer, iv.neuron), "layer": iv.layer, "neuron": iv.neuron, "mode": iv.mode,
+            "value": round(iv.value, 6)}
+
+
+def _outcome_json(o, prompts=None) -> dict:
+    d = {"label": o.label, "interventions": [_iv_json(iv) for iv in o.interventions], "mean_prob": o.mean,
+         "ratio": o.ratio, "raised": o.raised, "kl": o.kl}
+    if prompts is not None:
+        d["prompts"] = [{"prompt": p, "prob": q, "top": t} for p, q, t in zip(prompts, o.probs, o.top)]
+    return d
+
+
+def _ratio(x: float) -> str:
+    return "inf" if x == float("inf") else f"{x:.2f}x" if x < 10 else f"{x:.1f}x"
+
+
+def add_clamp(sub) -> None:
+    from neuronmap.effects import DEFAULT_SWEEP
+    from neuronmap.intervene import SPEC_HELP
+
+    p = sub.add_parser("clamp", help="clamp neurons and measure a concept's next-token probability on neutral prompts")
+    p.add_argument("--neuron", action="append", required=True, metavar="SPEC",
+                   help=f"neuron and value, repeatable: {SPEC_HELP}")
+    p.add_argument("--concept", required=True, help="the word whose next-token probability is measured, e.g. dog")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line (default: ~20 bundled neutral prompts)")
+    p.add_argument("--sweep", default=None, metavar="VALUES",
+                   help=f"dose-response: one setting per value for every --neuron, e.g. {DEFAULT_SWEEP}")
+    _model_args(p)
+    p.set_defaults(func=cmd_clamp)
+
+
+def cmd_clamp(args) -> int:
+    from neuronmap.effects import clamp, read_prompts
+    from neuronmap.intervene import check_positions, parse_spec, parse_sweep
+    from neuronmap.models import load_model
+
+    specs = [parse_spec(s) for s in args.neuron]
+    if args.sweep:
+        parse_sweep(args.sweep)
+    check_positions(args.positions)
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    m = load_model(args.source, args.device, args.dtype)
+    r = clamp(m, specs, args.concept, prompts, args.sweep, args.positions)
+    if args.json:
+        _print_json({"concept": r.concept.word, "variants": list(r.concept.variants),
+                     "token_ids": list(r.concept.token_ids), "positions": r.positions, "source": m.source.spec,
+                     "baseline": _outcome_json(r.baseline, r.prompts),
+                     "settings": [_outcome_json(o, r.prompts) for o in r.outcomes]})
+        return 0
+    out.print(f"Concept [bold]{r.concept.word}[/bold]: P(next token in {{{', '.join(repr(v) for v in r.concept.variants)}}}) "
+              f"on {len(r.prompts)} prompts, positions {r.positions}.")
+    if len(r.outcomes) == 1:
+        o = r.outcomes[0]
+        t = Table(title=f"{o.label}: baseline vs clamped")
+        for c in ("prompt", "p baseline", "p clamped", "ratio", "top baseline", "top clamped"):
+            t.add_column(c)
+        for i, prompt in enumerate(r.prompts):
+            b, c = r.baseline.probs[i], o.probs[i]
+            t.add_row(prompt, f"{b:.4f}", f"{c:.4f}", _ratio(c / b) if b > 0 else "inf",
+                      repr(r.baseline.top[i]), repr(o.top[i]))
+        out.print(t)
+    t = Table(title="Dose-response" if len(r.outcomes) > 1 else "Summary")
+    for c in ("setting", "mean p", "ratio", "prompts raised", "KL on reference (nats/token)"):
+        t.add_column(c)
+    t.add_row("baseline", f"{r.baseline.mean:.4f}", "1.00x", "-", "0")
+    for o in r.outcomes:
+        t.add_row(o.label, f"{o.mean:.4f}", _ratio(o.ratio), f"{o.raised}/{len(r.prompts)}", f"{o.kl:.3f}")
+    out.print(t)
+    return 0
+
+
+def add_generate(sub) -> None:
+    from neuronmap.intervene import SPEC_HELP
+
+    p = sub.add_parser("generate", help="sample answers without and with neurons clamped, side by side")
+    p.add_argument("--clamp", action="append", required=True, metavar="SPEC", help=f"repeatable: {SPEC_HELP}")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--chat", help="a user message, wrapped in the model's chat template")
+    what.add_argument("--prompt", help="plain text to continue, no chat template")
+    p.add_argument("-n", type=int, default=10, help="samples per side (default 10)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default 0.7)")
+    p.add_argument("--seed", type=int, default=0, help="random seed, shared by both sides (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="tokens per sample (default 24)")
+    p.add_argument("--concept", action="append", default=[], help="report the share of samples mentioning this word (repeatable)")
+    _model_args(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    from neuronmap.effects import generate
+    from neuronmap.intervene import check_positions, parse_spec
+    from neuronmap.models import load_model
+
+    specs = [parse_spec(s) for s in args.clamp]
+    check_positions(args.positions)
+    m = load_model(args.source, args.device, args.dtype)
+    r = generate(m, args.chat if args.chat is not None else args.prompt, specs, args.n, args.temperature, args.seed,
+                 args.max_new_tokens, args.concept, args.positions, chat=args.chat is not None)
+    if r.notice:
+        err.print(f"notice: {r.notice}", markup=False)
+    if args.json:
+        _print_json({"text": r.text, "chat_template": args.chat is not None and r.notice is None, "clamp": r.label,
+                     "interventions": [_iv_json(iv) for iv in r.interventions], "seed": r.seed,
+                     "temperature": r.temperature, "baseline": list(r.baseline), "clamped": list(r.clamped),
+                     "shares": [{"concept": s.concept, "baseline": s.baseline, "clamped": s.clamped} for s in r.shares]})
+        return 0
+    t = Table(title=f"{r.text!r}: {len(r.baseline)} samples each, temperature {r.temperature:g}, seed {r.seed}")
+    t.add_column("#")
+    t.add_column("baseline")
+    t.add_column(f"clamped {r.label}")
+    for i, (b, c) in enumerate(zip(r.baseline, r.clamped), 1):
+        t.add_row(str(i), b, c)
+    out.print(t)
+    for s in r.shares:
+        out.print(f"Samples mentioning {s.concept!r}: baseline {s.baseline:.0%}, clamped {s.clamped:.0%}")
+    return 0
+
+
+def add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="clamp an atlas's top neurons for a concept and report which raise it")
+    p.add_argument("atlas", help="atlas directory made by `neuronmap map`")
+    p.add_argument("concept", help="the word, e.g. dog")
+    p.add_argument("--top", type=int, default=5, help="candidate neurons to test (default 5)")
+    p.add_argument("--sweep", default="5x,10x,20x", help="values to set each neuron to, signed toward the concept (default 5x,10x,20x)")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line (default: the bundled neutral prompts)")
+    p.add_argument("--min-ratio", type=float, default=2.0, help="ratio at which a neuron counts as causal (default 2)")
+    p.add_argument("--source", default=None, help="the model (default: the source recorded in the atlas)")
+    _model_args(p, source=False)
+    p.set_defaults(func=cmd_verify)
+
+
+def cmd_verify(args) -> int:
+    from pathlib import Path
+
+    from neuronmap.atlas import read_meta
+    from neuronmap.effects import read_prompts, verify
+    from neuronmap.intervene import check_positions, parse_sweep
+    from neuronmap.models import load_model
+
+    meta = read_meta(args.atlas)
+    parse_sweep(args.sweep)
+    check_positions(args.positions)
+    if args.top < 1:
+        raise NeuronmapError(f"--top {args.top} must be at least 1")
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    source = args.source
+    if source is None:
+        recorded = meta.get("source", {})
+        source = recorded.get("path") if Path(recorded.get("path", "")).exists() else recorded.get("spec")
+    m = load_model(source, args.device, args.dtype)
+    r = verify(m, args.atlas, args.concept, args.top, args.sweep, prompts, args.positions)
+    if args.json:
+        _print_json({"concept": r.concept.word, "variants": list(r.concept.variants), "source": m.source.spec,
+                     "baseline_mean_prob": r.baseline.mean, "min_ratio": args.min_ratio, "neurons": [
+                         {"id": v.candidate.id, "layer": v.candidate.layer, "neuron": v.candidate.neuron,
+                          "matrix": v.candidate.matrix, "pole": v.candidate.pole, "token": v.candidate.token,
+                          "decoded_prob": v.candidate.prob, "sign": int(v.sign), "causal": v.best.ratio >= args.min_ratio,
+                          "best": _outcome_json(v.best), "sweep": [_outcome_json(o) for o in v.outcomes]}
+                         for v in r.rows]})
+        return 0
+    values = [o.label.split("=", 1)[1] for o in r.rows[0].outcomes]
+    t = Table(title=f"Does clamping raise P({r.concept.word!r})? Baseline mean p {r.baseline.mean:.4f} "
+                    f"on {len(r.prompts)} prompts")
+    for c in ["neuron", "found as", *[f"ratio @{v.lstrip('-')}" for v in values], "best", "KL (nats/token)", "causal"]:
+        t.add_column(c)
+    for v in r.rows:
+        c = v.candidate
+        t.add_row(c.id, f"{c.matrix}{c.pole} {c.token!r} p={c.prob:.2f}", *[_ratio(o.ratio) for o in v.outcomes],
+                  f"{v.best.label.split('=', 1)[1]}: {_ratio(v.best.ratio)}", f"{v.best.kl:.3f}",
+                  "yes" if v.best.ratio >= args.min_ratio else "no")
+    out.print(t)
+    return 0
+
+
 # ------------------------------------------------------------------ main
 
-COMMANDS = [add_map]
+COMMANDS = [add_map, add_clamp, add_generate, add_verify]
 
 
 def build_parser() -> argparse.ArgumentParser:

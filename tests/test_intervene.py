@@ -1,0 +1,361 @@
+"""Interventions: hooks match manual MLP rewrites on tiny models, ablation and a known causal neuron on the real demo model.
+
+The demo model is loaded once (``demo``); the CLI tests reuse it through
+``load_model``'s in-process cache, since their default source is the same model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from neuronmap.cli import main
+from neuronmap.effects import candidates, clamp, concept_tokens, generate, mentions, next_token_logprobs, surface_forms
+from neuronmap.errors import NeuronmapError
+from neuronmap.intervene import (
+    POSITIONS, Intervention, Value, intervene, natural_range, parse_spec, parse_sweep, recording, resolve,
+)
+from neuronmap.models import find_module, load_model, module_name, wrap_model
+from neuronmap.sources import resolve_source
+
+PROMPT = "The picture on the wall shows a"
+# Measured on the bundled 20 prompts: L29N808=20x raises P(dog variants) from 0.0040 to 0.386 on average.
+MEASURED_DOG_RATIO = 95.4
+
+
+@pytest.fixture(scope="session")
+def demo():
+    return load_model(None)
+
+
+def tiny(tiny_models, family: str, dtype=torch.float32):
+    path, model = tiny_models(family)
+    if dtype != torch.float32:
+        model = copy.deepcopy(model).to(dtype)
+    return wrap_model(model, None, resolve_source(str(path)))
+
+
+@contextmanager
+def manual_mlps(m, ivs: list[Intervention], mask: torch.Tensor):
+    """Recompute each touched layer's MLP by hand from its weights, rewriting the neurons at ``mask`` positions."""
+    saved = {}
+    for layer in sorted({iv.layer for iv in ivs}):
+        mlp = find_module(m.model, module_name(m.family.down, layer).rsplit(".", 1)[0])
+
+        def forward(x, mlp=mlp, layer=layer):
+            if m.family.gated:
+                h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)  # [b, seq, d_mlp]
+            else:
+                h = mlp.act(mlp.c_fc(x))
+            h = h.clone()
+            for iv in (iv for iv in ivs if iv.layer == layer):
+                c = h[..., iv.neuron]
+                new = {"set": torch.full_like(c, iv.value), "add": c + iv.value, "scale": c * iv.value}[iv.mode]
+                h[..., iv.neuron] = torch.where(mask, new, c)
+            return (mlp.down_proj if m.family.gated else mlp.c_proj)(h)
+
+        saved[mlp] = forward
+        mlp.forward = forward
+    try:
+        yield
+    finally:
+        for mlp in saved:
+            del mlp.forward
+
+
+def n_hooks(m) -> int:
+    return len(m.model._forward_pre_hooks) + sum(len(d._forward_pre_hooks) for d in m.downs)
+
+
+# ------------------------------------------------------------------ specs
+
+
+def test_parse_spec_modes_and_values():
+    assert parse_spec("L29N808=20x") == parse_spec(" L29N808 = 20x ")
+    s = parse_spec("L29N808=20x")
+    assert (s.layer, s.neuron, s.mode, s.value) == (29, 808, "set", Value(20.0, True))
+    assert parse_spec("L3N7+=-2.5").mode == "add" and parse_spec("L3N7+=-2.5").value == Value(-2.5)
+    assert parse_spec("L3N7*=3").mode == "scale"
+    assert parse_spec("L3N7").value is None
+    assert str(parse_spec("L3N7+=5x")) == "L3N7+=5x"
+    assert parse_sweep("0,5x,-10") == [Value(0.0), Value(5.0, True), Value(-10.0)]
+
+
+@pytest.mark.parametrize("bad", ["L29N808==5", "L29N808=abc", "L29X808=5", "L29N808=", "L29N808-=5", "L29N808=5y"])
+def test_malformed_specs_raise_one_line(bad):
+    with pytest.raises(NeuronmapError) as e:
+        parse_spec(bad)
+    assert "\n" not in str(e.value) and "L29N808=20x" in str(e.value)
+
+
+def test_relative_scale_factor_refused():
+    with pytest.raises(NeuronmapError, match=r"\*= takes a plain factor"):
+        parse_spec("L29N808*=3x")
+
+
+def test_surface_forms_and_mentions():
+    assert surface_forms("dog")[:6] == [" dog", "dog", " Dog", "Dog", " dogs", "dogs"]
+    assert " foxes" in surface_forms("fox") and " cities" in surface_forms("city")
+    assert mentions("I love Dogs.", "dog") and mentions("a dog!", "dog")
+    assert not mentions("hotdog stand", "dog") and not mentions("cats", "dog")
+
+
+# ------------------------------------------------------------------ hooks on tiny models
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("mode,value", [("set", 3.0), ("add", -2.0), ("scale", 4.0)])
+def test_modes_match_manual_mlp(tiny_models, family, mode, value):
+    m = tiny(tiny_models, family)
+    ids = torch.tensor([[5, 9, 3, 17, 40, 8]])
+    ivs = [Intervention(1, 7, mode, value), Intervention(0, 3, "set", 1.5)]
+    with torch.no_grad():
+        base = m.model(ids).logits
+        with intervene(m, ivs):
+            got = m.model(ids).logits
+        with manual_mlps(m, ivs, torch.ones(ids.shape[1], dtype=torch.bool)):
+            want = m.model(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, base, atol=1e-3)
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_positions_in_generation_match_manual(tiny_models, positions):
+    m = tiny(tiny_models, "llama")
+    prompt = torch.tensor([[5, 9, 3, 17, 40]])
+    P = prompt.shape[1]
+    ivs = [Intervention(0, 3, "set", 2.5), Intervention(1, 7, "add", 1.5)]
+    with torch.no_grad(), intervene(m, ivs, positions):
+        out = m.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
+                               output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    step = torch.stack(out.logits, 1)  # [1, G, vocab]: the cached, hooked generation's logits
+    seq = out.sequences
+    T = seq.shape[1]
+    idx = torch.arange(T)
+    # Without a cache, every position is recomputed; "last" has touched the prompt's last token and each generated one.
+    mask = {"all": idx >= 0, "prompt": idx < P, "generated": idx >= P, "last": idx >= P - 1}[positions]
+    with torch.no_grad():
+        with manual_mlps(m, ivs, mask):
+            full = m.model(seq).logits  # [1, T, vocab]
+        plain = m.model(seq).logits
+    torch.testing.assert_close(step, full[:, P - 1:T - 1], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(full, plain, atol=1e-3)
+
+
+def test_last_position_in_right_padded_batch(tiny_models):
+    m = tiny(tiny_models, "llama")
+    rows = [[5, 9, 3, 17], [6, 8]]
+    ids = torch.tensor([[5, 9, 3, 17], [6, 8, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    ivs = [Intervention(1, 7, "set", 4.0)]
+    with torch.no_grad(), intervene(m, ivs, "last"):
+        batched = m.model(input_ids=ids, attention_mask=mask).logits
+        alone = [m.model(torch.tensor([r])).logits[0, -1] for r in rows]
+    for j, r in enumerate(rows):
+        torch.testing.assert_close(batched[j, len(r) - 1], alone[j], atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_matches_manual(tiny_models):
+    m = tiny(tiny_models, "llama", torch.bfloat16)
+    assert m.dtype == torch.bfloat16
+    ids = torch.tensor([[5, 9, 3, 17]])
+    ivs = [Intervention(1, 7, "set", 2.5), Intervention(1, 2, "scale", -1.0)]
+    with torch.no_grad():
+        with intervene(m, ivs):
+            got = m.model(ids).logits
+        with manual_mlps(m, ivs, torch.ones(4, dtype=torch.bool)):
+            want = m.model(ids).logits
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+def test_hooks_removed_after_context_and_exception(tiny_models):
+    m = tiny(tiny_models, "gpt2")
+    before = n_hooks(m)
+    with intervene(m, [Intervention(0, 1, "set", 1.0), Intervention(1, 2, "add", 1.0)]):
+        assert n_hooks(m) == before + 3
+    assert n_hooks(m) == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with intervene(m, [Intervention(0, 1, "set", 1.0)]):
+            raise RuntimeError("boom")
+    assert n_hooks(m) == before
+
+
+def test_natural_range_cached(tmp_path, monkeypatch, tiny_with_tokenizer):
+    monkeypatch.setenv("NEURONMAP_CACHE", str(tmp_path))
+    m = load_model(str(tiny_with_tokenizer))
+    r = natural_range(m)
+    assert r.shape == (m.n_layers, m.d_mlp) and (r > 0).all()
+    assert len(list((tmp_path / "ranges").glob("*.npy"))) == 1
+    torch.testing.assert_close(natural_range(m), r)
+    iv = resolve([parse_spec("L1N5=3x"), parse_spec("L0N2*=2")], m)
+    assert iv[0].value == pytest.approx(3 * float(r[1, 5])) and iv[1].value == 2.0
+
+
+# ------------------------------------------------------------------ the real demo model
+
+
+def test_ablating_a_layer_equals_zeroing_down_input(demo):
+    ids = demo.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    layer = 20
+    with torch.no_grad():
+        base = demo.model(ids).logits
+        with intervene(demo, [Intervention(layer, i, "set", 0.0) for i in range(demo.d_mlp)]):
+            clamped = demo.model(ids).logits
+        h = demo.downs[layer].register_forward_pre_hook(lambda mod, args: (torch.zeros_like(args[0]),))
+        try:
+            zeroed = demo.model(ids).logits
+        finally:
+            h.remove()
+    torch.testing.assert_close(clamped, zeroed, atol=1e-5, rtol=1e-5)
+    assert (clamped - base).abs().max() > 0.1
+
+
+def test_recording_sees_what_down_reads(demo):
+    ids = demo.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    mlp = demo.model.model.layers[29].mlp
+    mlp_in = {}
+    h = mlp.register_forward_pre_hook(lambda mod, args: mlp_in.update(x=args[0]))
+    try:
+        with torch.no_grad(), recording(demo) as seen:
+            demo.model(ids)
+    finally:
+        h.remove()
+    x = mlp_in["x"]
+    with torch.no_grad():
+        want = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    torch.testing.assert_close(seen[29], want)
+
+
+def test_known_neuron_raises_its_concept(demo):
+    r = clamp(demo, [parse_spec("L29N808=20x")], "dog")
+    o = r.outcomes[0]
+    assert {" dog", "dog", " dogs"} <= set(r.concept.variants)
+    assert o.ratio > MEASURED_DOG_RATIO / 2, o.ratio
+    assert o.raised == len(r.prompts) == 20
+    assert 0.0 < o.kl < 2.0
+    assert r.baseline.mean < 0.02 < o.mean
+
+
+def test_concept_tokens_are_single_tokens(demo):
+    c = concept_tokens(demo, "Dog")
+    for v, i in zip(c.variants, c.token_ids):
+        assert demo.tokenizer.encode(v, add_special_tokens=False) == [i]
+    with pytest.raises(NeuronmapError, match="not in this model's vocabulary"):
+        concept_tokens(demo, "qzxjvwk")
+
+
+def test_next_token_batching_matches_single_prompts(demo):
+    prompts = [PROMPT, "Our family has always had a"]
+    ivs = [Intervention(29, 808, "set", 30.0)]
+    batched = next_token_logprobs(demo, prompts, ivs, "last")
+    for j, p in enumerate(prompts):
+        torch.testing.assert_close(batched[j], next_token_logprobs(demo, [p], ivs, "last")[0], atol=1e-4, rtol=1e-4)
+
+
+def test_generate_pairs_samples_by_seed(demo):
+    same = generate(demo, "What is your favourite animal?", [parse_spec("L29N808*=1")], n=2, max_new_tokens=5, seed=3)
+    assert same.baseline == same.clamped and len(same.baseline) == 2
+    r = generate(demo, "What is your favourite animal?", [parse_spec("L29N808=20x")], n=1, temperature=0,
+                 max_new_tokens=5, concepts=["dog", "cat"])
+    assert r.notice is None
+    assert r.clamped != r.baseline
+    assert [s.concept for s in r.shares] == ["dog", "cat"]
+    assert r.shares[0].clamped + r.shares[1].clamped >= 1 > r.shares[0].baseline + r.shares[1].baseline, r
+
+
+def test_verify_finds_and_confirms_the_dog_neuron(demo, tmp_path, capsys):
+    from neuronmap.mapper import MapOptions, map_model
+
+    atlas = tmp_path / "atlas"
+    map_model(None, atlas, MapOptions(layers="29", device="cpu"))
+    cands = candidates(atlas, "dog", top=3)
+    assert cands[0].id == "L29N808" and cands[0].prob > 0.5
+    assert main(["verify", str(atlas), "dog", "--top", "1", "--sweep", "20x", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    row = out["neurons"][0]
+    assert row["id"] == "L29N808" and row["sign"] == 1 and row["causal"] is True
+    assert row["best"]["ratio"] > MEASURED_DOG_RATIO / 2
+
+
+# ------------------------------------------------------------------ CLI: bad input, one line each
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    rc = main(argv)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+@pytest.mark.parametrize("spec", ["L29N808==5", "29:808=5"])
+def test_cli_malformed_spec(spec, capsys):
+    rc, _, err = run_cli(["clamp", "--neuron", spec, "--concept", "dog"], capsys)
+    assert rc == 2
+    assert err.startswith("error: malformed neuron spec") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("spec,msg", [("L30N0=5", "layer 30 is out of range, the model has layers 0-29"),
+                                      ("L29N1536=5x", "index 1536 is out of range, each layer has neurons 0-1535")])
+def test_cli_neuron_out_of_range(demo, spec, msg, capsys):
+    rc, _, err = run_cli(["clamp", "--neuron", spec, "--concept", "dog"], capsys)
+    assert rc == 2 and msg in err and err.count("\n") == 1
+
+
+def test_cli_concept_not_in_vocabulary(demo, capsys):
+    rc, _, err = run_cli(["clamp", "--neuron", "L29N808=20x", "--concept", "qzxjvwk"], capsys)
+    assert rc == 2 and "concept 'qzxjvwk' is not in this model's vocabulary" in err and err.count("\n") == 1
+
+
+def test_cli_clamp_json(demo, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Our family has always had a\n\nI took a photo of a\n")
+    rc, out, _ = run_cli(["clamp", "--neuron", "L29N808=20x", "--concept", "dog", "--prompts", str(prompts),
+                          "--sweep", "0,10x,20x", "--json"], capsys)
+    assert rc == 0
+    d = json.loads(out)
+    assert [s["label"] for s in d["settings"]] == ["L29N808=0", "L29N808=10x", "L29N808=20x"]
+    assert len(d["baseline"]["prompts"]) == 2
+    assert d["settings"][2]["interventions"][0] == {**d["settings"][2]["interventions"][0], "id": "L29N808",
+                                                     "layer": 29, "neuron": 808, "mode": "set"}
+    # Dose-response: more activation, more "dog".
+    ratios = [s["ratio"] for s in d["settings"]]
+    assert ratios[0] < 2 < ratios[1] < ratios[2]
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tiny_models, tmp_path_factory):
+    """The tiny llama checkpoint with a small word-level tokenizer and no chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path, _ = tiny_models("llama")
+    out = tmp_path_factory.mktemp("tiny-tok") / "llama"
+    shutil.copytree(path, out)
+    words = ["<unk>", "<s>", "</s>"] + ("the a of and to in is it was I my what your favourite animal dog cat hello "
+                                        "world library town book room").split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<unk>").save_pretrained(out)
+    return out
+
+
+def test_cli_chat_without_template_falls_back(tiny_with_tokenizer, capsys):
+    rc, out, err = run_cli(["generate", str(tiny_with_tokenizer), "--clamp", "L1N5=3", "--chat",
+                            "what is your favourite animal", "-n", "2", "--max-new-tokens", "3", "--json"], capsys)
+    assert rc == 0
+    assert err == f"notice: {tiny_with_tokenizer} has no chat template: the message is used as plain text\n"
+    d = json.loads(out)
+    assert d["chat_template"] is False and len(d["baseline"]) == len(d["clamped"]) == 2
+
+
+def test_cli_relative_value_without_tokenizer(tiny_models, capsys):
+    path, _ = tiny_models("gpt2")
+    rc, _, err = run_cli(["generate", str(path), "--clamp", "L0N1=3x", "--prompt", "hi"], capsys)
+    assert rc == 2 and "has no tokenizer transformers can load" in err and err.count("\n") == 1
