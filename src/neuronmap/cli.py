@@ -93,6 +93,11 @@ def _tok(t: str) -> str:
     return repr(t)
 
 
+def _table(tab: Table) -> None:
+    # Piped or redirected output has no width; Rich would squeeze the table into 80 columns.
+    (out if out.is_terminal else Console(highlight=False, soft_wrap=True, width=max(out.width, 200))).print(tab)
+
+
 def _rows_options(p, what: str) -> None:
     p.add_argument("--matrices", default=None, help=f"comma list of gate,up,down (default: all the atlas has){what}")
     p.add_argument("--layers", default=None, help="layers and ranges, e.g. 20-29 (default: all the atlas has)")
@@ -163,7 +168,10 @@ def cmd_search(args) -> int:
             tops = "  ".join(f"{_tok(a)} {b:.2f}" for a, b in zip(h.top_tokens[:3], h.top_probs[:3]))
             tab.add_row(str(h.rank), h.id, h.matrix, h.pole, f"{h.prob:.3f}", f"{_tok(h.token)} {h.token_prob:.3f}", tops,
                         end_section=False)
-        out.print(tab if len(hits) else "  no row reaches --min-prob" if args.min_prob else "  no row found")
+        if len(hits):
+            _table(tab)
+        else:
+            out.print("  no row reaches --min-prob" if args.min_prob else "  no row found")
     return 0
 
 
@@ -198,7 +206,7 @@ def cmd_show(args) -> int:
     for r in t.itertuples():
         tops = "  ".join(f"{_tok(a)} {b:.3f}" for a, b in zip(r.tokens[:args.tokens], r.probs[:args.tokens]))
         tab.add_row(r.matrix, r.pole, f"{r.weight_norm:.2f}", f"{r.entropy:.2f}", f"{r.rank:,} of {r.n_ranked:,}", tops)
-    out.print(tab)
+    _table(tab)
     return 0
 
 
@@ -235,13 +243,13 @@ def cmd_stats(args) -> int:
         tab.add_row(str(r.layer), r.matrix, f"{r.rows:,}", f"{100 * r.confident:.1f}%", f"{r.entropy_p10:.2f}",
                     f"{r.entropy_p50:.2f}", f"{r.entropy_p90:.2f}", *[f"{100 * getattr(r, k):.0f}%" for k in TOKEN_CLASSES],
                     "  ".join(f"{_tok(a)} {n}" for a, n in r.top_tokens))
-    out.print(tab)
+    _table(tab)
     top = Table(title="most frequent top tokens, all rows", show_edge=False)
     for col in ("token", "id", "rows", "share", "class"):
         top.add_column(col, justify="right" if col in ("id", "rows", "share") else "left")
     for r in s.top_tokens.head(10).itertuples():
         top.add_row(_tok(r.token), str(r.token_id), f"{r.rows:,}", f"{100 * r.share:.2f}%", r._5)
-    out.print(top)
+    _table(top)
     if args.plot:
         out.print(f"plot: {args.plot}")
     return 0

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import duckdb
 import numpy as np
@@ -214,6 +218,31 @@ def where_clause(matrices: list[str], layers: list[int], poles: list[str]) -> st
     return f"matrix IN ({m}) AND layer IN ({','.join(map(str, layers))}) AND pole IN ({p})"
 
 
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _prefetched(fn: Callable, items: list, depth: int = 2) -> Iterator:
+    """``fn(item)`` for each item in order, computed up to ``depth`` items ahead in one background thread.
+
+    Reading (dequantizing) the next vectors overlaps the math on the current ones;
+    the bounded depth keeps at most ``depth + 1`` layers' matrices in memory.
+    """
+    with ThreadPoolExecutor(1) as pool:
+        ahead = deque(pool.submit(fn, it) for it in items[:depth])
+        for it in items[depth:]:
+            ahead.append(pool.submit(fn, it))
+            yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
+
 def exact_token_probs(files: AtlasFiles, weights: Weights, token_ids: list[int], matrices: list[str],
                       layers: list[int], poles: list[str]) -> TokenProbs:
     """p(t | row) for every atlas row of the chosen matrices, layers and poles, from the weights.
@@ -233,11 +262,19 @@ def exact_token_probs(files: AtlasFiles, weights: Weights, token_ids: list[int],
     neuron, lse = keys["neuron"].to_numpy(), keys["logsumexp"].to_numpy(np.float64)
     plus = keys["pole"].to_numpy() == "+"
     probs = np.zeros((len(keys), len(token_ids)), np.float32)  # [n_rows, n_tokens]
-    with torch.inference_mode():
-        for (layer, matrix), idx in keys.groupby(["layer", "matrix"], sort=False).indices.items():
-            vecs = weights.vectors(matrix, int(layer))  # [d_mlp, d_model]
-            if dec.get("fold_input_norm") and matrix != "down":
-                vecs = vecs * weights.mlp_norm_gain(int(layer))
+    groups = keys.groupby(["layer", "matrix"], sort=False).indices
+
+    def read(group: tuple) -> torch.Tensor:
+        layer, matrix = int(group[0]), group[1]
+        vecs = weights.vectors(matrix, layer)  # [d_mlp, d_model]
+        if dec.get("fold_input_norm") and matrix != "down":
+            vecs = vecs * weights.mlp_norm_gain(layer)
+        return vecs
+
+    # Small products: torch's intra-op threads cost more than they gain, badly so on a busy machine.
+    threads = 1 if weights.d_mlp * weights.d_model < (1 << 24) else torch.get_num_threads()
+    with torch.inference_mode(), _torch_threads(threads):
+        for (group, idx), vecs in zip(groups.items(), _prefetched(read, list(groups))):
             h = apply_norm(head, vecs)
             # Without a norm bias the norm is odd, so the - pole's normed state is -h, bit for bit.
             h_minus = -h if head.bias is None else apply_norm(head, -vecs)

@@ -25,8 +25,8 @@ def token_class(s: str) -> str:
     """The class of a token string (leading space kept), one of ``TOKEN_CLASSES``.
 
     - ``whitespace``: empty, or only spaces, tabs and newlines (``" "``, ``"\\n\\n"``).
-    - ``word``: one leading space, then letters only: the start of a word in running
-      text (``" dog"``, ``" Paris"``, ``" été"``).
+    - ``word``: one leading space, then letters only: a word, or the first piece of a
+      longer one, in running text (``" dog"``, ``" Paris"``, ``" été"``, ``" strugg"``).
     - ``subword``: letters only, no leading space: a piece inside a word, or a word
       glued to what precedes it (``"ing"``, ``"Dog"``).
     - ``number``: digits, after at most one leading space (``" 1999"``, ``"7"``).
@@ -88,19 +88,21 @@ def stats(files: AtlasFiles, matrices: str | None = None, layers: str | None = N
     mats, lays, poles = choose_rows(files.meta, matrices, layers, pole)
     tokens = read_vocab(files)
     con = duckdb.connect()
-    con.register("classes", pd.DataFrame({"token_id": range(len(tokens)), "cls": [token_class(t) for t in tokens]}))
-    # Only the top-1 columns are read, once, into a small table the queries below share.
-    con.execute("CREATE TEMP TABLE rows AS SELECT layer, matrix, token_ids[1] AS top_id, tokens[1] AS top, probs[1] AS p, "
-                f"entropy FROM read_parquet(?) WHERE {where_clause(mats, lays, poles)}", [str(files.neurons)])
+    con.register("vocab", pd.DataFrame({"token_id": range(len(tokens)), "token": tokens,
+                                        "cls": [token_class(t) for t in tokens]}))
+    # Only the top-1 id, its p and the entropy are read (not the token strings), once, into a table the queries share.
+    con.execute("CREATE TEMP TABLE rows AS SELECT layer, matrix, token_ids[1] AS top_id, probs[1] AS p, entropy "
+                f"FROM read_parquet(?) WHERE {where_clause(mats, lays, poles)}", [str(files.neurons)])
     shares = ", ".join(f"avg((c.cls = '{k}')::DOUBLE) AS {k}" for k in TOKEN_CLASSES)
     by = con.execute(f"""
         SELECT layer, matrix, count(*) AS rows, avg((p > {CONFIDENT})::DOUBLE) AS confident,
                quantile_cont(entropy, 0.1) AS entropy_p10, quantile_cont(entropy, 0.5) AS entropy_p50,
                quantile_cont(entropy, 0.9) AS entropy_p90, avg(entropy) AS entropy_mean, {shares}
-        FROM rows r JOIN classes c ON c.token_id = r.top_id GROUP BY layer, matrix""").df()
+        FROM rows r JOIN vocab c ON c.token_id = r.top_id GROUP BY layer, matrix""").df()
     freq = con.execute("""
-        SELECT layer, matrix, list(struct_pack(token := top, rows := n) ORDER BY n DESC, top) [1:3] AS top_tokens
-        FROM (SELECT layer, matrix, top, count(*) AS n FROM rows GROUP BY ALL) GROUP BY layer, matrix""").df()
+        SELECT layer, matrix, list(struct_pack(token := v.token, rows := n) ORDER BY n DESC, top_id) [1:3] AS top_tokens
+        FROM (SELECT layer, matrix, top_id, count(*) AS n FROM rows GROUP BY ALL) JOIN vocab v ON v.token_id = top_id
+        GROUP BY layer, matrix""").df()
     order = {m: i for i, m in enumerate(mats)}
     by = by.merge(freq, on=["layer", "matrix"])
     by = by.sort_values(["layer", "matrix"], key=lambda s: s.map(order) if s.name == "matrix" else s).reset_index(drop=True)
@@ -109,8 +111,8 @@ def stats(files: AtlasFiles, matrices: str | None = None, layers: str | None = N
     if n_rows == 0:
         raise NeuronmapError(f"{files.root} has no rows for these options: widen --matrices, --layers or --pole")
     top = con.execute(f"""
-        SELECT top_id AS token_id, any_value(top) AS token, count(*) AS rows, count(*) / {n_rows} AS share
-        FROM rows GROUP BY top_id ORDER BY rows DESC, token_id LIMIT {int(n_top)}""").df()
+        SELECT top_id AS token_id, any_value(v.token) AS token, count(*) AS rows, count(*) / {n_rows} AS share
+        FROM rows JOIN vocab v ON v.token_id = top_id GROUP BY top_id ORDER BY rows DESC, token_id LIMIT {int(n_top)}""").df()
     top["class"] = [token_class(t) for t in top["token"]]
     return Stats(by, top, n_rows)
 
@@ -135,7 +137,7 @@ def plot(result: Stats, out: Path | str, title: str = "") -> Path:
         raise NeuronmapError(f"--plot {out}: directory {out.parent} does not exist; create it first")
     df = result.layers
     colors = {"gate": "tab:orange", "up": "tab:blue", "down": "tab:green"}
-    fig, ax = plt.subplots(2, 2, figsize=(11, 7.5), dpi=90)
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7.5), dpi=80)
     for m, g in df.groupby("matrix", sort=False):
         ax[0, 0].plot(g["layer"], 100 * g["confident"], marker="o", ms=3, label=m, color=colors.get(m))
         ax[0, 1].plot(g["layer"], g["entropy_p50"], marker="o", ms=3, label=m, color=colors.get(m))
@@ -160,6 +162,9 @@ def plot(result: Stats, out: Path | str, title: str = "") -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a plot is for sharing
         os.replace(tmp, out)
     finally:
         plt.close(fig)
