@@ -1,0 +1,105 @@
+"""map end to end: the atlas contract, readers, options and refusals."""
+
+import json
+
+import duckdb
+import pandas as pd
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from neuronmap.atlas import read_meta
+from neuronmap.cli import main
+from neuronmap.errors import NeuronmapError
+from neuronmap.mapper import MapOptions, map_model
+
+COLUMNS = ["matrix", "layer", "neuron", "id", "pole", "token_ids", "tokens", "probs", "logits", "logsumexp", "entropy", "weight_norm"]
+
+
+def test_demo_atlas_is_complete_and_readable(demo_atlas):
+    meta = read_meta(demo_atlas)
+    assert meta["n_vectors"] == 30 * 1536 * 3
+    assert meta["n_rows"] == 30 * 1536 * 3 * 2
+    assert meta["source"]["files"][0]["sha256"] and len(meta["source"]["files"][0]["sha256"]) == 64
+    assert meta["decode"]["matrices"] == ["gate", "up", "down"] and meta["decode"]["poles"] == ["+", "-"]
+    path = str(demo_atlas / "neurons.parquet")
+    counts = duckdb.sql(f"select matrix, pole, count(*) n from '{path}' group by all").fetchall()
+    assert sorted(counts) == sorted((m, p, 30 * 1536) for m in ("gate", "up", "down") for p in ("+", "-"))
+    assert list(pq.read_schema(path).names) == COLUMNS
+    assert len(pd.read_parquet(path, columns=["id"])) == meta["n_rows"]
+    df = pl.read_parquet(path).filter((pl.col("id") == "L29N750") & (pl.col("matrix") == "up") & (pl.col("pole") == "+"))
+    row = df.row(0, named=True)
+    assert row["tokens"][0] == " coffee" and row["probs"][0] > 0.9
+    # probs are exp(logits - logsumexp), sorted, and sum to at most 1.
+    assert abs(row["probs"][0] - float(torch.exp(torch.tensor(row["logits"][0] - row["logsumexp"])))) < 1e-5
+    assert row["probs"] == sorted(row["probs"], reverse=True) and sum(row["probs"]) <= 1.0 + 1e-5
+
+
+def test_layers_matrices_and_topk_options(tiny_models, tmp_path):
+    path, _ = tiny_models("llama")
+    r = map_model(str(path), tmp_path / "a", MapOptions(layers="1", matrices="down,up", top_k=3))
+    t = pq.read_table(r.path / "neurons.parquet").to_pandas()
+    assert set(t.layer) == {1} and set(t.matrix) == {"up", "down"} and set(t.pole) == {"+", "-"}
+    assert t.token_ids.map(len).eq(3).all()
+    assert len(t) == 24 * 2 * 2 and r.n_vectors == 48
+
+
+def test_existing_output_is_refused_then_overwritten(tiny_models, tmp_path, capsys):
+    path, _ = tiny_models("llama")
+    out = tmp_path / "atlas"
+    assert main(["map", str(path), "-o", str(out), "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["n_vectors"] == 2 * 3 * 24
+    before = (out / "meta.json").read_text()
+    assert main(["map", str(path), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} already exists: pass --overwrite to replace it" in err
+    assert (out / "meta.json").read_text() == before
+    assert main(["map", str(path), "-o", str(out), "--overwrite", "--layers", "0"]) == 0
+    assert read_meta(out)["decode"]["layers"] == [0]
+    assert [p.name for p in tmp_path.iterdir()] == ["atlas"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--layers", "0-5"], "--layers '0-5' is out of range: the model has 2 layers, 0-1"),
+    (["--layers", "x"], "malformed --layers 'x'"),
+    (["--top-k", "0"], "--top-k 0 is out of range: expected 1 to 64"),
+    (["--top-k", "65"], "--top-k 65 is out of range: expected 1 to 64"),
+    (["--matrices", "gate,proj"], "unknown matrix 'proj'"),
+    (["--norm", "layer"], "unknown --norm 'layer'"),
+])
+def test_bad_options(argv, message, tiny_models, tmp_path, capsys):
+    path, _ = tiny_models("llama")
+    assert main(["map", str(path), "-o", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {err[7:]}" and message in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gate_on_an_ungated_model(tiny_models, tmp_path):
+    path, _ = tiny_models("gpt2")
+    with pytest.raises(NeuronmapError, match="this model has no 'gate' matrix"):
+        map_model(str(path), tmp_path / "o", MapOptions(matrices="gate"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where CUDA is absent")
+def test_cuda_asked_for_but_absent(tiny_models, tmp_path, capsys):
+    path, _ = tiny_models("llama")
+    assert main(["map", str(path), "-o", str(tmp_path / "out"), "--device", "cuda"]) == 2
+    assert "no CUDA GPU is available" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_run_leaves_nothing(tiny_models, tmp_path):
+    path, _ = tiny_models("llama")
+    calls = []
+
+    def boom(done, total, vectors):
+        calls.append(vectors)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        map_model(str(path), tmp_path / "out", MapOptions(), progress=boom)
+    assert list(tmp_path.iterdir()) == []
