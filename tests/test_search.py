@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -14,8 +15,9 @@ from neuronmap.cli import main
 from neuronmap.decode import build_head, logits
 from neuronmap.errors import NeuronmapError
 from neuronmap.mapper import MapOptions, map_model
-from neuronmap.search import (Atlas, exact_token_probs, expand_concept, search, show, stored_token_probs, token_index,
-                              variant_strings)
+from neuronmap.concepts import expand_concept, variant_strings, vocab_index
+from neuronmap.scoring import exact_token_probs, token_index_file
+from neuronmap.search import Atlas, search, show
 from neuronmap.sources import open_weights
 
 
@@ -72,7 +74,7 @@ def test_variant_strings_cases_plurals_spaces():
 
 def test_expand_concept_on_demo_tokenizer(demo_gguf):
     tokens = list(open_weights(demo_gguf).tokens)
-    index = token_index(tokens)
+    index = vocab_index(tokens)
     for word in ("water", "coffee", "Paris", "dog"):
         c = expand_concept(word, index)
         tried = variant_strings(word)
@@ -86,7 +88,7 @@ def test_expand_concept_on_demo_tokenizer(demo_gguf):
 
 def test_expand_concept_not_a_single_token_uses_first_token(demo_gguf):
     tokens = list(open_weights(demo_gguf).tokens)
-    c = expand_concept("espresso", token_index(tokens))
+    c = expand_concept("espresso", vocab_index(tokens))
     assert c.approximate
     for form, tok in zip([" espresso", "espresso"], c.tokens):
         longest = max((t for t in set(tokens) if t and form.startswith(t)), key=len)
@@ -94,7 +96,7 @@ def test_expand_concept_not_a_single_token_uses_first_token(demo_gguf):
 
 
 def test_empty_concept_is_an_error(demo_gguf):
-    index = token_index(list(open_weights(demo_gguf).tokens))
+    index = vocab_index(list(open_weights(demo_gguf).tokens))
     for text in ("", "   "):
         with pytest.raises(NeuronmapError, match="empty concept"):
             expand_concept(text, index)
@@ -112,7 +114,7 @@ def test_exact_probs_match_brute_force_for_every_vector(tiny_atlases, family):
     tp = exact_token_probs(files, open_weights(meta["source"]["path"]), ids, meta["decode"]["matrices"],
                            meta["decode"]["layers"], ["+", "-"])
     ref = brute_probs(d, ids)
-    assert tp.method == "exact" and len(tp.keys) == len(ref) == tp.n_scored
+    assert len(tp.keys) == len(ref) and tp.probs.shape == (len(ref), 3)
     got = {tuple(k): p for k, p in zip(tp.keys.itertuples(index=False, name=None), tp.probs)}
     assert set(got) == set(ref)
     err = max(np.abs(got[k] - ref[k]).max() for k in ref)
@@ -146,24 +148,40 @@ def test_search_options_filter_rows(tiny_atlases):
     assert len(r2.table) > 0 and (r2.table["prob"] >= floor).all()
 
 
-def test_stored_search_is_the_exact_search_where_the_token_is_in_the_top_k(tiny_atlases):
+def test_stored_search_finds_the_rows_holding_the_token_with_their_exact_probs(tiny_atlases):
     files = open_files(tiny_atlases["llama"])
-    meta = files.meta
-    args = ([5, 11], meta["decode"]["matrices"], meta["decode"]["layers"], ["+", "-"])
-    stored = stored_token_probs(files, *args)
-    exact = exact_token_probs(files, open_weights(meta["source"]["path"]), *args)
-    ex = {tuple(k): p for k, p in zip(exact.keys.itertuples(index=False, name=None), exact.probs)}
-    import pyarrow.parquet as pq
-
     rows = pq.read_table(files.neurons).to_pylist()
-    holding = {(r["matrix"], r["layer"], r["neuron"], r["pole"]) for r in rows if {5, 11} & set(r["token_ids"])}
-    got = {tuple(k): p for k, p in zip(stored.keys.itertuples(index=False, name=None), stored.probs)}
-    assert set(got) == holding and stored.n_scored == len(rows)
-    for k, p in got.items():
-        for j in range(2):
-            assert p[j] == 0 or abs(p[j] - ex[k][j]) < 1e-5  # a stored prob is the exact one; 0 where outside top-k
-    r = search(files, ["<5>"], stored=True, top=1000)
-    assert r.method == "stored" and len(r.table) == sum(1 for k in got if got[k][0] > 0)
+    holding = {(r["matrix"], r["layer"], r["neuron"], r["pole"]): r["probs"][r["token_ids"].index(5)]
+               for r in rows if 5 in r["token_ids"]}
+    stored = search(files, ["<5>"], stored=True, top=10_000)
+    exact = search(files, ["<5>"], top=10_000)
+    key = ["matrix", "layer", "neuron", "pole"]
+    got = {k: p for *k, p in stored.table[key + ["prob"]].itertuples(index=False, name=None) for k in [tuple(k)]}
+    ex = {tuple(k): p for *k, p in exact.table[key + ["prob"]].itertuples(index=False, name=None)}
+    assert stored.method == "stored" and stored.n_scored == exact.n_scored == len(rows)
+    assert set(got) == set(holding) and len(holding) < len(ex)  # only rows with the token in their top-k
+    assert all(abs(got[k] - holding[k]) < 1e-6 and abs(got[k] - ex[k]) < 1e-5 for k in got)
+    assert np.all(np.diff(stored.table["prob"].to_numpy()) <= 0)
+    assert list(stored.table["id"]) == [f"L{l}N{n}" for l, n in zip(stored.table["layer"], stored.table["neuron"])]
+    few = search(files, ["<5>"], stored=True, top=3, min_prob=0.0, matrices="up", pole="+")
+    assert len(few.table) <= 3 and set(few.table["matrix"]) <= {"up"} and set(few.table["pole"]) <= {"+"}
+
+
+def test_token_index_is_every_top_k_entry_built_once_and_rebuilt_when_the_atlas_changes(tiny_models, tmp_path):
+    d = tmp_path / "atlas"
+    map_model(str(tiny_models("llama")[0]), d, MapOptions(top_k=4))
+    files = open_files(d)
+    path = token_index_file(files)
+    assert path == d / "token_index.parquet"
+    idx = pq.read_table(path).to_pandas()
+    rows = pq.read_table(files.neurons).to_pandas()
+    assert len(idx) == 4 * len(rows) and idx["token_id"].is_monotonic_increasing
+    assert sorted(idx["prob"].round(6)) == sorted(np.concatenate(rows["probs"].to_numpy()).round(6))
+    built = path.stat().st_mtime_ns
+    assert token_index_file(files) == path and path.stat().st_mtime_ns == built  # reused
+    pq.write_table(pq.read_table(files.neurons).slice(0, 10), files.neurons)  # neurons.parquet changes
+    assert len(pq.read_table(token_index_file(files))) == 40
+    assert [p.name for p in d.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
 
 # ------------------------------------------------------------------ show
@@ -348,3 +366,19 @@ def test_demo_show_coffee_neuron(demo_atlas):
     up = t[(t["matrix"] == "up") & (t["pole"] == "+")].iloc[0]
     assert up["top_token"] == " coffee" and up["top_prob"] > 0.9 and up["rank"] == 1
     assert len(t) == 6 and (t["n_ranked"] == 2 * 30 * 3 * 1536).all()
+
+
+def test_rows_writer_makes_big_row_groups(tmp_path):
+    from neuronmap.atlas import SCHEMA, RowsWriter
+
+    import pyarrow as pa
+
+    w = RowsWriter(tmp_path / "n.parquet", rows=250)
+    block = pa.Table.from_pylist([{"matrix": "up", "layer": 0, "neuron": i, "id": f"L0N{i}", "pole": "+", "token_ids": [1],
+                                   "tokens": ["a"], "probs": [1.0], "logits": [0.0], "logsumexp": 0.0, "entropy": 0.0,
+                                   "weight_norm": 1.0} for i in range(100)], schema=SCHEMA)
+    for _ in range(10):
+        w.write(block)
+    w.close()
+    meta = pq.read_metadata(tmp_path / "n.parquet")
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [300, 300, 300, 100]

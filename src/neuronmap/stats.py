@@ -14,8 +14,9 @@ import duckdb
 import pandas as pd
 
 from neuronmap.atlas import AtlasFiles
+from neuronmap.concepts import read_vocab
 from neuronmap.errors import NeuronmapError
-from neuronmap.search import choose_rows, read_vocab, where_clause
+from neuronmap.scoring import choose_rows, publish, where_clause
 
 TOKEN_CLASSES = ("word", "subword", "number", "punctuation", "whitespace", "other")
 CONFIDENT = 0.5
@@ -162,10 +163,7 @@ def plot(result: Stats, out: Path | str, title: str = "") -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a plot is for sharing
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         plt.close(fig)
         if os.path.exists(tmp):
