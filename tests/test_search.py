@@ -382,3 +382,13 @@ def test_rows_writer_makes_big_row_groups(tmp_path):
     w.close()
     meta = pq.read_metadata(tmp_path / "n.parquet")
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [300, 300, 300, 100]
+
+
+def test_tokens_with_markup_characters_print_as_they_are():
+    from rich.console import Console
+
+    from neuronmap.cli import _tok
+
+    c = Console(record=True, width=80)
+    c.print(_tok("[/bold]") + " " + _tok(" [x]"))
+    assert c.export_text().strip() == "'[/bold]' ' [x]'"

@@ -12,6 +12,7 @@ import os
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from neuronmap.errors import NeuronmapError
@@ -89,8 +90,8 @@ def cmd_map(args) -> int:
 
 
 def _tok(t: str) -> str:
-    """A token as Python writes it, so leading spaces and newlines show."""
-    return repr(t)
+    """A token as Python writes it, so leading spaces and newlines show; escaped for Rich markup ('[' is a token too)."""
+    return escape(repr(t))
 
 
 def _table(tab: Table) -> None:
@@ -98,8 +99,8 @@ def _table(tab: Table) -> None:
     (out if out.is_terminal else Console(highlight=False, soft_wrap=True, width=max(out.width, 200))).print(tab)
 
 
-def _rows_options(p, what: str) -> None:
-    p.add_argument("--matrices", default=None, help=f"comma list of gate,up,down (default: all the atlas has){what}")
+def _rows_options(p) -> None:
+    p.add_argument("--matrices", default=None, help="comma list of gate,up,down (default: all the atlas has)")
     p.add_argument("--layers", default=None, help="layers and ranges, e.g. 20-29 (default: all the atlas has)")
     p.add_argument("--pole", default=None, choices=["+", "-", "both"], help="+ (the vector), - (its negation) or both (default)")
 
@@ -115,7 +116,7 @@ def add_search(sub) -> None:
     p = sub.add_parser("search", help="rank an atlas's vectors by the probability they decode to a concept")
     p.add_argument("atlas", help="atlas directory (from `neuronmap map`)")
     p.add_argument("concepts", nargs="+", metavar="CONCEPT", help="word or token, e.g. coffee or ' coffee'")
-    _rows_options(p, "")
+    _rows_options(p)
     p.add_argument("--top", type=int, default=10, help="hits per concept (default 10)")
     p.add_argument("--min-prob", type=float, default=0.0, help="drop hits below this probability (default 0)")
     p.add_argument("--exact-token", action="store_true", help="match each concept exactly as typed, no variants")
@@ -152,15 +153,15 @@ def cmd_search(args) -> int:
                         top_probs=[json.dumps([round(float(v), 6) for v in x]) for x in t["top_probs"]])
         sys.stdout.write(flat.to_csv(index=False))
         return 0
-    out.print(f"[bold]search[/bold] {args.atlas}: {_method_line(r.method, r.n_scored, r.top_k)}; {r.seconds:.1f} s")
+    out.print(f"[bold]search[/bold] {escape(args.atlas)}: {_method_line(r.method, r.n_scored, r.top_k)}; {r.seconds:.1f} s")
     for c in r.concepts:
         hits = t[t["concept"] == c.text]
         toks = ", ".join(f"{_tok(s)} ({i})" for i, s in zip(c.token_ids, c.tokens))
         if c.approximate:
-            out.print(f"\n[bold]{c.text!r}[/bold]: [yellow]APPROXIMATE[/yellow], no variant is a single token; matched by "
+            out.print(f"\n[bold]{_tok(c.text)}[/bold]: [yellow]APPROXIMATE[/yellow], no variant is a single token; matched by "
                       f"its first token {toks}, which stands for more than the concept")
         else:
-            out.print(f"\n[bold]{c.text!r}[/bold]: single-token variants {toks}")
+            out.print(f"\n[bold]{_tok(c.text)}[/bold]: single-token variants {toks}")
         tab = Table(show_edge=False)
         for col in ("rank", "neuron", "matrix", "pole", "p(concept)", "best variant", "top tokens (p)"):
             tab.add_column(col, justify="right" if col in ("rank", "p(concept)") else "left")
@@ -198,8 +199,8 @@ def cmd_show(args) -> int:
     method = t["rank_method"].iloc[0]
     how = ("exact p of that token over every row, from the weights" if method == "exact"
            else "stored p, among only the rows whose top-k holds that token")
-    out.print(f"[bold]{t['id'].iloc[0]}[/bold] (layer {t['layer'].iloc[0]}, neuron {t['neuron'].iloc[0]}) of {args.atlas} "
-              f"({files.meta['family']}, {files.meta['source']['spec']}); rank: position for its own top token, by {how}")
+    out.print(f"[bold]{t['id'].iloc[0]}[/bold] (layer {t['layer'].iloc[0]}, neuron {t['neuron'].iloc[0]}) of {escape(args.atlas)} "
+              f"({files.meta['family']}, {files.meta.get('source', {}).get('spec', '?')}); rank: position for its own top token, by {how}")
     tab = Table(show_edge=False)
     for col in ("matrix", "pole", "|w|", "entropy", "rank for top token", f"top {args.tokens} tokens (p)"):
         tab.add_column(col, justify="right" if col in ("|w|", "entropy", "rank for top token") else "left")
@@ -213,7 +214,7 @@ def cmd_show(args) -> int:
 def add_stats(sub) -> None:
     p = sub.add_parser("stats", help="per layer and matrix: confident share, entropy, token classes, frequent tokens")
     p.add_argument("atlas", help="atlas directory")
-    _rows_options(p, "")
+    _rows_options(p)
     p.add_argument("--plot", default=None, metavar="FILE.png", help="also write a PNG of these against depth")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_stats)
@@ -226,13 +227,13 @@ def cmd_stats(args) -> int:
     files = open_files(args.atlas)
     s = stats(files, args.matrices, args.layers, args.pole)
     if args.plot:
-        plot(s, args.plot, f"{files.meta['source']['spec']} ({files.meta['family']}): {s.n_rows:,} rows of {args.atlas}")
+        plot(s, args.plot, f"{files.meta.get('source', {}).get('spec', '?')} ({files.meta['family']}): {s.n_rows:,} rows of {args.atlas}")
     if args.json:
         _print_json({"atlas": args.atlas, "n_rows": s.n_rows, "plot": args.plot,
                      "layers": json.loads(s.layers.to_json(orient="records")),
                      "top_tokens": json.loads(s.top_tokens.to_json(orient="records"))})
         return 0
-    out.print(f"[bold]stats[/bold] {args.atlas}: {s.n_rows:,} rows (vector x pole); confident = top token p > 0.5; "
+    out.print(f"[bold]stats[/bold] {escape(args.atlas)}: {s.n_rows:,} rows (vector x pole); confident = top token p > 0.5; "
               "token classes of the top token, as defined in `neuronmap.stats.token_class`")
     tab = Table(show_edge=False)
     short = {"word": "word", "subword": "sub", "number": "num", "punctuation": "punct", "whitespace": "space", "other": "other"}
