@@ -312,8 +312,10 @@ def test_weights_changed_or_moved_since_mapping(tiny_models, tmp_path, capsys):
         assert "--weights PATH" in err and err.count("\n") == 1
     rc, out, _ = run_cli(capsys, "search", d, "<7>", "--weights", moved, "--json")
     assert rc == 0 and json.loads(out)["method"] == "exact"
-    rc, out, _ = run_cli(capsys, "search", d, "<7>", "--stored", "--json")
-    assert rc == 0 and json.loads(out)["method"] == "stored"
+    rc, out, err = run_cli(capsys, "search", d, "<7>", "--stored", "--json")  # no weights needed
+    assert rc == 0 and json.loads(out)["method"] == "stored" and "building the atlas's token index" in err
+    rc, out, err = run_cli(capsys, "show", d, "L1N3", "--stored", "--json")
+    assert rc == 0 and json.loads(out)["rows"][0]["rank_method"] == "stored" and err == ""
     moved.rename(ckpt)
     shutil.rmtree(ckpt)
     from conftest import make_tiny

@@ -112,6 +112,13 @@ def _weights_options(p) -> None:
                    help="where the mapped weights are now, if they moved (their sha256 must match meta.json)")
 
 
+def _note_index(files, stored: bool) -> None:
+    from neuronmap.scoring import token_index_ready
+
+    if stored and token_index_ready(files) is None:
+        err.print("building the atlas's token index for --stored lookups (once; saved as token_index.parquet)", markup=False)
+
+
 def add_search(sub) -> None:
     p = sub.add_parser("search", help="rank an atlas's vectors by the probability they decode to a concept")
     p.add_argument("atlas", help="atlas directory (from `neuronmap map`)")
@@ -139,7 +146,9 @@ def cmd_search(args) -> int:
     from neuronmap.atlas import open_files
     from neuronmap.search import search
 
-    r = search(open_files(args.atlas), args.concepts, args.matrices, args.layers, args.pole, args.top, args.min_prob,
+    files = open_files(args.atlas)
+    _note_index(files, args.stored)
+    r = search(files, args.concepts, args.matrices, args.layers, args.pole, args.top, args.min_prob,
                args.stored, args.weights, not args.exact_token)
     t = r.table
     if args.json:
@@ -191,6 +200,7 @@ def cmd_show(args) -> int:
     from neuronmap.search import show
 
     files = open_files(args.atlas)
+    _note_index(files, args.stored)
     t = show(files, args.neuron, args.stored, args.weights)
     if args.json:
         _print_json({"atlas": args.atlas, "id": t["id"].iloc[0], "layer": int(t["layer"].iloc[0]),

@@ -80,6 +80,13 @@ def where_clause(matrices: list[str], layers: list[int], poles: list[str]) -> st
     return f"matrix IN ({m}) AND layer IN ({','.join(str(int(x)) for x in layers)}) AND pole IN ({p})"
 
 
+def connect() -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection that prints nothing (its progress bar would go to stdout)."""
+    con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")
+    return con
+
+
 def sql_path(p: Path | str) -> str:
     """A path as an SQL string literal."""
     return "'" + str(p).replace("'", "''") + "'"
@@ -180,7 +187,7 @@ def exact_token_probs(files: AtlasFiles, weights: Weights, token_ids: list[int],
         (1536, 1)
     """
     dec = files.meta["decode"]
-    keys = duckdb.connect().execute(f"SELECT matrix, layer, neuron, pole, logsumexp FROM read_parquet(?) "
+    keys = connect().execute(f"SELECT matrix, layer, neuron, pole, logsumexp FROM read_parquet(?) "
                                     f"WHERE {where_clause(matrices, layers, poles)}", [str(files.neurons)]).df()
     head = build_head(weights, dec.get("norm", "final"), "cpu", "float32")
     ids = torch.tensor(token_ids, dtype=torch.long)
@@ -239,7 +246,7 @@ def _build_index(neurons: Path, out: Path, stamp: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        duckdb.connect().execute(f"""
+        connect().execute(f"""
             COPY (SELECT token_id, matrix, layer, neuron, pole, prob FROM (
                     SELECT matrix, layer, neuron, pole, unnest(token_ids) AS token_id, unnest(probs) AS prob
                     FROM read_parquet({sql_path(neurons)}))
@@ -249,6 +256,17 @@ def _build_index(neurons: Path, out: Path, stamp: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _index_places(files: AtlasFiles) -> list[Path]:
+    key = hashlib.sha1(str(files.neurons.resolve()).encode()).hexdigest()[:16]
+    return [files.root / INDEX, cache_dir() / "token-index" / f"{key}.parquet"]
+
+
+def token_index_ready(files: AtlasFiles) -> Path | None:
+    """The atlas's current token index, or None if the next stored lookup must build it."""
+    stamp = _stamp(files.neurons)
+    return next((p for p in _index_places(files) if p.is_file() and _index_is_current(p, stamp)), None)
 
 
 def token_index_file(files: AtlasFiles) -> Path:
@@ -263,12 +281,10 @@ def token_index_file(files: AtlasFiles) -> Path:
     Raises:
         NeuronmapError: neither place is writable.
     """
-    stamp = _stamp(files.neurons)
-    key = hashlib.sha1(str(files.neurons.resolve()).encode()).hexdigest()[:16]
-    places = [files.root / INDEX, cache_dir() / "token-index" / f"{key}.parquet"]
-    for path in places:
-        if path.is_file() and _index_is_current(path, stamp):
-            return path
+    ready = token_index_ready(files)
+    if ready is not None:
+        return ready
+    stamp, places = _stamp(files.neurons), _index_places(files)
     for path in places:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -288,7 +304,7 @@ def stored_top(files: AtlasFiles, token_ids: list[int], matrices: list[str], lay
         row's most probable of the tokens). Only rows whose top-k holds one of them.
     """
     ids = ",".join(str(int(t)) for t in token_ids)
-    return duckdb.connect().execute(f"""
+    return connect().execute(f"""
         SELECT matrix, layer, neuron, pole, least(sum(prob), 1.0)::DOUBLE AS prob, arg_max(token_id, prob) AS token_id,
                max(prob)::DOUBLE AS token_prob
         FROM read_parquet({sql_path(token_index_file(files))})
@@ -299,7 +315,7 @@ def stored_top(files: AtlasFiles, token_ids: list[int], matrices: list[str], lay
 
 def stored_rank(files: AtlasFiles, token_id: int, prob: float) -> tuple[int, int]:
     """(1 + rows whose stored p of ``token_id`` exceeds ``prob``, rows whose top-k holds ``token_id``)."""
-    above, n = duckdb.connect().execute(f"""
+    above, n = connect().execute(f"""
         SELECT count(*) FILTER (WHERE prob > {float(prob)}), count(*)
         FROM read_parquet({sql_path(token_index_file(files))}) WHERE token_id = {int(token_id)}""").fetchone()
     return int(above) + 1, int(n)

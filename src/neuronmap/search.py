@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pandas as pd
 
@@ -22,7 +21,7 @@ from neuronmap.atlas import AtlasFiles, open_files
 from neuronmap.concepts import Concept, expand_concept, read_vocab, vocab_index
 from neuronmap.errors import NeuronmapError
 from neuronmap.ids import MATRICES, parse_neuron_id
-from neuronmap.scoring import check_weights, choose_rows, exact_token_probs, stored_rank, stored_top
+from neuronmap.scoring import check_weights, choose_rows, connect, exact_token_probs, stored_rank, stored_top
 from neuronmap.sources import open_weights
 
 COLUMNS = ["concept", "rank", "id", "layer", "neuron", "matrix", "pole", "prob", "token", "token_prob",
@@ -55,7 +54,7 @@ class SearchResult:
 
 def _describe(files: AtlasFiles, hits: pd.DataFrame) -> pd.DataFrame:
     """Add each hit's id, stored top 5 tokens, entropy and weight norm, keeping the hits' order."""
-    con = duckdb.connect()
+    con = connect()
     con.register("hits", hits.assign(order=np.arange(len(hits))))
 
     def ints(col: str) -> str:
@@ -161,7 +160,7 @@ def show(files: AtlasFiles, neuron: str, stored: bool = False, weights: str | No
     meta = files.meta
     layer, idx = parse_neuron_id(neuron, int(meta["n_layers"]), int(meta["d_mlp"]))
     choose_rows(meta, None, str(layer), None)  # the atlas has this layer
-    rows = duckdb.connect().execute(
+    rows = connect().execute(
         "SELECT id, layer, neuron, matrix, pole, token_ids, tokens, probs, entropy, weight_norm "
         "FROM read_parquet(?) WHERE layer = ? AND neuron = ?", [str(files.neurons), layer, idx]).df()
     order = {k: i for i, k in enumerate([*MATRICES, "+", "-"])}

@@ -10,13 +10,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
 import pandas as pd
 
 from neuronmap.atlas import AtlasFiles
 from neuronmap.concepts import read_vocab
 from neuronmap.errors import NeuronmapError
-from neuronmap.scoring import choose_rows, publish, where_clause
+from neuronmap.scoring import choose_rows, connect, publish, where_clause
 
 TOKEN_CLASSES = ("word", "subword", "number", "punctuation", "whitespace", "other")
 CONFIDENT = 0.5
@@ -88,7 +87,7 @@ def stats(files: AtlasFiles, matrices: str | None = None, layers: str | None = N
     """
     mats, lays, poles = choose_rows(files.meta, matrices, layers, pole)
     tokens = read_vocab(files)
-    con = duckdb.connect()
+    con = connect()
     con.register("vocab", pd.DataFrame({"token_id": range(len(tokens)), "token": tokens,
                                         "cls": [token_class(t) for t in tokens]}))
     # Only the top-1 id, its p and the entropy are read (not the token strings), once, into a table the queries share.
