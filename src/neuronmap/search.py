@@ -13,6 +13,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,8 +22,11 @@ from neuronmap.atlas import AtlasFiles, open_files
 from neuronmap.concepts import Concept, expand_concept, read_vocab, vocab_index
 from neuronmap.errors import NeuronmapError
 from neuronmap.ids import MATRICES, parse_neuron_id
-from neuronmap.scoring import check_weights, choose_rows, connect, exact_token_probs, stored_rank, stored_top
+from neuronmap.scoring import TokenProbs, check_weights, choose_rows, connect, exact_token_probs, stored_rank, stored_top
 from neuronmap.sources import open_weights
+
+if TYPE_CHECKING:
+    from neuronmap.stats import Stats
 
 COLUMNS = ["concept", "rank", "id", "layer", "neuron", "matrix", "pole", "prob", "token", "token_prob",
            "top_tokens", "top_probs", "entropy", "weight_norm", "approximate"]
@@ -122,7 +126,8 @@ def search(files: AtlasFiles, concepts: list[str], matrices: str | None = None, 
                         int(files.meta["decode"]["top_k"]), time.perf_counter() - t0)
 
 
-def _exact_top(tp, c: Concept, ids: list[int], top: int, min_prob: float) -> pd.DataFrame:
+def _exact_top(tp: TokenProbs, c: Concept, ids: list[int], top: int, min_prob: float) -> pd.DataFrame:
+    """The best ``top`` rows of ``tp`` by the concept's summed probability, with its most probable variant."""
     p = tp.probs[:, [ids.index(t) for t in c.token_ids]]  # [n_rows, n_variants]
     score = np.minimum(p.sum(1, dtype=np.float64), 1.0)  # a sum of exact probabilities; fp32 rounding may pass 1
     keep = np.flatnonzero((score > 0) & (score >= min_prob))
@@ -238,7 +243,7 @@ class Atlas:
         """``show``: every matrix and pole of one neuron."""
         return show(self.files, neuron, stored, weights)
 
-    def stats(self, matrices: str | None = None, layers: str | None = None, pole: str | None = None):
+    def stats(self, matrices: str | None = None, layers: str | None = None, pole: str | None = None) -> Stats:
         """``neuronmap.stats.stats``: per layer and matrix summaries (a ``Stats``)."""
         from neuronmap.stats import stats
 
