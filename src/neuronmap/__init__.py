@@ -3,12 +3,14 @@
 Example:
     >>> import neuronmap
     >>> result = neuronmap.map_model(None, "demo-atlas")  # doctest: +SKIP
+    >>> neuronmap.Atlas.open("demo-atlas").search("coffee", top=5)  # doctest: +SKIP
 """
 
 __version__ = "0.1.0"
 
 from neuronmap.errors import NeuronmapError  # noqa: E402
 from neuronmap.mapper import MapOptions, MapResult, map_model  # noqa: E402
+from neuronmap.search import Atlas  # noqa: E402
 from neuronmap.sources import open_weights, resolve_source  # noqa: E402
 
-__all__ = ["NeuronmapError", "MapOptions", "MapResult", "map_model", "open_weights", "resolve_source", "__version__"]
+__all__ = ["Atlas", "NeuronmapError", "MapOptions", "MapResult", "map_model", "open_weights", "resolve_source", "__version__"]

@@ -12,6 +12,7 @@ import os
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from neuronmap.errors import NeuronmapError
@@ -275,9 +276,189 @@ def cmd_verify(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ search, show, stats
+
+
+def _tok(t: str) -> str:
+    """A token as Python writes it, so leading spaces and newlines show; escaped for Rich markup ('[' is a token too)."""
+    return escape(repr(t))
+
+
+def _table(tab: Table) -> None:
+    # Piped or redirected output has no width; Rich would squeeze the table into 80 columns.
+    (out if out.is_terminal else Console(highlight=False, soft_wrap=True, width=max(out.width, 200))).print(tab)
+
+
+def _rows_options(p) -> None:
+    p.add_argument("--matrices", default=None, help="comma list of gate,up,down (default: all the atlas has)")
+    p.add_argument("--layers", default=None, help="layers and ranges, e.g. 20-29 (default: all the atlas has)")
+    p.add_argument("--pole", default=None, choices=["+", "-", "both"], help="+ (the vector), - (its negation) or both (default)")
+
+
+def _weights_options(p) -> None:
+    p.add_argument("--stored", action="store_true",
+                   help="use only the stored top-k lists, no weights (a row is found only where the token is in its top-k)")
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="where the mapped weights are now, if they moved (their sha256 must match meta.json)")
+
+
+def _note_index(files, stored: bool) -> None:
+    from neuronmap.scoring import token_index_ready
+
+    if stored and token_index_ready(files) is None:
+        err.print("building the atlas's token index for --stored lookups (once; saved as token_index.parquet)", markup=False)
+
+
+def add_search(sub) -> None:
+    p = sub.add_parser("search", help="rank an atlas's vectors by the probability they decode to a concept")
+    p.add_argument("atlas", help="atlas directory (from `neuronmap map`)")
+    p.add_argument("concepts", nargs="+", metavar="CONCEPT", help="word or token, e.g. coffee or ' coffee'")
+    _rows_options(p)
+    p.add_argument("--top", type=int, default=10, help="hits per concept (default 10)")
+    p.add_argument("--min-prob", type=float, default=0.0, help="drop hits below this probability (default 0)")
+    p.add_argument("--exact-token", action="store_true", help="match each concept exactly as typed, no variants")
+    _weights_options(p)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print the result as JSON")
+    fmt.add_argument("--csv", action="store_true", help="print the hits as CSV")
+    p.set_defaults(func=cmd_search)
+
+
+def _method_line(method: str, n_scored: int, top_k: int) -> str:
+    if method == "exact":
+        return (f"exact: p over all {n_scored:,} chosen rows (vector x pole), from the weights (sha256 checked) "
+                "and the stored log-sum-exp")
+    return (f"stored top-{top_k}, no weights read: only rows with a variant among their top {top_k} of {n_scored:,} "
+            "are found, and p is a lower bound")
+
+
+def cmd_search(args) -> int:
+    from neuronmap.atlas import open_files
+    from neuronmap.search import search
+
+    files = open_files(args.atlas)
+    _note_index(files, args.stored)
+    r = search(files, args.concepts, args.matrices, args.layers, args.pole, args.top, args.min_prob,
+               args.stored, args.weights, not args.exact_token)
+    t = r.table
+    if args.json:
+        _print_json({"atlas": args.atlas, "method": r.method, "n_scored": r.n_scored, "seconds": round(r.seconds, 3),
+                     "concepts": [{"concept": c.text, "tokens": [{"id": i, "token": s} for i, s in zip(c.token_ids, c.tokens)],
+                                   "missing": list(c.missing), "approximate": c.approximate} for c in r.concepts],
+                     "results": json.loads(t.to_json(orient="records"))})
+        return 0
+    if args.csv:
+        flat = t.assign(top_tokens=[json.dumps(list(x), ensure_ascii=False) for x in t["top_tokens"]],
+                        top_probs=[json.dumps([round(float(v), 6) for v in x]) for x in t["top_probs"]])
+        sys.stdout.write(flat.to_csv(index=False))
+        return 0
+    out.print(f"[bold]search[/bold] {escape(args.atlas)}: {_method_line(r.method, r.n_scored, r.top_k)}; {r.seconds:.1f} s")
+    for c in r.concepts:
+        hits = t[t["concept"] == c.text]
+        toks = ", ".join(f"{_tok(s)} ({i})" for i, s in zip(c.token_ids, c.tokens))
+        if c.approximate:
+            out.print(f"\n[bold]{_tok(c.text)}[/bold]: [yellow]APPROXIMATE[/yellow], no variant is a single token; matched by "
+                      f"its first token {toks}, which stands for more than the concept")
+        else:
+            out.print(f"\n[bold]{_tok(c.text)}[/bold]: single-token variants {toks}")
+        tab = Table(show_edge=False)
+        for col in ("rank", "neuron", "matrix", "pole", "p(concept)", "best variant", "top tokens (p)"):
+            tab.add_column(col, justify="right" if col in ("rank", "p(concept)") else "left")
+        for h in hits.itertuples():
+            tops = "  ".join(f"{_tok(a)} {b:.2f}" for a, b in zip(h.top_tokens[:3], h.top_probs[:3]))
+            tab.add_row(str(h.rank), h.id, h.matrix, h.pole, f"{h.prob:.3f}", f"{_tok(h.token)} {h.token_prob:.3f}", tops,
+                        end_section=False)
+        if len(hits):
+            _table(tab)
+        else:
+            out.print("  no row reaches --min-prob" if args.min_prob else "  no row found")
+    return 0
+
+
+def add_show(sub) -> None:
+    p = sub.add_parser("show", help="every matrix and pole of one neuron: top tokens, entropy, weight norm, rank")
+    p.add_argument("atlas", help="atlas directory")
+    p.add_argument("neuron", help="neuron id, e.g. L29N808")
+    p.add_argument("--tokens", type=int, default=5, help="top tokens to print per row (default 5)")
+    _weights_options(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_show)
+
+
+def cmd_show(args) -> int:
+    from neuronmap.atlas import open_files
+    from neuronmap.search import show
+
+    files = open_files(args.atlas)
+    _note_index(files, args.stored)
+    t = show(files, args.neuron, args.stored, args.weights)
+    if args.json:
+        _print_json({"atlas": args.atlas, "id": t["id"].iloc[0], "layer": int(t["layer"].iloc[0]),
+                     "neuron": int(t["neuron"].iloc[0]), "rows": json.loads(t.to_json(orient="records"))})
+        return 0
+    method = t["rank_method"].iloc[0]
+    how = ("exact p of that token over every row, from the weights" if method == "exact"
+           else "stored p, among only the rows whose top-k holds that token")
+    out.print(f"[bold]{t['id'].iloc[0]}[/bold] (layer {t['layer'].iloc[0]}, neuron {t['neuron'].iloc[0]}) of {escape(args.atlas)} "
+              f"({files.meta['family']}, {files.meta.get('source', {}).get('spec', '?')}); rank: position for its own top token, by {how}")
+    tab = Table(show_edge=False)
+    for col in ("matrix", "pole", "|w|", "entropy", "rank for top token", f"top {args.tokens} tokens (p)"):
+        tab.add_column(col, justify="right" if col in ("|w|", "entropy", "rank for top token") else "left")
+    for r in t.itertuples():
+        tops = "  ".join(f"{_tok(a)} {b:.3f}" for a, b in zip(r.tokens[:args.tokens], r.probs[:args.tokens]))
+        tab.add_row(r.matrix, r.pole, f"{r.weight_norm:.2f}", f"{r.entropy:.2f}", f"{r.rank:,} of {r.n_ranked:,}", tops)
+    _table(tab)
+    return 0
+
+
+def add_stats(sub) -> None:
+    p = sub.add_parser("stats", help="per layer and matrix: confident share, entropy, token classes, frequent tokens")
+    p.add_argument("atlas", help="atlas directory")
+    _rows_options(p)
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="also write a PNG of these against depth")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_stats)
+
+
+def cmd_stats(args) -> int:
+    from neuronmap.atlas import open_files
+    from neuronmap.stats import TOKEN_CLASSES, plot, stats
+
+    files = open_files(args.atlas)
+    s = stats(files, args.matrices, args.layers, args.pole)
+    if args.plot:
+        plot(s, args.plot, f"{files.meta.get('source', {}).get('spec', '?')} ({files.meta['family']}): {s.n_rows:,} rows of {args.atlas}")
+    if args.json:
+        _print_json({"atlas": args.atlas, "n_rows": s.n_rows, "plot": args.plot,
+                     "layers": json.loads(s.layers.to_json(orient="records")),
+                     "top_tokens": json.loads(s.top_tokens.to_json(orient="records"))})
+        return 0
+    out.print(f"[bold]stats[/bold] {escape(args.atlas)}: {s.n_rows:,} rows (vector x pole); confident = top token p > 0.5; "
+              "token classes of the top token, as defined in `neuronmap.stats.token_class`")
+    tab = Table(show_edge=False)
+    short = {"word": "word", "subword": "sub", "number": "num", "punctuation": "punct", "whitespace": "space", "other": "other"}
+    for col in ("layer", "matrix", "rows", "confident", "H p10", "H p50", "H p90", *[short[k] for k in TOKEN_CLASSES],
+                "most frequent top tokens"):
+        tab.add_column(col, justify="left" if col in ("matrix", "most frequent top tokens") else "right")
+    for r in s.layers.itertuples():
+        tab.add_row(str(r.layer), r.matrix, f"{r.rows:,}", f"{100 * r.confident:.1f}%", f"{r.entropy_p10:.2f}",
+                    f"{r.entropy_p50:.2f}", f"{r.entropy_p90:.2f}", *[f"{100 * getattr(r, k):.0f}%" for k in TOKEN_CLASSES],
+                    "  ".join(f"{_tok(a)} {n}" for a, n in r.top_tokens))
+    _table(tab)
+    top = Table(title="most frequent top tokens, all rows", show_edge=False)
+    for col in ("token", "id", "rows", "share", "class"):
+        top.add_column(col, justify="right" if col in ("id", "rows", "share") else "left")
+    for r in s.top_tokens.head(10).itertuples():
+        top.add_row(_tok(r.token), str(r.token_id), f"{r.rows:,}", f"{100 * r.share:.2f}%", r._5)
+    _table(top)
+    if args.plot:
+        out.print(f"plot: {args.plot}")
+    return 0
+
+
 # ------------------------------------------------------------------ main
 
-COMMANDS = [add_map, add_clamp, add_generate, add_verify]
+COMMANDS = [add_map, add_search, add_show, add_stats, add_clamp, add_generate, add_verify]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,6 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 import neuronmap
@@ -115,7 +114,7 @@ def map_model(
     n_vectors = 0
 
     with atlas_io.atlas_writer(out, overwrite) as tmp:
-        writer = pq.ParquetWriter(tmp / "neurons.parquet", atlas_io.SCHEMA, compression="zstd")
+        writer = atlas_io.RowsWriter(tmp / "neurons.parquet")
         try:
             for li, layer in enumerate(layers):
                 for matrix in matrices:
@@ -136,8 +135,8 @@ def map_model(
                         timings["decode_s"] += t2 - t
                         neurons = np.arange(start, start + len(norms[start:start + rows]))
                         for pole, (ids, lg, lse, ent) in dec.items():
-                            writer.write_table(atlas_io.rows_table(matrix, layer, pole, neurons, ids, lg, lse, ent,
-                                                                   norms[start:start + rows], vocab))
+                            writer.write(atlas_io.rows_table(matrix, layer, pole, neurons, ids, lg, lse, ent,
+                                                             norms[start:start + rows], vocab))
                             _track_best(best, weights.tokens, matrix, layer, pole, neurons, ids, lg, lse)
                         timings["write_s"] += time.perf_counter() - t2
                         n_vectors += len(neurons)

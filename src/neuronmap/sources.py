@@ -398,8 +398,10 @@ def _gguf_field(reader, key: str, default=None):
 def _open_gguf(src: Source) -> Weights:
     import gguf
 
+    from neuronmap.gguf_fast import GGUFReader
+
     try:
-        reader = gguf.GGUFReader(str(src.path))
+        reader = GGUFReader(str(src.path))
     except Exception as e:
         raise NeuronmapError(
             f"cannot read GGUF file {src.path}: it is truncated or corrupt ({type(e).__name__}: {str(e)[:100]}); re-download it"

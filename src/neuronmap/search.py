@@ -1,0 +1,250 @@
+"""Find the vectors that decode to a concept, inspect one neuron, and the ``Atlas`` API over both.
+
+``search`` ranks atlas rows (vector x pole) by the probability their decoded
+distribution puts on a concept: the sum over its single-token variants
+(neuronmap.concepts). By default the probabilities are exact, for every row,
+from a pass over the weights; with ``stored`` they come from the stored top-k
+lists (neuronmap.scoring explains both).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from neuronmap.atlas import AtlasFiles, open_files
+from neuronmap.concepts import Concept, expand_concept, read_vocab, vocab_index
+from neuronmap.errors import NeuronmapError
+from neuronmap.ids import MATRICES, parse_neuron_id
+from neuronmap.scoring import TokenProbs, check_weights, choose_rows, connect, exact_token_probs, stored_rank, stored_top
+from neuronmap.sources import open_weights
+
+if TYPE_CHECKING:
+    from neuronmap.stats import Stats
+
+COLUMNS = ["concept", "rank", "id", "layer", "neuron", "matrix", "pole", "prob", "token", "token_prob",
+           "top_tokens", "top_probs", "entropy", "weight_norm", "approximate"]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """What ``search`` found.
+
+    Attributes:
+        table: one row per hit, best first per concept, columns ``COLUMNS``: ``prob`` is the
+            concept's probability (sum over its variants), ``token``/``token_prob`` its most
+            probable variant in that row, ``top_tokens``/``top_probs`` the row's stored top 5.
+        concepts: the expanded concepts, in the order given.
+        method: ``exact`` or ``stored``.
+        n_scored: atlas rows considered per concept (in ``stored``, only those whose top-k
+            holds a variant can be found).
+        top_k: the atlas's stored top-k.
+        seconds: wall time.
+    """
+
+    table: pd.DataFrame
+    concepts: tuple[Concept, ...]
+    method: str
+    n_scored: int
+    top_k: int
+    seconds: float
+
+
+def _describe(files: AtlasFiles, hits: pd.DataFrame) -> pd.DataFrame:
+    """Add each hit's id, stored top 5 tokens, entropy and weight norm, keeping the hits' order."""
+    con = connect()
+    con.register("hits", hits.assign(order=np.arange(len(hits))))
+
+    def ints(col: str) -> str:
+        return ",".join(str(int(x)) for x in hits[col].unique()) or "-1"
+
+    # Literal IN lists let the scan skip row groups by their layer and neuron ranges.
+    return con.execute(f"""
+        SELECT h.*, n.id, n.tokens[1:5] AS top_tokens, n.probs[1:5] AS top_probs, n.entropy, n.weight_norm
+        FROM hits h JOIN (SELECT * FROM read_parquet(?) WHERE layer IN ({ints("layer")}) AND neuron IN ({ints("neuron")})) n
+        USING (matrix, layer, neuron, pole) ORDER BY h.order""", [str(files.neurons)]).df().drop(columns="order")
+
+
+def search(files: AtlasFiles, concepts: list[str], matrices: str | None = None, layers: str | None = None,
+           pole: str | None = None, top: int = 10, min_prob: float = 0.0, stored: bool = False,
+           weights: str | None = None, variants: bool = True) -> SearchResult:
+    """Rank an atlas's rows by the probability their decoded distribution puts on each concept.
+
+    Args:
+        files: the atlas (``open_files``).
+        concepts: words or tokens; each expands to its single-token variants.
+        matrices, layers, pole: which rows (CLI syntax: ``"up,down"``, ``"0-5,9"``, ``"+"``); default all.
+        top: hits kept per concept.
+        min_prob: drop hits below this probability.
+        stored: use the stored top-k instead of the weights (no weights needed; a lower bound).
+        weights: where the weights are now if they moved; their sha256 must match meta.json.
+        variants: False matches each concept exactly as typed.
+
+    Returns:
+        SearchResult.
+
+    Raises:
+        NeuronmapError: an empty concept, bad options, or weights changed or moved since mapping.
+
+    Example:
+        >>> r = search(open_files("demo-atlas"), ["coffee"], top=3)  # doctest: +SKIP
+        >>> r.table.loc[0, ["id", "matrix", "pole"]].tolist(), round(r.table.loc[0, "prob"], 2)
+        (['L29N750', 'up', '+'], 0.99)
+    """
+    t0 = time.perf_counter()
+    if not concepts:
+        raise NeuronmapError("no concept given: pass at least one word, e.g. coffee")
+    if top < 1:
+        raise NeuronmapError(f"--top {top} is out of range: expected 1 or more")
+    if not 0.0 <= min_prob <= 1.0:
+        raise NeuronmapError(f"--min-prob {min_prob} is out of range: expected a probability from 0 to 1")
+    tokens = read_vocab(files)
+    index = vocab_index(tokens)
+    expanded = tuple(expand_concept(c, index, variants) for c in concepts)
+    mats, lays, poles = choose_rows(files.meta, matrices, layers, pole)
+    n_scored = len(mats) * len(lays) * len(poles) * int(files.meta["d_mlp"])
+    if stored:
+        parts = [stored_top(files, list(c.token_ids), mats, lays, poles, top, min_prob) for c in expanded]
+        for hits in parts:
+            hits["token"] = [tokens[i] for i in hits.pop("token_id")]
+    else:
+        ids = list(dict.fromkeys(t for c in expanded for t in c.token_ids))
+        tp = exact_token_probs(files, open_weights(check_weights(files, weights)), ids, mats, lays, poles)
+        parts = [_exact_top(tp, c, ids, top, min_prob) for c in expanded]
+    for c, hits in zip(expanded, parts):
+        hits.insert(0, "concept", c.text)
+        hits.insert(1, "rank", np.arange(1, len(hits) + 1))
+        hits["approximate"] = c.approximate
+    table = _describe(files, pd.concat(parts, ignore_index=True))
+    return SearchResult(table[COLUMNS], expanded, "stored" if stored else "exact", n_scored,
+                        int(files.meta["decode"]["top_k"]), time.perf_counter() - t0)
+
+
+def _exact_top(tp: TokenProbs, c: Concept, ids: list[int], top: int, min_prob: float) -> pd.DataFrame:
+    """The best ``top`` rows of ``tp`` by the concept's summed probability, with its most probable variant."""
+    p = tp.probs[:, [ids.index(t) for t in c.token_ids]]  # [n_rows, n_variants]
+    score = np.minimum(p.sum(1, dtype=np.float64), 1.0)  # a sum of exact probabilities; fp32 rounding may pass 1
+    keep = np.flatnonzero((score > 0) & (score >= min_prob))
+    best = keep[np.lexsort((keep, -score[keep]))][:top]  # ties: atlas order
+    arg = p[best].argmax(1)
+    hits = tp.keys.iloc[best].reset_index(drop=True)
+    return hits.assign(prob=score[best], token=[c.tokens[j] for j in arg], token_prob=p[best, arg].astype(np.float64))
+
+
+# ------------------------------------------------------------------ show
+
+
+def show(files: AtlasFiles, neuron: str, stored: bool = False, weights: str | None = None) -> pd.DataFrame:
+    """Every matrix and pole of one neuron, with its rank for its own top token.
+
+    The rank of a row for its top token ``t``: 1 + the number of atlas rows (every
+    matrix, layer and pole) with a higher ``p(t)``. ``exact`` ranks among all rows
+    from the weights; ``stored`` only among rows whose top-k holds ``t``.
+
+    Args:
+        files: the atlas.
+        neuron: an id such as ``L29N808``.
+        stored, weights: as in ``search``.
+
+    Returns:
+        One row per (matrix, pole): ``id layer neuron matrix pole top_token top_prob rank n_ranked
+        rank_method entropy weight_norm tokens probs`` (``tokens``/``probs``: the stored top-k).
+
+    Raises:
+        NeuronmapError: a malformed or out-of-range id, a layer the atlas lacks, or weights changed.
+
+    Example:
+        >>> show(open_files("demo-atlas"), "L29N750")[["matrix", "pole", "top_token", "rank"]]  # doctest: +SKIP
+    """
+    meta = files.meta
+    layer, idx = parse_neuron_id(neuron, int(meta["n_layers"]), int(meta["d_mlp"]))
+    choose_rows(meta, None, str(layer), None)  # the atlas has this layer
+    rows = connect().execute(
+        "SELECT id, layer, neuron, matrix, pole, token_ids, tokens, probs, entropy, weight_norm "
+        "FROM read_parquet(?) WHERE layer = ? AND neuron = ?", [str(files.neurons), layer, idx]).df()
+    order = {k: i for i, k in enumerate([*MATRICES, "+", "-"])}
+    rows = rows.sort_values(["matrix", "pole"], key=lambda s: s.map(order)).reset_index(drop=True)
+    top = [int(t[0]) for t in rows["token_ids"]]
+    if stored:
+        ranked = [(*stored_rank(files, t, float(p[0])), float(p[0])) for t, p in zip(top, rows["probs"])]
+    else:
+        ranked = _exact_ranks(files, rows, top, layer, idx, weights)
+    rows.insert(5, "top_token", [t[0] for t in rows["tokens"]])
+    rows.insert(6, "top_prob", [p for _, _, p in ranked])
+    rows.insert(7, "rank", [r for r, _, _ in ranked])
+    rows.insert(8, "n_ranked", [n for _, n, _ in ranked])
+    rows.insert(9, "rank_method", "stored" if stored else "exact")
+    return rows.drop(columns=["token_ids"])
+
+
+def _exact_ranks(files, rows, top, layer, idx, weights) -> list[tuple[int, int, float]]:
+    """(rank, rows ranked, exact p) of each of the neuron's rows for its top token, over every atlas row."""
+    dec = files.meta["decode"]
+    ids = list(dict.fromkeys(top))
+    tp = exact_token_probs(files, open_weights(check_weights(files, weights)), ids, list(dec["matrices"]),
+                           list(dec["layers"]), ["+", "-"])
+    k = tp.keys
+    mine = (k["layer"] == layer).to_numpy() & (k["neuron"] == idx).to_numpy()
+    out = []
+    for r, t in zip(rows.itertuples(), top):
+        col = tp.probs[:, ids.index(t)]
+        me = np.flatnonzero(mine & (k["matrix"] == r.matrix).to_numpy() & (k["pole"] == r.pole).to_numpy())[0]
+        out.append((int((col > col[me]).sum()) + 1, len(k), float(col[me])))
+    return out
+
+
+# ------------------------------------------------------------------ Atlas
+
+
+@dataclass(frozen=True)
+class Atlas:
+    """An opened atlas; the Python API mirrors the CLI.
+
+    Example:
+        >>> a = Atlas.open("demo-atlas")  # doctest: +SKIP
+        >>> a.search("coffee", top=5)[["id", "matrix", "pole", "prob"]]
+        >>> a.show("L29N750")
+        >>> a.stats().layers
+    """
+
+    path: Path
+    meta: dict
+
+    @classmethod
+    def open(cls, path: Path | str) -> "Atlas":
+        """Open an atlas directory. Raises NeuronmapError if it is none or has an unknown version."""
+        f = open_files(path)
+        return cls(f.root, f.meta)
+
+    @property
+    def files(self) -> AtlasFiles:
+        return AtlasFiles(self.path, self.meta)
+
+    def variants(self, concept: str, variants: bool = True) -> Concept:
+        """The single-token variants of a concept in this atlas's vocabulary."""
+        return expand_concept(concept, vocab_index(read_vocab(self.files)), variants)
+
+    def search(self, *concepts: str, matrices: str | None = None, layers: str | None = None, pole: str | None = None,
+               top: int = 10, min_prob: float = 0.0, stored: bool = False, weights: str | None = None,
+               variants: bool = True) -> pd.DataFrame:
+        """``search`` as a DataFrame; ``.attrs`` holds ``method``, ``n_scored`` and the ``concepts``."""
+        r = search(self.files, list(concepts), matrices, layers, pole, top, min_prob, stored, weights, variants)
+        table = r.table.copy()
+        table.attrs.update(method=r.method, n_scored=r.n_scored, concepts=[dataclasses.asdict(c) for c in r.concepts])
+        return table
+
+    def show(self, neuron: str, stored: bool = False, weights: str | None = None) -> pd.DataFrame:
+        """``show``: every matrix and pole of one neuron."""
+        return show(self.files, neuron, stored, weights)
+
+    def stats(self, matrices: str | None = None, layers: str | None = None, pole: str | None = None) -> Stats:
+        """``neuronmap.stats.stats``: per layer and matrix summaries (a ``Stats``)."""
+        from neuronmap.stats import stats
+
+        return stats(self.files, matrices, layers, pole)
