@@ -95,6 +95,10 @@ def _export(name: str, gguf_path: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    # The weights are dequantized floats now; drop the GGUF quantizer so save_pretrained writes them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     os.replace(tmp, out)
@@ -134,3 +138,17 @@ def demo_atlas(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("atlas") / "demo"
     map_model(None, out)
     return out
+
+
+FINETUNE_STEPS, FINETUNE_LR = 30, 3e-4
+
+
+@pytest.fixture(scope="session")
+def demo_finetuned(demo_checkpoint) -> Path:
+    """The demo model after a short real fine-tune on data/beekeeping.txt (neuronmap.finetune), made once into .cache/test-models."""
+    from neuronmap.finetune import finetune
+
+    out = MODEL_CACHE / f"smollm2-135m-bees-s{FINETUNE_STEPS}-lr{FINETUNE_LR:g}"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    return finetune(demo_checkpoint, out, steps=FINETUNE_STEPS, lr=FINETUNE_LR)
