@@ -140,7 +140,7 @@ def demo_atlas(tmp_path_factory) -> Path:
     return out
 
 
-FINETUNE_STEPS, FINETUNE_LR = 30, 3e-4
+FINETUNE_STEPS, FINETUNE_LR = 30, 1e-3
 
 
 @pytest.fixture(scope="session")

@@ -189,6 +189,8 @@ def test_unknown_paths_say_so_in_one_line(syn, tmp_path, capsys):
     assert main(["compare", str(tmp_path / "nope"), str(syn)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path / 'nope'} does not exist: pass an atlas directory") and err.count("\n") == 1
+    with pytest.raises(NeuronmapError, match=r"^runs/tuned is not an atlas directory \(no such path\), nor a usable model source: "):
+        compare(str(syn), "runs/tuned")  # looks like a hub id, which is not cached
     (tmp_path / "empty").mkdir()
     with pytest.raises(NeuronmapError, match="is neither an atlas .no meta.json. nor a checkpoint directory"):
         compare(str(tmp_path / "empty"), str(syn))
@@ -231,27 +233,32 @@ def real_cache(tmp_path_factory):
 
 
 def test_finetuned_demo_pair(demo_checkpoint, demo_finetuned, real_cache, monkeypatch, tmp_path):
+    # The fine-tune trains the MLPs of layers 20-29 only (embedding and head frozen): layers 0 and 19 must decode
+    # exactly as before, layers 20 and 29 must have moved.
     monkeypatch.setenv("NEURONMAP_CACHE", str(real_cache))
-    c = compare(str(demo_checkpoint), str(demo_finetuned), matrices="up", layers="0,15,29",
-                options=MapOptions(dtype="float32"), top=0)
-    assert c.level == "neuron" and c.matrices == ["up"]
-    total = c.neuron.overall[-1]
-    assert total["n"] == 3 * 1536 * 2
-    assert 0.2 < total["same_top1"] < 0.999  # the fine-tune changed some top tokens and kept most
+    c = compare(str(demo_checkpoint), str(demo_finetuned), matrices="up", layers="0,19,20,29", top=0)
+    assert c.level == "neuron" and c.matrices == ["up"] and c.warnings == []
+    assert c.neuron.overall[-1]["n"] == 4 * 1536 * 2
+    for r in c.neuron.layers:
+        if r["layer"] in (0, 19):
+            assert (r["same_top1"], r["topk_overlap"], r["js"]) == (1.0, 1.0, 0.0)
+        else:
+            assert 0.5 < r["same_top1"] < 1.0 and r["js"] > 0
     assert c.neuron.n_changed > 0 and len(c.neuron.changed) == c.neuron.n_changed
+    assert {r["layer"] for r in c.neuron.changed} <= {20, 29}
     assert_layers_match(c, brute_layers(c.a.path, c.b.path))
     png = tmp_path / "ft.png"
-    assert main(["compare", str(demo_checkpoint), str(demo_finetuned), "--matrices", "up", "--layers", "0,15,29",
-                 "--dtype", "float32", "--plot", str(png)]) == 0
+    assert main(["compare", str(demo_checkpoint), str(demo_finetuned), "--matrices", "up", "--layers", "0,19,20,29",
+                 "--plot", str(png)]) == 0
     assert png.stat().st_size > 1000
 
 
 def test_cross_family_concepts(demo_gguf, gemma_gguf, real_cache, monkeypatch):
     monkeypatch.setenv("NEURONMAP_CACHE", str(real_cache))
-    c = compare(str(demo_gguf), str(gemma_gguf), matrices="up", layers="0,-2,-1", options=MapOptions(dtype="float32"), top=0)
+    c = compare(str(demo_gguf), str(gemma_gguf), matrices="up", layers="-1", top=0)
     assert c.level == "concept" and "d_vocab 49152 vs 262144" in c.reason
     with pytest.raises(NeuronmapError, match="cannot compare neuron by neuron.*n_layers 30 vs 18"):
-        compare(str(demo_gguf), str(gemma_gguf), matrices="up", layers="0,-2,-1", options=MapOptions(dtype="float32"), level="neuron")
+        compare(str(demo_gguf), str(gemma_gguf), matrices="up", layers="-1", level="neuron")
     # Brute force: the concept sets straight from the atlases.
     sets = []
     for side in (c.a, c.b):
@@ -266,5 +273,5 @@ def test_cross_family_concepts(demo_gguf, gemma_gguf, real_cache, monkeypatch):
     assert {r["concept"] for r in k.shared} == a & b
     assert {r["concept"] for r in k.only_a} == a - b and {r["concept"] for r in k.only_b} == b - a
     for r in k.shared:
-        assert 0 <= r["a"]["depth"] <= 1 and 0 <= r["b"]["depth"] <= 1
+        assert r["a"]["depth"] == r["b"]["depth"] == 1.0  # both sides' last layer
         assert normalise(r["a"]["token"]) == normalise(r["b"]["token"]) == r["concept"]

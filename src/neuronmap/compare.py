@@ -124,7 +124,12 @@ def resolve_atlas(
             f"{spec} is neither an atlas (no meta.json) nor a checkpoint directory (no config.json): "
             "pass an atlas made by `neuronmap map` or a model source"
         )
-    src = resolve_source(spec)
+    try:
+        src = resolve_source(spec)
+    except NeuronmapError as e:
+        if p.exists():
+            raise
+        raise NeuronmapError(f"{spec} is not an atlas directory (no such path), nor a usable model source: {e}") from None
     from neuronmap.decode import resolve_device, resolve_dtype
 
     opts = replace(options, dtype=resolve_dtype(options.dtype, resolve_device(options.device)))
@@ -476,7 +481,8 @@ class ConceptComparison:
         n_a, n_b, n_shared: concept counts.
         jaccard: ``n_shared / |A ∪ B|``.
         coverage_a: share of A's concepts that B has too; ``coverage_b`` the converse.
-        depth_corr: Pearson correlation over shared concepts of their mean relative depth in A and in B (None if < 3).
+        depth_corr: Pearson correlation over shared concepts of their mean relative depth in A and in B
+            (None with fewer than 3 shared concepts, or when one side's depths do not vary).
         depth_gap: mean ``|depth_A - depth_B|`` over shared concepts (None if none).
         shared: shared concepts, most vectors (A + B) first, each with n, depth and best vector on both sides.
         only_a, only_b: concepts one side has, most vectors first.
@@ -531,9 +537,9 @@ def compare_concepts(a: Side, b: Side, sel_a: tuple[list[str], list[int]], sel_b
     depth_corr = depth_gap = None
     if n_s:
         depth_gap = float(np.abs(ca.loc[shared, "depth"] - cb.loc[shared, "depth"]).mean())
-    if n_s >= 3:
-        c = np.corrcoef(ca.loc[shared, "depth"], cb.loc[shared, "depth"])[0, 1]
-        depth_corr = None if np.isnan(c) else float(c)
+    x, y = ca.loc[shared, "depth"].to_numpy(), cb.loc[shared, "depth"].to_numpy()
+    if n_s >= 3 and x.std() > 0 and y.std() > 0:  # one layer per side has no depth to correlate
+        depth_corr = float(np.corrcoef(x, y)[0, 1])
     cut = (lambda xs: xs) if top == 0 else (lambda xs: xs[:top])
     order = (ca.loc[shared, "n"] + cb.loc[shared, "n"]).sort_values(ascending=False, kind="stable").index
     ra, rb = ca.to_dict("index"), cb.to_dict("index")
@@ -583,7 +589,7 @@ class Comparison:
     concept: ConceptComparison | None = None
 
     def to_json(self) -> dict:
-        side = lambda s: {"spec": s.spec, "atlas": str(s.path), "family": s.meta.get("family"),  # noqa: E731
+        side = lambda s: {"spec": s.spec, "atlas": str(s.path), "mapped": s.mapped, "family": s.meta.get("family"),  # noqa: E731
                           **{k: s.meta.get(k) for k in SHAPE_KEYS}, "top_k": s.meta["decode"]["top_k"]}
         out = {"a": side(self.a), "b": side(self.b), "level": self.level, "reason": self.reason,
                "warnings": self.warnings, "matrices": self.matrices, "seconds": round(self.seconds, 3)}

@@ -33,7 +33,7 @@ def finetune(
     checkpoint: Path | str,
     out: Path | str,
     steps: int = 30,
-    lr: float = 3e-4,
+    lr: float = 1e-3,
     seq_len: int = 32,
     batch: int = 2,
     seed: int = 0,
