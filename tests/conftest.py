@@ -138,3 +138,17 @@ def demo_atlas(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("atlas") / "demo"
     map_model(None, out)
     return out
+
+
+FINETUNE_STEPS, FINETUNE_LR = 30, 1e-3
+
+
+@pytest.fixture(scope="session")
+def demo_finetuned(demo_checkpoint) -> Path:
+    """The demo model after a short real fine-tune on data/beekeeping.txt (neuronmap.finetune), made once into .cache/test-models."""
+    from neuronmap.finetune import finetune
+
+    out = MODEL_CACHE / f"smollm2-135m-bees-s{FINETUNE_STEPS}-lr{FINETUNE_LR:g}"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    return finetune(demo_checkpoint, out, steps=FINETUNE_STEPS, lr=FINETUNE_LR)
