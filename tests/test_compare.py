@@ -1,5 +1,6 @@
 """compare: neuron-level agreement against brute force, planted changes, the concept level, bad input."""
 
+import copy
 from __future__ import annotations
 
 import math
@@ -203,7 +204,8 @@ def test_unknown_paths_say_so_in_one_line(syn, tmp_path, capsys):
 
 def test_per_layer_agreement_matches_brute_force_on_tiny_models(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setenv("NEURONMAP_CACHE", str(tmp_path / "cache"))
-    base, model = tiny_models("llama")
+    base, shared = tiny_models("llama")
+    model = copy.deepcopy(shared)  # the session's model is shared with other tests: perturb a copy
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
