@@ -1,8 +1,8 @@
 """compare: neuron-level agreement against brute force, planted changes, the concept level, bad input."""
 
-import copy
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 from pathlib import Path
