@@ -224,6 +224,10 @@ def test_per_layer_agreement_matches_brute_force_on_tiny_models(tiny_models, tmp
         compare(str(part), str(c.b.path), matrices="gate")
     again = compare(str(base), str(tuned), options=MapOptions(top_k=5, dtype="float32", device="cpu"), progress=notes.append)
     assert len(notes) == 2 and again.a.path == c.a.path  # cached: mapped once
+    sub = compare(str(base), str(tuned), matrices="up", layers="1", options=MapOptions(top_k=5, dtype="float32", device="cpu"),
+                  progress=notes.append)
+    assert len(notes) == 2 and sub.b.path == c.b.path and sub.matrices == ["up"]  # the full cached atlas serves a subset
+    assert [(r["layer"], r["matrix"]) for r in sub.neuron.layers] == [(1, "up"), (1, "up")]
 
 
 # ------------------------------------------------------------------ real models

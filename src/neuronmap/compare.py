@@ -47,7 +47,7 @@ from neuronmap.sources import PACKAGED, cache_dir, file_sha256, resolve_source
 
 LEVELS = ("auto", "neuron", "concept")
 SHAPE_KEYS = ("n_layers", "d_model", "d_mlp", "d_vocab")
-DECODE_KEYS = ("norm", "final_norm", "fold_input_norm", "softcap", "top_k")
+DECODE_KEYS = ("norm", "fold_input_norm", "top_k")  # what the user chose; final norm and softcap belong to the model
 CHUNK = 1 << 18  # rows per vectorised step: bounds the [rows, k, k] match tensor
 
 
@@ -133,11 +133,14 @@ def resolve_atlas(
     from neuronmap.decode import resolve_device, resolve_dtype
 
     opts = replace(options, dtype=resolve_dtype(options.dtype, resolve_device(options.device)))
-    out = cache_dir() / "atlases" / atlas_key([file_sha256(f) for f in src.files], opts)
-    try:
-        return Side(spec, out, atlas_io.read_meta(out), True)
-    except NeuronmapError:
-        pass
+    shas = [file_sha256(f) for f in src.files]
+    out = cache_dir() / "atlases" / atlas_key(shas, opts)
+    # A cached atlas of every matrix and layer serves any subset too.
+    for cand in (cache_dir() / "atlases" / atlas_key(shas, replace(opts, matrices=None, layers=None)), out):
+        try:
+            return Side(spec, cand, atlas_io.read_meta(cand), True)
+        except NeuronmapError:
+            pass
     if progress:
         progress(f"mapping {spec} into {out} (once; later compares reuse it)")
     result = map_model(src, out, opts, overwrite=True)
@@ -456,19 +459,25 @@ def normalise(token: str) -> str:
 def confident_concepts(side: Side, matrices: list[str], layers: list[int], min_prob: float) -> pd.DataFrame:
     """Every confident top-1 row of an atlas with its concept.
 
+    The vocabulary is normalised once (``d_vocab`` strings) and rows carry an integer
+    concept code, so atlases with millions of rows group quickly.
+
     Returns:
-        DataFrame with columns concept, token, id, layer, neuron, matrix, pole, p, depth
-        (``layer / (n_layers - 1)``), one row per confident vector, empty concepts dropped.
+        DataFrame with columns concept (categorical), token_id, layer, neuron, matrix, pole, p,
+        depth (``layer / (n_layers - 1)``): one row per confident vector, empty concepts dropped.
     """
-    table = pq.read_table(side.path / "neurons.parquet", columns=["matrix", "layer", "neuron", "id", "pole", "tokens", "probs"],
+    table = pq.read_table(side.path / "neurons.parquet", columns=["matrix", "layer", "neuron", "pole", "token_ids", "probs"],
                           filters=_filters(side, matrices, layers))
     p1 = pc.list_element(table["probs"], 0)
     keep = pc.greater(p1, min_prob)
-    df = pa.table({"token": pc.list_element(table["tokens"], 0).filter(keep), "p": p1.filter(keep),
-                   **{c: table[c].filter(keep) for c in ("id", "layer", "neuron", "matrix", "pole")}}).to_pandas()
-    df["concept"] = df["token"].map(normalise)
-    df = df[df["concept"] != ""]
-    df["depth"] = df["layer"] / max(side.meta["n_layers"] - 1, 1)
+    df = pa.table({"token_id": pc.list_element(table["token_ids"], 0).filter(keep), "p": p1.filter(keep),
+                   **{c: table[c].filter(keep) for c in ("layer", "neuron", "matrix", "pole")}}).to_pandas()
+    codes, concepts = pd.factorize(pd.Series(_vocab(side).to_pylist()).map(normalise))  # [d_vocab] concept code per token
+    empty = concepts.get_loc("") if "" in concepts else -1
+    code = codes[df["token_id"].to_numpy()]
+    df["concept"] = pd.Categorical.from_codes(code, categories=concepts)
+    df = df[code != empty]
+    df = df.assign(depth=df["layer"] / max(side.meta["n_layers"] - 1, 1))
     return df.reset_index(drop=True)
 
 
@@ -504,11 +513,18 @@ class ConceptComparison:
     by_layer: list[dict]
 
 
-def _per_concept(df: pd.DataFrame) -> pd.DataFrame:
-    best = df.sort_values("p", ascending=False).drop_duplicates("concept").set_index("concept")
-    g = df.groupby("concept")
-    return pd.DataFrame({"n": g.size(), "depth": g["depth"].mean(), "best": best["id"], "matrix": best["matrix"],
-                         "pole": best["pole"], "token": best["token"], "p": best["p"], "best_depth": best["depth"]})
+def _per_concept(df: pd.DataFrame, vocab: pa.Array) -> pd.DataFrame:
+    """One row per concept (index: the concept string): n vectors, mean depth, and its most confident
+    vector's id, matrix, pole, token and p."""
+    g = df.groupby("concept", observed=True)
+    out = pd.DataFrame({"n": g.size(), "depth": g["depth"].mean()})
+    best = df.loc[g["p"].idxmax()].set_index("concept")
+    out = out.join(pd.DataFrame({
+        "best": [f"L{l}N{i}" for l, i in zip(best["layer"], best["neuron"])], "matrix": best["matrix"].astype(str).to_numpy(),
+        "pole": best["pole"].astype(str).to_numpy(), "token": vocab.take(pa.array(best["token_id"].to_numpy())).to_pylist(),
+        "p": best["p"].to_numpy()}, index=best.index))
+    out.index = out.index.astype(str)
+    return out
 
 
 def _concept_dict(r: dict) -> dict:
@@ -530,7 +546,7 @@ def compare_concepts(a: Side, b: Side, sel_a: tuple[list[str], list[int]], sel_b
         ConceptComparison.
     """
     da, db = confident_concepts(a, *sel_a, min_prob), confident_concepts(b, *sel_b, min_prob)
-    ca, cb = _per_concept(da), _per_concept(db)
+    ca, cb = _per_concept(da, _vocab(a)), _per_concept(db, _vocab(b))
     shared = ca.index.intersection(cb.index)
     n_a, n_b, n_s = len(ca), len(cb), len(shared)
     union = n_a + n_b - n_s
