@@ -148,6 +148,7 @@ def test_plot_writes_a_png_and_nothing_else(syn, tmp_path):
     png.parent.mkdir()
     plot(compare(str(syn), str(b)), png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_mode & 0o044 == 0o044  # readable by others, like any file the user writes
     assert [p.name for p in png.parent.iterdir()] == ["cmp.png"]
     with pytest.raises(NeuronmapError, match=r"give a file name ending in \.png"):
         plot(compare(str(syn), str(b)), tmp_path / "cmp.jpg")

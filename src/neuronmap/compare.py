@@ -732,6 +732,9 @@ def plot(c: Comparison, out: Path | str) -> Path:
     FigureCanvasAgg(fig)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a plot is an ordinary file
     try:
         fig.savefig(tmp, format="png")
         os.replace(tmp, out)
