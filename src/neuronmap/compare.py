@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from neuronmap import atlas as atlas_io
 from neuronmap.errors import NeuronmapError
-from neuronmap.ids import MATRICES, POLES, parse_layers
+from neuronmap.ids import MATRICES, POLES, parse_layers, parse_matrices
 from neuronmap.mapper import MapOptions, map_model
 from neuronmap.sources import PACKAGED, cache_dir, file_sha256, resolve_source
 
@@ -185,10 +185,8 @@ def _select(side: Side, name: str, matrices: str | None, layers: str | None) -> 
     if matrices is None or matrices.strip() in ("", "all"):
         ms = have_m
     else:
-        ms = [m.strip() for m in matrices.split(",") if m.strip()]
+        ms = parse_matrices(matrices, MATRICES)  # names checked once, in ids.py
         for m in ms:
-            if m not in MATRICES:
-                raise NeuronmapError(f"unknown matrix {m!r}: expected some of gate, up, down")
             if m not in have_m:
                 raise NeuronmapError(f"{name} ({side.spec}) has no {m!r} rows: its atlas holds {','.join(have_m)}; choose among them with --matrices")
     ls = have_l if layers is None else parse_layers(layers, side.meta["n_layers"])
