@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from neuronmap.decode import build_head, decode_block, resolve_device, resolve_dtype, summarize, top_candidates
+from neuronmap.decode import (
+    Head, _compile_failed, build_head, choose_reducer, compiled_reduce, decode_block, reduce_logits, resolve_device, resolve_dtype,
+)
 from neuronmap.errors import NeuronmapError
 from neuronmap.sources import open_weights
 
@@ -71,23 +73,75 @@ def test_odd_head_minus_pole_equals_decoding_the_negated_vector(demo):
     assert torch.allclose(both["-"].logsumexp, neg["+"].logsumexp, atol=1e-4)
 
 
-def test_top_candidates_finds_the_true_top():
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(40, 64 * 50, generator=g)
-    got = top_candidates(z, 16).sort(-1).values
-    want = torch.topk(z, 16, -1).indices.sort(-1).values
-    assert torch.equal(got, want)
-    odd = torch.randn(5, 1001, generator=g)  # not a multiple of the group: falls back to topk
-    assert torch.equal(top_candidates(odd, 3).sort(-1).values, torch.topk(odd, 3, -1).indices.sort(-1).values)
+def _random_head(v: int, d: int, dtype: str, softcap=None, b_U=None) -> Head:
+    g = torch.Generator().manual_seed(v)
+    W = (torch.randn(v, d, generator=g) * 0.5).bfloat16().float()  # exact in bf16, like a bf16 checkpoint
+    return Head(norm="none", gain=None, bias=None, eps=0.0, W_U=W, W_U_screen=W.bfloat16() if dtype == "bfloat16" else None,
+                b_U=b_U, softcap=softcap)
 
 
-def test_summarize_matches_torch():
-    z = torch.randn(8, 300, generator=torch.Generator().manual_seed(1)) * 4
-    d = summarize(z.clone(), 7)
-    assert torch.equal(d.token_ids, torch.topk(z, 7, -1).indices)
-    assert torch.allclose(d.logsumexp, torch.logsumexp(z, -1), atol=1e-5)
-    p = torch.softmax(z, -1)
-    assert torch.allclose(d.entropy, -(p * p.log()).sum(-1), atol=1e-4)
+def _check_against_fp64(head: Head, x: torch.Tensor, out: dict, k: int, tol: float) -> None:
+    for pole, sign in (("+", 1.0), ("-", -1.0)):
+        z = sign * x.double() @ head.W_U.double().T
+        if head.b_U is not None:
+            z = z + head.b_U.double()
+        if head.softcap:
+            z = torch.tanh(z / head.softcap) * head.softcap
+        d = out[pole]
+        assert torch.equal(d.token_ids, torch.topk(z, k, -1).indices), pole
+        lse = torch.logsumexp(z, -1)
+        assert (d.logsumexp.double() - lse).abs().max() < tol
+        assert (d.probs.double() - torch.exp(z.gather(1, d.token_ids) - lse[:, None])).abs().max() < tol
+        p = torch.softmax(z, -1)
+        assert (d.entropy.double() - (-(p * p.log()).sum(-1))).abs().max() < 10 * tol
+
+
+# Vocabularies below one group, not a multiple of the group, and a multiple of it.
+@pytest.mark.parametrize("v", [50, 1001, 64 * 40])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_block_matches_fp64_on_any_vocabulary_size(v, dtype):
+    head = _random_head(v, 32, dtype)
+    x = torch.randn(37, 32, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        out = decode_block(head, x, k=7, chunk=16)
+    # bf16 screening: exact top-k (the candidates are rescored) but a rounded tail in the sums.
+    _check_against_fp64(head, x, out, 7, 1e-4 if dtype == "float32" else 1e-2)
+
+
+def test_decode_block_with_head_bias_and_softcap():
+    v = 1001
+    b_U = torch.randn(v, generator=torch.Generator().manual_seed(2))
+    head = _random_head(v, 32, "float32", softcap=5.0, b_U=b_U)
+    assert not head.odd
+    x = torch.randn(20, 32, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        _check_against_fp64(head, x, decode_block(head, x, k=5), 5, 1e-4)
+    odd = _random_head(v, 32, "float32", softcap=5.0)
+    with torch.inference_mode():
+        _check_against_fp64(odd, x, decode_block(odd, x, k=5), 5, 1e-4)
+
+
+def test_compiled_kernel_gives_the_eager_numbers():
+    z = torch.randn(24, 64 * 30 + 5, generator=torch.Generator().manual_seed(4)) * 4
+    with torch.inference_mode():
+        for minus in (True, False):  # odd heads, and heads with a bias (one pole per pass)
+            eager, fused = reduce_logits(z, minus), compiled_reduce(z, minus)
+            assert not _compile_failed, _compile_failed
+            assert len(fused) == (8 if minus else 4)
+            for a, b in zip(eager, fused):
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+        eager = reduce_logits(z, True)
+    g, m, s, t = eager[:4]
+    assert torch.allclose(m[:, 0] + s.log(), torch.logsumexp(z, -1), atol=1e-5)
+    assert torch.allclose(eager[5][:, 0] + eager[6].log(), torch.logsumexp(-z, -1), atol=1e-5)
+
+
+def test_kernel_choice():
+    assert choose_reducer("auto", 1e6) is reduce_logits
+    assert choose_reducer("auto", 1e11) is compiled_reduce
+    assert choose_reducer("eager", 1e11) is reduce_logits
+    with pytest.raises(NeuronmapError, match="unknown --kernel 'fast': expected one of auto, eager, compiled"):
+        choose_reducer("fast", 1)
 
 
 def test_device_and_dtype_choices():
@@ -98,3 +152,26 @@ def test_device_and_dtype_choices():
     if not torch.cuda.is_available():
         with pytest.raises(NeuronmapError, match="--device cuda was asked for, but no CUDA GPU is available"):
             resolve_device("cuda")
+
+
+def test_bf16_screening_keeps_a_bf16_head_only_once(tiny_models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from neuronmap.sources import open_weights
+
+    path, _ = tiny_models("llama")
+    bf = tmp_path / "bf16"
+    shutil.copytree(path, bf)
+    sd = load_file(bf / "model.safetensors")
+    save_file({k: v.bfloat16() for k, v in sd.items()}, bf / "model.safetensors")
+    head = build_head(open_weights(str(bf)), "final", "cpu", "bfloat16")
+    assert head.W_U.dtype == torch.bfloat16 and head.W_U_screen is head.W_U
+    fp = build_head(open_weights(str(path)), "final", "cpu", "bfloat16")  # an fp32 head is kept for exact rescoring
+    assert fp.W_U.dtype == torch.float32 and fp.W_U_screen.dtype == torch.bfloat16
+    x = open_weights(str(bf)).vectors("up", 0)
+    exact = build_head(open_weights(str(bf)), "final", "cpu", "float32")
+    with torch.inference_mode():
+        a, b = decode_block(head, x, k=3), decode_block(exact, x, k=3)
+    assert torch.equal(a["+"].token_ids, b["+"].token_ids)

@@ -45,6 +45,16 @@ def test_layers_matrices_and_topk_options(tiny_models, tmp_path):
     assert len(t) == 24 * 2 * 2 and r.n_vectors == 48
 
 
+def test_compiled_kernel_maps_like_the_eager_one(tmp_path):
+    opts = dict(layers="29", matrices="up")  # real weights, 49,152-token vocabulary
+    a = map_model(None, tmp_path / "eager", MapOptions(kernel="eager", **opts))
+    b = map_model(None, tmp_path / "compiled", MapOptions(kernel="compiled", **opts))
+    assert a.meta["kernel"] == "eager" and b.meta["kernel"] == "compiled"
+    ta, tb = (pq.read_table(r.path / "neurons.parquet").to_pandas() for r in (a, b))
+    assert ta.token_ids.map(list).tolist() == tb.token_ids.map(list).tolist()
+    assert (ta.logsumexp - tb.logsumexp).abs().max() < 1e-4 and (ta.entropy - tb.entropy).abs().max() < 1e-4
+
+
 def test_existing_output_is_refused_then_overwritten(tiny_models, tmp_path, capsys):
     path, _ = tiny_models("llama")
     out = tmp_path / "atlas"
@@ -68,6 +78,7 @@ def test_existing_output_is_refused_then_overwritten(tiny_models, tmp_path, caps
     (["--top-k", "65"], "--top-k 65 is out of range: expected 1 to 64"),
     (["--matrices", "gate,proj"], "unknown matrix 'proj'"),
     (["--norm", "layer"], "unknown --norm 'layer'"),
+    (["--kernel", "fast"], "unknown --kernel 'fast': expected one of auto, eager, compiled"),
 ])
 def test_bad_options(argv, message, tiny_models, tmp_path, capsys):
     path, _ = tiny_models("llama")

@@ -40,6 +40,8 @@ def add_map(sub) -> None:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 (bf16 screening, exact fp32 rescoring)")
     p.add_argument("--norm", default="final", help="final (the model's own final norm) | none")
     p.add_argument("--fold-input-norm", action="store_true", help="multiply gate/up vectors by the layer's pre-MLP norm gain")
+    p.add_argument("--kernel", default="auto",
+                   help="auto | eager | compiled: the vocabulary reductions fused by torch.compile (auto: for big models)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_map)
@@ -51,7 +53,7 @@ def cmd_map(args) -> int:
     from neuronmap.mapper import MapOptions, map_model
 
     opts = MapOptions(matrices=args.matrices, layers=args.layers, top_k=args.top_k, device=args.device,
-                      dtype=args.dtype, norm=args.norm, fold_input_norm=args.fold_input_norm)
+                      dtype=args.dtype, norm=args.norm, fold_input_norm=args.fold_input_norm, kernel=args.kernel)
     show = not args.json and err.is_terminal or os.environ.get("NEURONMAP_PROGRESS") == "1"
     with Progress(TextColumn("[bold]mapping"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
@@ -74,7 +76,7 @@ def cmd_map(args) -> int:
     out.print(f"[bold]Mapped[/bold] {result.n_vectors:,} vectors ({m['n_rows']:,} rows with both poles) of "
               f"{m['source']['spec']} ({m['family']}: {m['n_layers']} layers x {m['d_mlp']} neurons, "
               f"matrices {','.join(m['decode']['matrices'])}) in {result.seconds:.1f} s, "
-              f"{m['timings']['vectors_per_s']:,.0f} vectors/s on {m['device']} ({m['dtype']}).")
+              f"{m['timings']['vectors_per_s']:,.0f} vectors/s on {m['device']} ({m['dtype']}, {m['kernel']} kernel).")
     out.print(f"Atlas: {result.path}")
     if result.highlights:
         t = Table(title="Some confident content-word neurons")

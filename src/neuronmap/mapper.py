@@ -14,7 +14,7 @@ import torch
 
 import neuronmap
 from neuronmap import atlas as atlas_io
-from neuronmap.decode import block_rows, build_head, decode_block, resolve_device, resolve_dtype
+from neuronmap.decode import block_rows, build_head, choose_reducer, decode_block, kernel_used, resolve_device, resolve_dtype
 from neuronmap.errors import NeuronmapError
 from neuronmap.ids import parse_layers, parse_matrices
 from neuronmap.sources import Source, Weights, file_sha256, open_weights, resolve_source
@@ -42,6 +42,7 @@ class MapOptions:
     norm: str = "final"
     fold_input_norm: bool = False
     n_candidates: int = 16
+    kernel: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ def map_model(
         raise NeuronmapError(f"--top-k {options.top_k} is out of range: expected 1 to {weights.d_vocab} (the vocabulary size)")
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
+    reduce = choose_reducer(options.kernel, len(layers) * len(matrices) * weights.d_mlp * weights.d_vocab)
     t_head = time.perf_counter()
     head = build_head(weights, options.norm, device, dtype)
     vocab = pa.array(list(weights.tokens), pa.string())
@@ -128,7 +130,8 @@ def map_model(
                     for start in range(0, weights.d_mlp, rows):
                         t = time.perf_counter()
                         with torch.inference_mode():
-                            dec = decode_block(head, vecs[start:start + rows], options.top_k, options.n_candidates)
+                            dec = decode_block(head, vecs[start:start + rows], options.top_k, options.n_candidates,
+                                               reduce=reduce)
                         dec = {p: (d.token_ids.cpu().numpy(), d.logits.cpu().numpy(), d.logsumexp.cpu().numpy(),
                                    d.entropy.cpu().numpy()) for p, d in dec.items()}
                         t2 = time.perf_counter()
@@ -149,6 +152,8 @@ def map_model(
         atlas_io.write_vocab(tmp / "vocab.parquet", weights.tokens)
         seconds = time.perf_counter() - t0
         meta = _meta(weights, src, options, matrices, layers, dtype, device, timings, seconds, n_vectors)
+        # Which kernel ran (a failed compile falls back to eager): the numbers agree to ~1e-6.
+        meta["kernel"] = kernel_used(reduce, weights.d_vocab)
         atlas_io.write_json(tmp / "meta.json", meta)
     return MapResult(out, meta, n_vectors, seconds, _highlights(best))
 

@@ -238,7 +238,7 @@ class Weights:
         softcap: the final-logit softcap, or None.
         tokens: every id's decoded string, ``len == d_vocab``.
         tokenizer: a short description of where ``tokens`` came from.
-        read: name -> fp32 tensor, in HF naming and ``nn.Linear`` layout.
+        read: name -> tensor in its stored float dtype (fp32 for GGUF), in HF naming and ``nn.Linear`` layout.
         has: name -> whether the tensor exists.
     """
 
@@ -256,8 +256,9 @@ class Weights:
     has: Callable[[str], bool] = field(repr=False)
     config: dict = field(repr=False, default_factory=dict)
 
-    def _checked(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def _checked(self, name: str, shape: tuple[int, ...], native: bool = False) -> torch.Tensor:
         t = self.read(name)
+        t = t if native else t.to(torch.float32)
         if tuple(t.shape) != shape:
             raise NeuronmapError(
                 f"tensor {name} has shape {list(t.shape)}, expected {list(shape)} for this "
@@ -281,10 +282,14 @@ class Weights:
         name = (fam.gate if matrix == "gate" else fam.up).format(i=layer)
         return self._checked(name, (self.d_mlp, self.d_model))
 
-    def head(self) -> torch.Tensor:
-        """The LM head, ``[d_vocab, d_model]`` fp32 (the embedding where tied)."""
+    def head(self, native: bool = False) -> torch.Tensor:
+        """The LM head, ``[d_vocab, d_model]`` (the embedding where tied).
+
+        Args:
+            native: keep the stored dtype (e.g. bf16, half the memory of fp32) instead of converting to fp32.
+        """
         name = self.family.head if self.has(self.family.head) else self.family.embed
-        return self._checked(name, (self.d_vocab, self.d_model))
+        return self._checked(name, (self.d_vocab, self.d_model), native)
 
     def head_bias(self) -> torch.Tensor | None:
         b = self.family.head_bias
@@ -306,21 +311,49 @@ class Weights:
 # ---------------------------------------------------------------- readers
 
 
-def _safetensors_reader(files: tuple[Path, ...]):
-    from safetensors import safe_open
+# safetensors dtype names -> torch dtypes.
+_ST_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
+}
 
-    handles = {}
-    where: dict[str, Path] = {}
+
+def _safetensors_header(f: Path) -> tuple[dict, int]:
+    """The header of a safetensors file and the offset where its data begins.
+
+    The format is an 8-byte little-endian header length, a JSON header, then the data.
+
+    Raises:
+        NeuronmapError: truncated or not a safetensors file.
+    """
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            lo, hi = info["data_offsets"]
+            if hi > size - 8 - n or lo > hi:
+                raise ValueError(f"tensor {name} lies past the end of the file")
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise NeuronmapError(
+            f"cannot read {f}: it is truncated or not a safetensors file ({str(e).splitlines()[0][:120]}); re-download or re-export it"
+        ) from None
+    return header, 8 + n
+
+
+def _safetensors_reader(files: tuple[Path, ...]):
+    # Tensors are read with plain reads, not through safetensors' mmap: mapped
+    # pages count in the process's resident memory, so mapping a whole 8B
+    # checkpoint layer by layer would grow it by the checkpoint's size.
+    where: dict[str, tuple[Path, dict, int]] = {}
     for f in files:
-        try:
-            h = safe_open(str(f), framework="pt")
-        except Exception as e:
-            raise NeuronmapError(
-                f"cannot read {f}: it is truncated or not a safetensors file ({str(e).splitlines()[0][:120]}); re-download or re-export it"
-            ) from None
-        handles[f] = h
-        for k in h.keys():
-            where[k] = f
+        header, start = _safetensors_header(f)
+        for k, info in header.items():
+            where[k] = (f, info, start)
 
     def resolve(name: str) -> str | None:
         if name in where:
@@ -336,12 +369,22 @@ def _safetensors_reader(files: tuple[Path, ...]):
         key = resolve(name)
         if key is None:
             raise NeuronmapError(f"tensor {name} is missing from the checkpoint: is it complete, and of the family its config.json names?")
+        f, info, start = where[key]
         try:
-            return handles[where[key]].get_tensor(key).to(torch.float32)
+            dtype = _ST_DTYPES[info["dtype"]]
+            lo, hi = info["data_offsets"]
+            buf = bytearray(hi - lo)
+            with open(f, "rb") as fh:
+                fh.seek(start + lo)
+                if fh.readinto(buf) != len(buf):
+                    raise ValueError("short read")
+            shape = tuple(info["shape"])
+            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+            return t.reshape(shape)
         except Exception as e:
-            raise NeuronmapError(f"cannot read tensor {key} from {where[key]} ({str(e).splitlines()[0][:120]}): the file is corrupt; re-download it") from None
+            raise NeuronmapError(f"cannot read tensor {key} from {f} ({str(e).splitlines()[0][:120]}): the file is corrupt; re-download it") from None
 
-    return read, has, lambda name: tuple(handles[where[resolve(name)]].get_slice(resolve(name)).get_shape())
+    return read, has, lambda name: tuple(where[resolve(name)][1]["shape"])
 
 
 def _open_checkpoint(src: Source) -> Weights:
