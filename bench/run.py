@@ -172,7 +172,6 @@ def case_map(name: str, device: str, tmp: Path) -> dict:
     res: dict = {"case": name, "machine": machine(), "device": device}
     if name == "demo":
         src = resolve_source(None)
-        shape = None
         matrices, bf16_layers, timed = None, None, None
         res["note"] = "real weights (SmolLM2-135M-Instruct GGUF), every layer and matrix"
     else:
@@ -215,7 +214,7 @@ def case_map(name: str, device: str, tmp: Path) -> dict:
     else:
         runs["float32"]["bare_bf16_s"] = runs["bfloat16"]["bare_s"]
     res["bfloat16"], res["float32"] = runs["bfloat16"], runs["float32"]
-    need_gb = 4 * sum(p for p in _param_count(weights)) / 2**30
+    need_gb = 4 * _param_count(weights) / 2**30
     avail_gb = res["machine"]["memory_gb"] * 0.8
     if need_gb < avail_gb:
         layers = [int(x) for x in timed.split(",")] if timed else list(range(weights.n_layers))
@@ -228,9 +227,9 @@ def case_map(name: str, device: str, tmp: Path) -> dict:
     return res
 
 
-def _param_count(weights) -> list[int]:
+def _param_count(weights) -> int:
     d, f, v, n = weights.d_model, weights.d_mlp, weights.d_vocab, weights.n_layers
-    return [2 * v * d, n * (3 * d * f + 4 * d * d)]  # embed + head, layers (attention as d x d blocks: an upper bound)
+    return 2 * v * d + n * (3 * d * f + 4 * d * d)  # embed + head, layers (attention as d x d blocks: an upper bound)
 
 
 def bench_exact_search(atlas: Path) -> dict:
@@ -284,7 +283,6 @@ def run_case(name: str, device: str) -> dict:
             return case_atlas_8b(tmp)
         if name in SHAPES:
             # Written by a separate process, so the generator's memory is not this case's.
-            shape = SHAPES[name]
             (tmp / "ckpt").mkdir()
             t = time.perf_counter()
             subprocess.run([sys.executable, __file__, "--make-checkpoint", name, str(tmp / "ckpt")], check=True)
