@@ -85,16 +85,6 @@ class Decoded:
         return torch.exp(self.logits - self.logsumexp[:, None])
 
 
-@lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16)."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> cuda if present else cpu.
 
