@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -41,6 +39,7 @@ import pyarrow.parquet as pq
 
 from neuronmap import atlas as atlas_io
 from neuronmap.errors import NeuronmapError
+from neuronmap.fsio import atomic_file
 from neuronmap.ids import MATRICES, POLES, parse_layers, parse_matrices
 from neuronmap.mapper import MapOptions, map_model
 from neuronmap.sources import PACKAGED, cache_dir, file_sha256, resolve_source
@@ -728,15 +727,6 @@ def plot(c: Comparison, out: Path | str) -> Path:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a plot is an ordinary file
-    try:
+    with atomic_file(out, "plot") as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
-import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -33,6 +31,7 @@ import torch
 from neuronmap.atlas import AtlasFiles
 from neuronmap.decode import apply_norm, build_head, logits
 from neuronmap.errors import NeuronmapError
+from neuronmap.fsio import atomic_file
 from neuronmap.ids import MATRICES, parse_layers, parse_matrices, parse_poles
 from neuronmap.sources import Source, Weights, cache_dir, file_sha256, resolve_source
 
@@ -222,14 +221,6 @@ def exact_token_probs(files: AtlasFiles, weights: Weights, token_ids: list[int],
 # ------------------------------------------------------------------ stored, through the token index
 
 
-def publish(tmp: Path | str, out: Path) -> None:
-    """Rename a finished temporary file into place, readable as the umask allows (mkstemp makes it private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, out)
-
-
 def _stamp(neurons: Path) -> str:
     st = neurons.stat()
     return f"{st.st_size}:{st.st_mtime_ns}"
@@ -243,19 +234,13 @@ def _index_is_current(path: Path, stamp: str) -> bool:
 
 
 def _build_index(neurons: Path, out: Path, stamp: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_file(out, "token index") as tmp:
         connect().execute(f"""
             COPY (SELECT token_id, matrix, layer, neuron, pole, prob FROM (
                     SELECT matrix, layer, neuron, pole, unnest(token_ids) AS token_id, unnest(probs) AS prob
                     FROM read_parquet({sql_path(neurons)}))
                   ORDER BY token_id, prob DESC)
             TO {sql_path(tmp)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 65536, KV_METADATA {{neurons: '{stamp}'}})""")
-        publish(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _index_places(files: AtlasFiles) -> list[Path]:

@@ -5,8 +5,6 @@ Every number is over atlas rows, one per (vector, pole), through DuckDB.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +13,8 @@ import pandas as pd
 from neuronmap.atlas import AtlasFiles
 from neuronmap.concepts import read_vocab
 from neuronmap.errors import NeuronmapError
-from neuronmap.scoring import choose_rows, connect, publish, where_clause
+from neuronmap.fsio import atomic_file
+from neuronmap.scoring import choose_rows, connect, where_clause
 
 TOKEN_CLASSES = ("word", "subword", "number", "punctuation", "whitespace", "other")
 CONFIDENT = 0.5
@@ -158,13 +157,9 @@ def plot(result: Stats, out: Path | str, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        publish(tmp, out)
+        with atomic_file(out, "plot") as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return out

@@ -1,0 +1,111 @@
+"""Outputs written whole or not at all: a temporary sibling, renamed into place.
+
+Every file or directory neuronmap writes (atlas, plot, token index, caches)
+goes through here, so an interrupted or failed write never leaves something
+half-written under the name the user asked for, and an unwritable path gives
+one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from neuronmap.errors import NeuronmapError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(path: Path | str, directory: bool = False) -> None:
+    """Give a mkstemp/mkdtemp path the mode an ordinary file or directory gets (they are created private)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def write_error(out: Path | str, e: OSError, what: str = "output") -> NeuronmapError:
+    """One line for an OSError met while writing ``out``: what failed, and what to do.
+
+    Example:
+        >>> str(write_error("/proc/x", PermissionError(13, "Permission denied")))
+        'cannot write /proc/x: Permission denied; choose a writable output path'
+    """
+    reason = e.strerror or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = "free some space (or raise the file-size limit) and run it again"
+    elif e.errno == errno.ENOTDIR:
+        fix = f"a part of the path is a file, not a directory; choose another {what} path"
+    else:
+        fix = f"choose a writable {what} path"
+    return NeuronmapError(f"cannot write {out}: {reason}; {fix}")
+
+
+def _parent(out: Path, what: str) -> Path:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(out, e, what) from e
+    return out.parent
+
+
+@contextmanager
+def atomic_file(out: Path | str, what: str = "output") -> Iterator[Path]:
+    """Yield a temporary path beside ``out``; rename it to ``out`` when the block ends without error.
+
+    Args:
+        out: the file to create or replace.
+        what: how the error message names it ("plot", "output").
+
+    Yields:
+        The temporary path to write (it exists, empty).
+
+    Raises:
+        NeuronmapError: ``out``'s directory cannot be created or written (the OSError is the cause).
+
+    Example:
+        >>> with atomic_file("plot.png", "plot") as tmp:  # doctest: +SKIP
+        ...     fig.savefig(tmp, format="png")
+    """
+    out = Path(out)
+    parent = _parent(out, what)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise write_error(out, e, what) from e
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        make_readable(tmp)
+        yield tmp
+        os.replace(tmp, out)
+    except OSError as e:
+        raise write_error(out, e, what) from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def temp_dir_beside(out: Path, what: str = "output") -> Path:
+    """A new empty directory ``.NAME.xxxx.tmp`` beside ``out``, with an ordinary directory's mode.
+
+    Raises:
+        NeuronmapError: the parent cannot be created or written.
+    """
+    parent = _parent(out, what)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+        make_readable(tmp, directory=True)
+    except OSError as e:
+        raise write_error(out, e, what) from e
+    return tmp
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory neuronmap created (a temporary one), ignoring what is already gone."""
+    shutil.rmtree(path, ignore_errors=True)
