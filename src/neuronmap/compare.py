@@ -42,7 +42,7 @@ from neuronmap.errors import NeuronmapError
 from neuronmap.fsio import atomic_file
 from neuronmap.ids import MATRICES, POLES, parse_layers, parse_matrices
 from neuronmap.mapper import MapOptions, map_model
-from neuronmap.sources import PACKAGED, cache_dir, file_sha256, resolve_source
+from neuronmap.sources import PACKAGED, cache_dir, file_sha256, looks_like_hub_id, resolve_source
 
 LEVELS = ("auto", "neuron", "concept")
 SHAPE_KEYS = ("n_layers", "d_model", "d_mlp", "d_vocab")
@@ -86,8 +86,7 @@ def atlas_key(files_sha256: list[str], options: MapOptions) -> str:
 
 def _looks_like_source(spec: str) -> bool:
     p = Path(spec).expanduser()
-    hub = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not spec.endswith(".gguf")
-    return p.exists() or spec in PACKAGED or spec in ("demo",) or hub
+    return p.exists() or spec in PACKAGED or spec in ("demo",) or looks_like_hub_id(spec)
 
 
 def resolve_atlas(

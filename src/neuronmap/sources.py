@@ -157,6 +157,16 @@ def _resolve_hub(repo_id: str) -> Path:
         ) from None
 
 
+def looks_like_hub_id(spec: str) -> bool:
+    """Whether ``spec`` has the shape of a hub id (``org/name``) rather than a path.
+
+    Example:
+        >>> looks_like_hub_id("HuggingFaceTB/SmolLM2-135M"), looks_like_hub_id("./ck/model.gguf")
+        (True, False)
+    """
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not spec.endswith(".gguf")
+
+
 def resolve_source(spec: str | None) -> Source:
     """Turn what the user typed into a ``Source``.
 
@@ -184,8 +194,7 @@ def resolve_source(spec: str | None) -> Source:
         if p.name == "config.json":
             return Source("checkpoint", spec, p.parent, _checkpoint_files(p.parent))
         raise NeuronmapError(f"{spec} is neither a GGUF file nor a checkpoint directory: pass a .gguf file or a directory with config.json")
-    looks_like_hub = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not spec.endswith(".gguf")
-    if looks_like_hub:
+    if looks_like_hub_id(spec):
         d = _resolve_hub(spec)
         return Source("checkpoint", spec, d, _checkpoint_files(d))
     raise NeuronmapError(
