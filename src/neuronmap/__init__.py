@@ -6,11 +6,27 @@ Example:
     >>> neuronmap.Atlas.open("demo-atlas").search("coffee", top=5)  # doctest: +SKIP
 """
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
-from neuronmap.errors import NeuronmapError  # noqa: E402
-from neuronmap.mapper import MapOptions, MapResult, map_model  # noqa: E402
-from neuronmap.search import Atlas  # noqa: E402
-from neuronmap.sources import open_weights, resolve_source  # noqa: E402
+# Imported on first use: `import neuronmap` (and so the CLI's start) must not pay for torch before it is needed.
+_EXPORTS = {
+    "Atlas": "neuronmap.search",
+    "NeuronmapError": "neuronmap.errors",
+    "MapOptions": "neuronmap.mapper",
+    "MapResult": "neuronmap.mapper",
+    "map_model": "neuronmap.mapper",
+    "open_weights": "neuronmap.sources",
+    "resolve_source": "neuronmap.sources",
+}
 
-__all__ = ["Atlas", "NeuronmapError", "MapOptions", "MapResult", "map_model", "open_weights", "resolve_source", "__version__"]
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'neuronmap' has no attribute {name!r}")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
 
 from rich.console import Console
@@ -19,6 +21,34 @@ from neuronmap.errors import NeuronmapError
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def int_at_least(lo: int):
+    """An argparse type: an integer >= ``lo``, refused at parse time (before any model loads)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer: expected a whole number >= {lo}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: expected a whole number >= {lo}")
+        return value
+    return parse
+
+
+def finite_float(lo: float | None = None, hi: float | None = None):
+    """An argparse type: a finite number within ``[lo, hi]`` (nan and inf are refused, never run as something else)."""
+    want = "a number" + (f" from {lo:g} to {hi:g}" if lo is not None and hi is not None else f" >= {lo:g}" if lo is not None else "")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number: expected {want}") from None
+        if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: expected {want}")
+        return value
+    return parse
 
 
 def _print_json(data) -> None:
@@ -35,7 +65,7 @@ def add_map(sub) -> None:
     p.add_argument("-o", "--out", required=True, help="atlas directory to create")
     p.add_argument("--matrices", default=None, help="comma list of gate,up,down (default: all the model has)")
     p.add_argument("--layers", default=None, help="layers and ranges, e.g. 0-5,9 (default: all)")
-    p.add_argument("--top-k", type=int, default=10, help="tokens kept per vector (default 10)")
+    p.add_argument("--top-k", type=int_at_least(1), default=10, help="tokens kept per vector (default 10)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 (bf16 screening, exact fp32 rescoring)")
     p.add_argument("--norm", default="final", help="final (the model's own final norm) | none")
@@ -183,10 +213,10 @@ def add_generate(sub) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--chat", help="a user message, wrapped in the model's chat template")
     what.add_argument("--prompt", help="plain text to continue, no chat template")
-    p.add_argument("-n", type=int, default=10, help="samples per side (default 10)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default 0.7)")
+    p.add_argument("-n", type=int_at_least(1), default=10, help="samples per side (default 10)")
+    p.add_argument("--temperature", type=finite_float(0.0), default=0.7, help="sampling temperature; 0 is greedy (default 0.7)")
     p.add_argument("--seed", type=int, default=0, help="random seed, shared by both sides (default 0)")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="tokens per sample (default 24)")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=24, help="tokens per sample (default 24)")
     p.add_argument("--concept", action="append", default=[], help="report the share of samples mentioning this word (repeatable)")
     _model_args(p)
     p.set_defaults(func=cmd_generate)
@@ -226,10 +256,10 @@ def add_verify(sub) -> None:
     p = sub.add_parser("verify", help="clamp an atlas's top neurons for a concept and report which raise it")
     p.add_argument("atlas", help="atlas directory made by `neuronmap map`")
     p.add_argument("concept", help="the word, e.g. dog")
-    p.add_argument("--top", type=int, default=5, help="candidate neurons to test (default 5)")
+    p.add_argument("--top", type=int_at_least(1), default=5, help="candidate neurons to test (default 5)")
     p.add_argument("--sweep", default="5x,10x,20x", help="values to set each neuron to, signed toward the concept (default 5x,10x,20x)")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (default: the bundled neutral prompts)")
-    p.add_argument("--min-ratio", type=float, default=2.0, help="ratio at which a neuron counts as causal (default 2)")
+    p.add_argument("--min-ratio", type=finite_float(0.0), default=2.0, help="ratio at which a neuron counts as causal (default 2)")
     p.add_argument("--source", default=None, help="the model (default: the source recorded in the atlas)")
     _model_args(p, source=False)
     p.set_defaults(func=cmd_verify)
@@ -316,8 +346,8 @@ def add_search(sub) -> None:
     p.add_argument("atlas", help="atlas directory (from `neuronmap map`)")
     p.add_argument("concepts", nargs="+", metavar="CONCEPT", help="word or token, e.g. coffee or ' coffee'")
     _rows_options(p)
-    p.add_argument("--top", type=int, default=10, help="hits per concept (default 10)")
-    p.add_argument("--min-prob", type=float, default=0.0, help="drop hits below this probability (default 0)")
+    p.add_argument("--top", type=int_at_least(1), default=10, help="hits per concept (default 10)")
+    p.add_argument("--min-prob", type=finite_float(0.0, 1.0), default=0.0, help="drop hits below this probability (default 0)")
     p.add_argument("--exact-token", action="store_true", help="match each concept exactly as typed, no variants")
     _weights_options(p)
     fmt = p.add_mutually_exclusive_group()
@@ -381,7 +411,7 @@ def add_show(sub) -> None:
     p = sub.add_parser("show", help="every matrix and pole of one neuron: top tokens, entropy, weight norm, rank")
     p.add_argument("atlas", help="atlas directory")
     p.add_argument("neuron", help="neuron id, e.g. L29N808")
-    p.add_argument("--tokens", type=int, default=5, help="top tokens to print per row (default 5)")
+    p.add_argument("--tokens", type=int_at_least(1), default=5, help="top tokens to print per row (default 5)")
     _weights_options(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_show)
@@ -469,10 +499,10 @@ def add_compare(sub) -> None:
                    help="neuron: pair neurons (same shapes and tokenizer); concept: compare confident token strings; auto: neuron when possible")
     p.add_argument("--matrices", default=None, help="comma list of gate,up,down (default: those both atlases hold)")
     p.add_argument("--layers", default=None, help="layers and ranges, e.g. 0-5,-1, read against each model's own depth (default: all mapped)")
-    p.add_argument("--min-prob", type=float, default=0.5, help="a top-1 prob above this is confident (default 0.5)")
-    p.add_argument("--top", type=int, default=15, help="rows listed per ranking; 0 lists all (default 15)")
+    p.add_argument("--min-prob", type=finite_float(0.0, 1.0), default=0.5, help="a top-1 prob above this is confident (default 0.5)")
+    p.add_argument("--top", type=int_at_least(0), default=15, help="rows listed per ranking; 0 lists all (default 15)")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw agreement against depth into a PNG")
-    p.add_argument("--top-k", type=int, default=10, help="when mapping a model source: tokens kept per vector (default 10)")
+    p.add_argument("--top-k", type=int_at_least(1), default=10, help="when mapping a model source: tokens kept per vector (default 10)")
     p.add_argument("--device", default="auto", help="when mapping a model source: auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help="when mapping a model source: auto | float32 | bfloat16")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -587,28 +617,82 @@ def _show_concept(c) -> None:
 COMMANDS = [add_map, add_search, add_show, add_stats, add_clamp, add_generate, add_verify, add_compare]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <what>; see `neuronmap CMD --help```, exit 2, no usage block."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"error: {message}; see `{self.prog} --help`\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from neuronmap import __version__
 
-    parser = argparse.ArgumentParser(prog="neuronmap", description="Decode MLP neurons with the model's own LM head.")
+    parser = _Parser(prog="neuronmap", description="Decode MLP neurons with the model's own LM head.")
     parser.add_argument("--version", action="version", version=f"neuronmap {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in COMMANDS:
         add(sub)
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so every ``finally`` (temporary outputs) runs as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command; bad input and interrupts end in one line on stderr, never a traceback.
+
+    Returns:
+        0 on success, 2 on bad input, 130 on Ctrl-C, 143 on SIGTERM.
+    """
     try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        previous = None
+    try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except NeuronmapError as e:
         err.print(f"error: {e}", markup=False)
         return 2
-    except KeyboardInterrupt:
-        err.print("interrupted: nothing was written", markup=False)
-        return 130
+    except KeyboardInterrupt as e:
+        err.print("terminated: nothing was written" if isinstance(e, _Terminated) else "interrupted: nothing was written",
+                  markup=False)
+        return 143 if isinstance(e, _Terminated) else 130
+    except Exception as e:
+        damaged = _damaged_data(e)
+        if damaged is None:
+            raise
+        err.print(f"error: {damaged}", markup=False)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _damaged_data(e: Exception) -> str | None:
+    """One line for a read error from DuckDB or Arrow: an atlas file that passed its footer checks but is damaged inside."""
+    kinds = []
+    try:
+        import duckdb
+        kinds.append(duckdb.Error)
+    except ImportError:
+        pass
+    try:
+        import pyarrow as pa
+        kinds.append(pa.ArrowException)
+    except ImportError:
+        pass
+    if not isinstance(e, tuple(kinds)):
+        return None
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return (f"cannot read the atlas's data ({first}): a file is damaged; rebuild the atlas with "
+            "`neuronmap map SOURCE -o ATLAS --overwrite`")
 
 
 if __name__ == "__main__":

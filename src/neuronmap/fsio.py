@@ -51,6 +51,9 @@ def _parent(out: Path, what: str) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise NeuronmapError(f"cannot write {out}: {blocker} is a file, not a directory; choose another {what} path") from e
         raise write_error(out, e, what) from e
     return out.parent
 

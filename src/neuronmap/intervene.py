@@ -334,6 +334,9 @@ def natural_range(m: Model) -> torch.Tensor:
     return ranges
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def resolve(specs: list[Spec], m: Model, value: Value | None = None) -> list[Intervention]:
     """Turn specs into absolute interventions; ``value`` (a sweep point) overrides each spec's own.
 
@@ -351,5 +354,22 @@ def resolve(specs: list[Spec], m: Model, value: Value | None = None) -> list[Int
         if v.relative and s.mode != "scale":
             ranges = natural_range(m) if ranges is None else ranges
             amount *= float(ranges[s.layer, s.neuron])
+        if not math.isfinite(amount) or abs(amount) > _FLOAT32_MAX:
+            raise NeuronmapError(f"neuron spec {s.id}: {v} comes to {amount:g}, which the model's float32 activations cannot "
+                                 f"hold (at most {_FLOAT32_MAX:.3g}); choose a smaller value, e.g. {s.id}=20x")
         out.append(Intervention(s.layer, s.neuron, s.mode, amount))
     return out
+
+
+def check_values(specs: list[Spec], sweep: str | None) -> None:
+    """Check, before any model loads, that every spec has a value or a sweep supplies one.
+
+    Raises:
+        NeuronmapError: a spec without a value and no sweep.
+
+    Example:
+        >>> check_values([parse_spec("L29N808=20x")], None)
+    """
+    for s in specs:
+        if s.value is None and not sweep:
+            raise NeuronmapError(f"neuron spec {s.id!r} has no value: give one (e.g. {s.id}=20x) or a --sweep")

@@ -96,9 +96,10 @@ def map_model(
         1536
     """
     t0 = time.perf_counter()
-    out = Path(out)
-    atlas_io.check_output(out, overwrite)  # fail before reading any weights
     src = source if isinstance(source, Source) else resolve_source(source)
+    # The model's own files are never written over, whatever -o and --overwrite say.
+    protect = (src.path, *src.files)
+    out = atlas_io.check_output(Path(out), overwrite, protect)  # fail before reading any weights
     weights = open_weights(src)
     matrices = parse_matrices(options.matrices, weights.family.matrices)
     layers = parse_layers(options.layers, weights.n_layers)
@@ -115,7 +116,7 @@ def map_model(
     best: dict[str, dict] = {}
     n_vectors = 0
 
-    with atlas_io.atlas_writer(out, overwrite) as tmp:
+    with atlas_io.atlas_writer(out, overwrite, protect) as tmp:
         writer = atlas_io.RowsWriter(tmp / "neurons.parquet")
         try:
             for li, layer in enumerate(layers):
