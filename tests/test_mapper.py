@@ -64,7 +64,7 @@ def test_existing_output_is_refused_then_overwritten(tiny_models, tmp_path, caps
     before = (out / "meta.json").read_text()
     assert main(["map", str(path), "-o", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"{out} already exists: pass --overwrite to replace it" in err
+    assert f"{out} already exists (an atlas): pass --overwrite to replace it" in err
     assert (out / "meta.json").read_text() == before
     assert main(["map", str(path), "-o", str(out), "--overwrite", "--layers", "0"]) == 0
     assert read_meta(out)["decode"]["layers"] == [0]
@@ -74,7 +74,7 @@ def test_existing_output_is_refused_then_overwritten(tiny_models, tmp_path, caps
 @pytest.mark.parametrize("argv, message", [
     (["--layers", "0-5"], "--layers '0-5' is out of range: the model has 2 layers, 0-1"),
     (["--layers", "x"], "malformed --layers 'x'"),
-    (["--top-k", "0"], "--top-k 0 is out of range: expected 1 to 64"),
+    (["--top-k", "0"], "argument --top-k: 0 is out of range: expected a whole number >= 1"),
     (["--top-k", "65"], "--top-k 65 is out of range: expected 1 to 64"),
     (["--matrices", "gate,proj"], "unknown matrix 'proj'"),
     (["--norm", "layer"], "unknown --norm 'layer'"),

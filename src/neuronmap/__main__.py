@@ -1,18 +1,19 @@
 """The ``neuronmap`` command's entry point (also ``python -m neuronmap``).
 
-It imports nothing heavy before it can catch Ctrl-C, so an interrupt at any
-moment, start-up included, ends in one line and exit status 130, never a traceback.
+It takes over Ctrl-C and SIGTERM before it imports anything heavy, so an
+interrupt at any moment, start-up included, removes the temporary outputs and
+ends in one line (exit 130 or 143), never a traceback.
 """
 
 import sys
 
+from neuronmap.fsio import exit_on_signals
+
 
 def main() -> int:
-    try:
-        from neuronmap.cli import main as run
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted: nothing was written\n")
-        return 130
+    exit_on_signals()
+    from neuronmap.cli import main as run
+
     return run()
 
 

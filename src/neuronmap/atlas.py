@@ -215,12 +215,13 @@ def _publish_dir(tmp: Path, out: Path) -> None:
             os.rename(tmp, out)
             return
         old = fsio.temp_dir_beside(out, "atlas")
-        os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            os.replace(old, out)
-            raise
+        with fsio.signals_held():  # between these renames `old` is the user's atlas: never removed as a leftover
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(old, out)
+                raise
         fsio.remove_tree(old)
     except OSError as e:
         if e.errno in (errno.ENOTEMPTY, errno.EEXIST):

@@ -10,7 +10,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 
 from rich.console import Console
@@ -18,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from neuronmap.errors import NeuronmapError
+from neuronmap.fsio import exit_on_signals, restore_signals
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -621,8 +621,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``error: <what>; see `neuronmap CMD --help```, exit 2, no usage block."""
 
     def error(self, message: str):
-        sys.stderr.write(f"error: {message}; see `{self.prog} --help`\n")
-        sys.exit(2)
+        raise NeuronmapError(f"{message}; see `{self.prog} --help`")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -636,34 +635,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an exception so every ``finally`` (temporary outputs) runs as on Ctrl-C."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one command; bad input and interrupts end in one line on stderr, never a traceback.
 
     Returns:
-        0 on success, 2 on bad input, 130 on Ctrl-C, 143 on SIGTERM.
+        0 on success, 2 on bad input; Ctrl-C and SIGTERM exit at once with 130 and 143 (``fsio.exit_on_signals``).
     """
-    try:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread (an embedding application): leave signals alone
-        previous = None
+    previous = exit_on_signals()
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except NeuronmapError as e:
         err.print(f"error: {e}", markup=False)
         return 2
-    except KeyboardInterrupt as e:
-        err.print("terminated: nothing was written" if isinstance(e, _Terminated) else "interrupted: nothing was written",
-                  markup=False)
-        return 143 if isinstance(e, _Terminated) else 130
+    except KeyboardInterrupt:  # signals left to the host (not the main thread)
+        err.print("interrupted: nothing was written", markup=False)
+        return 130
     except Exception as e:
         damaged = _damaged_data(e)
         if damaged is None:
@@ -671,24 +658,15 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"error: {damaged}", markup=False)
         return 2
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        restore_signals(previous)
 
 
 def _damaged_data(e: Exception) -> str | None:
     """One line for a read error from DuckDB or Arrow: an atlas file that passed its footer checks but is damaged inside."""
-    kinds = []
-    try:
-        import duckdb
-        kinds.append(duckdb.Error)
-    except ImportError:
-        pass
-    try:
-        import pyarrow as pa
-        kinds.append(pa.ArrowException)
-    except ImportError:
-        pass
-    if not isinstance(e, tuple(kinds)):
+    import duckdb
+    import pyarrow as pa
+
+    if not isinstance(e, (duckdb.IOException, duckdb.InvalidInputException, pa.ArrowInvalid, pa.ArrowIOError)):
         return None
     first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
     return (f"cannot read the atlas's data ({first}): a file is damaged; rebuild the atlas with "

@@ -11,12 +11,18 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from neuronmap.errors import NeuronmapError
+
+
+# Temporary outputs not yet renamed into place: what a signal handler removes before the process exits.
+_PENDING: set[Path] = set()
 
 
 def _umask() -> int:
@@ -84,6 +90,7 @@ def atomic_file(out: Path | str, what: str = "output") -> Iterator[Path]:
         raise write_error(out, e, what) from e
     os.close(fd)
     tmp = Path(name)
+    _PENDING.add(tmp)
     try:
         make_readable(tmp)
         yield tmp
@@ -92,6 +99,7 @@ def atomic_file(out: Path | str, what: str = "output") -> Iterator[Path]:
         raise write_error(out, e, what) from e
     finally:
         tmp.unlink(missing_ok=True)
+        _PENDING.discard(tmp)
 
 
 def temp_dir_beside(out: Path, what: str = "output") -> Path:
@@ -103,6 +111,7 @@ def temp_dir_beside(out: Path, what: str = "output") -> Path:
     parent = _parent(out, what)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+        _PENDING.add(tmp)
         make_readable(tmp, directory=True)
     except OSError as e:
         raise write_error(out, e, what) from e
@@ -112,3 +121,58 @@ def temp_dir_beside(out: Path, what: str = "output") -> Path:
 def remove_tree(path: Path) -> None:
     """Remove a directory neuronmap created (a temporary one), ignoring what is already gone."""
     shutil.rmtree(path, ignore_errors=True)
+    _PENDING.discard(path)
+
+
+def _remove_pending() -> None:
+    for p in list(_PENDING):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    _PENDING.clear()
+
+
+def _exit_on_signal(signum, frame) -> None:
+    # Exit from the handler rather than raise KeyboardInterrupt: an exception raised in the middle of an import or
+    # of a C extension's callback surfaces later as some other error (a half-imported numpy), or as a traceback.
+    _remove_pending()
+    what = "terminated" if signum == signal.SIGTERM else "interrupted"
+    try:
+        sys.stderr.write(f"{what}: nothing was written\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(128 + signum)
+
+
+def exit_on_signals() -> dict:
+    """Make Ctrl-C and SIGTERM remove every pending temporary output, print one line and exit (130 / 143).
+
+    For the command line only (a library must not take over its host's signals).
+
+    Returns:
+        The previous handlers, for ``restore_signals``; empty when not called from the main thread.
+    """
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _exit_on_signal)
+    except ValueError:  # not the main thread: leave signals to the host
+        pass
+    return previous
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back for a few renames that must happen together; they are delivered after."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def restore_signals(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
