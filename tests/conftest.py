@@ -152,3 +152,13 @@ def demo_finetuned(demo_checkpoint) -> Path:
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     return finetune(demo_checkpoint, out, steps=FINETUNE_STEPS, lr=FINETUNE_LR)
+
+
+def tiny_llama(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny llama checkpoint and its atlas (every matrix, layer and pole), fresh paths for the calling module."""
+    from neuronmap.mapper import map_model
+
+    root = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny("llama", root / "ck")
+    map_model(str(root / "ck"), root / "atlas")
+    return root / "ck", root / "atlas"

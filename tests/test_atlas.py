@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_tiny
+from conftest import make_tiny, tiny_llama
 from neuronmap.atlas import atlas_writer, open_files, read_meta
 from neuronmap.cli import main
 from neuronmap.errors import NeuronmapError
-from neuronmap.mapper import map_model
+from neuronmap.mapper import MapOptions, map_model
 from neuronmap.stats import stats
 
 
@@ -28,16 +28,12 @@ def _tree(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("ck") / "tiny-llama"
-    make_tiny("llama", d)
-    return d
+    return tiny_llama(tmp_path_factory)[0]
 
 
 @pytest.fixture(scope="module")
-def atlas(ckpt, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("atlas") / "a"
-    map_model(str(ckpt), out)
-    return out
+def atlas(tmp_path_factory) -> Path:
+    return tiny_llama(tmp_path_factory)[1]
 
 
 def _one_line_error(capsys, *fragments: str) -> str:
@@ -91,9 +87,9 @@ def test_overwrite_refuses_an_atlas_holding_foreign_files(ckpt, tmp_path, capsys
 def test_overwrite_replaces_an_atlas_and_an_empty_directory_counts_as_absent(ckpt, tmp_path):
     out = tmp_path / "a"
     out.mkdir()
-    map_model(str(ckpt), out, )  # empty: no --overwrite needed
+    map_model(str(ckpt), out)  # empty: no --overwrite needed
     assert read_meta(out)["decode"]["layers"] == [0, 1]
-    map_model(str(ckpt), out, overwrite=True, options=__import__("neuronmap").MapOptions(layers="1"))
+    map_model(str(ckpt), out, MapOptions(layers="1"), overwrite=True)
     assert read_meta(out)["decode"]["layers"] == [1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 

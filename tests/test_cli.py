@@ -12,23 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny
+from conftest import tiny_llama
 from neuronmap.cli import main
-from neuronmap.mapper import map_model
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("ck") / "tiny-llama"
-    make_tiny("llama", d)
-    return d
+    return tiny_llama(tmp_path_factory)[0]
 
 
 @pytest.fixture(scope="module")
-def atlas(ckpt, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("atlas") / "a"
-    map_model(str(ckpt), out)
-    return out
+def atlas(tmp_path_factory) -> Path:
+    return tiny_llama(tmp_path_factory)[1]
 
 
 def _run(*argv: str, cwd: Path | None = None, **kw) -> subprocess.CompletedProcess:
