@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from neuronmap.errors import NeuronmapError  # noqa: E402
 from neuronmap.mapper import MapOptions, MapResult, map_model  # noqa: E402
-from neuronmap.search import Atlas  # noqa: E402
+from neuronmap.atlasdb import Atlas  # noqa: E402
 from neuronmap.sources import open_weights, resolve_source  # noqa: E402
 
 __all__ = ["Atlas", "NeuronmapError", "MapOptions", "MapResult", "map_model", "open_weights", "resolve_source", "__version__"]

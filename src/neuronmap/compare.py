@@ -40,7 +40,8 @@ import pyarrow.parquet as pq
 from neuronmap import atlas as atlas_io
 from neuronmap.errors import NeuronmapError
 from neuronmap.fsio import atomic_file
-from neuronmap.ids import MATRICES, POLES, parse_layers, parse_matrices
+from neuronmap.atlasdb import choose_rows
+from neuronmap.ids import MATRICES, POLES, format_ranges, neuron_id
 from neuronmap.mapper import MapOptions, map_model
 from neuronmap.sources import PACKAGED, cache_dir, file_sha256, looks_like_hub_id, resolve_source
 
@@ -127,7 +128,7 @@ def resolve_atlas(
     except NeuronmapError as e:
         if p.exists():
             raise
-        raise NeuronmapError(f"{spec} is not an atlas directory (no such path), nor a usable model source: {e}") from None
+        raise NeuronmapError(f"{spec} is not an atlas directory (no such path), nor a usable model source: {e}") from e
     from neuronmap.decode import resolve_device, resolve_dtype
 
     opts = replace(options, dtype=resolve_dtype(options.dtype, resolve_device(options.device)))
@@ -177,32 +178,17 @@ def decode_differences(a: dict, b: dict) -> list[str]:
     return out
 
 
-def _select(side: Side, name: str, matrices: str | None, layers: str | None) -> tuple[list[str], list[int]]:
-    have_m = list(side.meta["decode"]["matrices"])
-    have_l = list(side.meta["decode"]["layers"])
-    if matrices is None or matrices.strip() in ("", "all"):
-        ms = have_m
-    else:
-        ms = parse_matrices(matrices, MATRICES)  # names checked once, in ids.py
-        for m in ms:
-            if m not in have_m:
-                raise NeuronmapError(f"{name} ({side.spec}) has no {m!r} rows: its atlas holds {','.join(have_m)}; choose among them with --matrices")
-    ls = have_l if layers is None else parse_layers(layers, side.meta["n_layers"])
-    missing = sorted(set(ls) - set(have_l))
-    if missing:
-        raise NeuronmapError(f"{name} ({side.spec}) has no rows for layers {_ranges(missing)}: its atlas holds layers {_ranges(have_l)}; choose among them with --layers")
-    return ms, ls
+def select_rows(side: Side, name: str, matrices: str | None, layers: str | None) -> tuple[list[str], list[int]]:
+    """The matrices and layers of one side to compare (``choose_rows``), its errors naming the side.
 
-
-def _ranges(xs: list[int]) -> str:
-    xs = sorted(xs)
-    parts, start = [], None
-    for i, x in enumerate(xs):
-        start = x if start is None else start
-        if i + 1 == len(xs) or xs[i + 1] != x + 1:
-            parts.append(str(start) if start == x else f"{start}-{x}")
-            start = None
-    return ",".join(parts)
+    Raises:
+        NeuronmapError: malformed, or rows the side's atlas was not mapped with.
+    """
+    try:
+        mats, lays, _ = choose_rows(side.meta, matrices, layers, None)
+    except NeuronmapError as e:
+        raise NeuronmapError(f"{name} ({side.spec}): {e}") from e
+    return mats, lays
 
 
 # ------------------------------------------------------------------ loading
@@ -397,7 +383,7 @@ def compare_neurons(a: Side, b: Side, matrices: list[str], layers: list[int], mi
     mat, lay, pol, neu = _unkey(key[listed], n_layers, d_mlp)
     tok_a = vocab.take(pa.array(ra.token_ids[ja[listed], 0])).to_pylist()
     tok_b = vocab.take(pa.array(rb.token_ids[jb[listed], 0])).to_pylist()
-    changed_rows = [{"id": f"L{int(l)}N{int(i)}", "layer": int(l), "neuron": int(i), "matrix": MATRICES[int(mm)],
+    changed_rows = [{"id": neuron_id(int(l), int(i)), "layer": int(l), "neuron": int(i), "matrix": MATRICES[int(mm)],
                      "pole": POLES[int(pp)], "token_a": ta, "p_a": float(pa1[r]), "token_b": tb, "p_b": float(pb1[r]),
                      "js": float(js[r])}
                     for r, mm, l, pp, i, ta, tb in zip(listed, mat, lay, pol, neu, tok_a, tok_b)]
@@ -438,7 +424,7 @@ def _concepts_only(x: Rows, y: Rows, min_prob: float, vocab: pa.Array, n_layers:
     order = order if top == 0 else order[:top]
     mat, lay, pol, neu = _unkey(x.key[best[order]], n_layers, d_mlp)
     toks = vocab.take(pa.array(uniq[order])).to_pylist()
-    return [{"token": t, "token_id": int(uniq[o]), "n_vectors": int(counts[o]), "best": f"L{int(l)}N{int(i)}",
+    return [{"token": t, "token_id": int(uniq[o]), "n_vectors": int(counts[o]), "best": neuron_id(int(l), int(i)),
              "layer": int(l), "neuron": int(i), "matrix": MATRICES[int(mm)], "pole": POLES[int(pp)],
              "p": float(x.probs[best[o], 0])}
             for o, t, mm, l, pp, i in zip(order, toks, mat, lay, pol, neu)], len(uniq)
@@ -516,7 +502,7 @@ def _per_concept(df: pd.DataFrame, vocab: pa.Array) -> pd.DataFrame:
     out = pd.DataFrame({"n": g.size(), "depth": g["depth"].mean()})
     best = df.loc[g["p"].idxmax()].set_index("concept")
     out = out.join(pd.DataFrame({
-        "best": [f"L{l}N{i}" for l, i in zip(best["layer"], best["neuron"])], "matrix": best["matrix"].astype(str).to_numpy(),
+        "best": [neuron_id(int(l), int(i)) for l, i in zip(best["layer"], best["neuron"])], "matrix": best["matrix"].astype(str).to_numpy(),
         "pole": best["pole"].astype(str).to_numpy(), "token": vocab.take(pa.array(best["token_id"].to_numpy())).to_pylist(),
         "p": best["p"].to_numpy()}, index=best.index))
     out.index = out.index.astype(str)
@@ -665,14 +651,14 @@ def compare(
     reason = ("asked for with --level concept" if level == "concept" else
               f"A and B differ in {', '.join(diffs)}, so neurons cannot be paired" if diffs else
               "same shapes and token strings")
-    sel_a, sel_b = _select(sa, "A", matrices, layers), _select(sb, "B", matrices, layers)
+    sel_a, sel_b = select_rows(sa, "A", matrices, layers), select_rows(sb, "B", matrices, layers)
     common = [m for m in sel_a[0] if m in sel_b[0]]
     if not common:
         raise NeuronmapError(f"A and B share no matrix: A holds {','.join(sel_a[0])}, B holds {','.join(sel_b[0])}; re-map one of them with --matrices")
     if use == "neuron":
         lay = sorted(set(sel_a[1]) & set(sel_b[1]))
         if not lay:
-            raise NeuronmapError(f"A and B share no layer: A holds {_ranges(sel_a[1])}, B holds {_ranges(sel_b[1])}; re-map one of them with --layers")
+            raise NeuronmapError(f"A and B share no layer: A holds {format_ranges(sel_a[1])}, B holds {format_ranges(sel_b[1])}; re-map one of them with --layers")
         res = compare_neurons(sa, sb, common, lay, min_prob, top)
         return Comparison(sa, sb, use, reason, warnings, common, time.perf_counter() - t0, neuron=res)
     res = compare_concepts(sa, sb, (common, sel_a[1]), (common, sel_b[1]), min_prob, top)
