@@ -234,7 +234,7 @@ def _param_count(weights) -> int:
 
 def bench_exact_search(atlas: Path) -> dict:
     """Exact search over every vector of an atlas, from its weights (issue: under 5 s on the demo model)."""
-    from neuronmap.search import Atlas
+    from neuronmap.atlasdb import Atlas
 
     a = Atlas.open(atlas)
     out = {}
@@ -249,7 +249,7 @@ def bench_exact_search(atlas: Path) -> dict:
 def case_atlas_8b(tmp: Path) -> dict:
     """Search and compare on Llama-3.1-8B-sized synthetic atlases (32 x 14336 x 3 matrices x 2 poles = 2.75M rows)."""
     from neuronmap.compare import compare
-    from neuronmap.search import Atlas
+    from neuronmap.atlasdb import Atlas
     from neuronmap.synthetic import synthetic_atlas
 
     res: dict = {"case": "atlas-8b", "machine": machine(), "note": "synthetic atlases, Llama-3.1-8B-shaped, 128,256 tokens"}

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from neuronmap.atlas import open_files
+from neuronmap.atlasdb import Atlas, token_index_file
 from neuronmap.cli import main
 from neuronmap.decode import build_head, logits
 from neuronmap.errors import NeuronmapError
-from neuronmap.mapper import MapOptions, map_model
 from neuronmap.concepts import expand_concept, variant_strings, vocab_index
-from neuronmap.scoring import exact_token_probs, token_index_file
-from neuronmap.search import Atlas, search, show
+from neuronmap.mapper import MapOptions, map_model
+from neuronmap.scoring import exact_token_probs
+from neuronmap.search import search, show
 from neuronmap.sources import open_weights
 
 

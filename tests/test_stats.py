@@ -12,7 +12,7 @@ from neuronmap.atlas import open_files
 from neuronmap.cli import main
 from neuronmap.errors import NeuronmapError
 from neuronmap.mapper import MapOptions, map_model
-from neuronmap.search import Atlas
+from neuronmap.atlasdb import Atlas
 from neuronmap.stats import TOKEN_CLASSES, plot, stats, token_class
 
 

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 # Imported on first use: `import neuronmap` (and so the CLI's start) must not pay for torch before it is needed.
 _EXPORTS = {
-    "Atlas": "neuronmap.search",
+    "Atlas": "neuronmap.atlasdb",
     "NeuronmapError": "neuronmap.errors",
     "MapOptions": "neuronmap.mapper",
     "MapResult": "neuronmap.mapper",

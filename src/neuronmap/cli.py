@@ -335,7 +335,7 @@ def _weights_options(p) -> None:
 
 
 def _note_index(files, stored: bool) -> None:
-    from neuronmap.scoring import token_index_ready
+    from neuronmap.atlasdb import token_index_ready
 
     if stored and token_index_ready(files) is None:
         err.print("building the atlas's token index for --stored lookups (once; saved as token_index.parquet)", markup=False)

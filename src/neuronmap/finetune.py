@@ -14,19 +14,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from importlib import resources
 from pathlib import Path
 
 from neuronmap.errors import NeuronmapError
 from neuronmap.ids import parse_layers
+from neuronmap.intervene import bundled_text
 from neuronmap.sources import open_weights
 
 TEXT = "beekeeping.txt"
-
-
-def bundled_text(name: str = TEXT) -> str:
-    """The text of a file in ``neuronmap/data``."""
-    return resources.files("neuronmap").joinpath("data", name).read_text(encoding="utf-8")
 
 
 def finetune(
@@ -69,8 +64,8 @@ def finetune(
     try:
         tok = AutoTokenizer.from_pretrained(str(checkpoint))
     except (OSError, ValueError) as e:
-        raise NeuronmapError(f"{checkpoint} has no usable tokenizer ({str(e).splitlines()[0][:100]}): pass a checkpoint saved with its tokenizer") from None
-    ids = torch.tensor(tok(text if text is not None else bundled_text())["input_ids"])  # [n_tokens]
+        raise NeuronmapError(f"{checkpoint} has no usable tokenizer ({str(e).splitlines()[0][:100]}): pass a checkpoint saved with its tokenizer") from e
+    ids = torch.tensor(tok(text if text is not None else bundled_text(TEXT))["input_ids"])  # [n_tokens]
     if len(ids) <= seq_len + 1:
         raise NeuronmapError(f"the training text has {len(ids)} tokens, fewer than one window of {seq_len + 1}: pass a longer text or a smaller seq_len")
     torch.manual_seed(seed)

@@ -16,6 +16,23 @@ def neuron_id(layer: int, neuron: int) -> str:
     return f"L{layer}N{neuron}"
 
 
+def format_ranges(xs: list[int]) -> str:
+    """Integers as sorted ranges, the inverse of ``parse_layers``.
+
+    Example:
+        >>> format_ranges([9, 0, 1, 2, 5])
+        '0-2,5,9'
+    """
+    out, xs, i = [], sorted(xs), 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
 def parse_neuron_id(text: str, n_layers: int | None = None, d_mlp: int | None = None) -> tuple[int, int]:
     """Parse ``L29N808`` into ``(29, 808)``, checking the range when the shape is given.
 

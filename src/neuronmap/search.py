@@ -1,4 +1,4 @@
-"""Find the vectors that decode to a concept, inspect one neuron, and the ``Atlas`` API over both.
+"""Find the vectors that decode to a concept, and inspect one neuron (``Atlas`` in neuronmap.atlasdb wraps both).
 
 ``search`` ranks atlas rows (vector x pole) by the probability their decoded
 distribution puts on a concept: the sum over its single-token variants
@@ -9,24 +9,19 @@ lists (neuronmap.scoring explains both).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from neuronmap.atlas import AtlasFiles, open_files
+from neuronmap.atlas import AtlasFiles
+from neuronmap.atlasdb import choose_rows, connect, stored_rank, stored_top
 from neuronmap.concepts import Concept, expand_concept, read_vocab, vocab_index
 from neuronmap.errors import NeuronmapError
 from neuronmap.ids import MATRICES, parse_neuron_id
-from neuronmap.scoring import TokenProbs, check_weights, choose_rows, connect, exact_token_probs, stored_rank, stored_top
+from neuronmap.scoring import TokenProbs, check_weights, exact_token_probs
 from neuronmap.sources import open_weights
-
-if TYPE_CHECKING:
-    from neuronmap.stats import Stats
 
 COLUMNS = ["concept", "rank", "id", "layer", "neuron", "matrix", "pole", "prob", "token", "token_prob",
            "top_tokens", "top_probs", "entropy", "weight_norm", "approximate"]
@@ -197,54 +192,3 @@ def _exact_ranks(files, rows, top, layer, idx, weights) -> list[tuple[int, int, 
         me = np.flatnonzero(mine & (k["matrix"] == r.matrix).to_numpy() & (k["pole"] == r.pole).to_numpy())[0]
         out.append((int((col > col[me]).sum()) + 1, len(k), float(col[me])))
     return out
-
-
-# ------------------------------------------------------------------ Atlas
-
-
-@dataclass(frozen=True)
-class Atlas:
-    """An opened atlas; the Python API mirrors the CLI.
-
-    Example:
-        >>> a = Atlas.open("demo-atlas")  # doctest: +SKIP
-        >>> a.search("coffee", top=5)[["id", "matrix", "pole", "prob"]]
-        >>> a.show("L29N750")
-        >>> a.stats().layers
-    """
-
-    path: Path
-    meta: dict
-
-    @classmethod
-    def open(cls, path: Path | str) -> "Atlas":
-        """Open an atlas directory. Raises NeuronmapError if it is none or has an unknown version."""
-        f = open_files(path)
-        return cls(f.root, f.meta)
-
-    @property
-    def files(self) -> AtlasFiles:
-        return AtlasFiles(self.path, self.meta)
-
-    def variants(self, concept: str, variants: bool = True) -> Concept:
-        """The single-token variants of a concept in this atlas's vocabulary."""
-        return expand_concept(concept, vocab_index(read_vocab(self.files)), variants)
-
-    def search(self, *concepts: str, matrices: str | None = None, layers: str | None = None, pole: str | None = None,
-               top: int = 10, min_prob: float = 0.0, stored: bool = False, weights: str | None = None,
-               variants: bool = True) -> pd.DataFrame:
-        """``search`` as a DataFrame; ``.attrs`` holds ``method``, ``n_scored`` and the ``concepts``."""
-        r = search(self.files, list(concepts), matrices, layers, pole, top, min_prob, stored, weights, variants)
-        table = r.table.copy()
-        table.attrs.update(method=r.method, n_scored=r.n_scored, concepts=[dataclasses.asdict(c) for c in r.concepts])
-        return table
-
-    def show(self, neuron: str, stored: bool = False, weights: str | None = None) -> pd.DataFrame:
-        """``show``: every matrix and pole of one neuron."""
-        return show(self.files, neuron, stored, weights)
-
-    def stats(self, matrices: str | None = None, layers: str | None = None, pole: str | None = None) -> Stats:
-        """``neuronmap.stats.stats``: per layer and matrix summaries (a ``Stats``)."""
-        from neuronmap.stats import stats
-
-        return stats(self.files, matrices, layers, pole)

@@ -14,7 +14,7 @@ from neuronmap.atlas import AtlasFiles
 from neuronmap.concepts import read_vocab
 from neuronmap.errors import NeuronmapError
 from neuronmap.fsio import atomic_file
-from neuronmap.scoring import choose_rows, connect, where_clause
+from neuronmap.atlasdb import choose_rows, connect, where_clause
 
 TOKEN_CLASSES = ("word", "subword", "number", "punctuation", "whitespace", "other")
 CONFIDENT = 0.5
