@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from neuronmap.atlas import AtlasFiles, open_files
+from neuronmap.atlas import AtlasFiles, open_files, rebuild_hint
 from neuronmap.concepts import Concept, expand_concept, read_vocab, vocab_index
 from neuronmap.errors import NeuronmapError
 from neuronmap.fsio import atomic_file
@@ -126,14 +126,19 @@ def token_index_file(files: AtlasFiles) -> Path:
     if ready is not None:
         return ready
     stamp, places = _stamp(files.neurons), _index_places(files)
+    reason = ""
     for path in places:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             _build_index(files.neurons, path, stamp)
             return path
-        except (OSError, duckdb.Error):
-            continue
-    raise NeuronmapError(f"cannot write a token index in {files.root} nor in {places[1].parent}: make one of them writable")
+        except (OSError, NeuronmapError, duckdb.IOException) as e:  # this place cannot be written: try the next
+            reason = str(e).splitlines()[0][:160]
+        except duckdb.Error as e:  # the read failed: neurons.parquet passed its footer check but is damaged inside
+            raise NeuronmapError(f"{files.neurons} cannot be read ({str(e).splitlines()[0][:120]}): the file is damaged; "
+                                 f"{rebuild_hint(files.root, files.meta)}") from e
+    raise NeuronmapError(f"cannot write a token index in {files.root} nor in {places[1].parent} ({reason}): "
+                         "make one of them writable")
 
 
 def stored_top(files: AtlasFiles, token_ids: list[int], matrices: list[str], layers: list[int], poles: list[str],

@@ -666,7 +666,10 @@ def _damaged_data(e: Exception) -> str | None:
     import duckdb
     import pyarrow as pa
 
-    if not isinstance(e, (duckdb.IOException, duckdb.InvalidInputException, pa.ArrowInvalid, pa.ArrowIOError)):
+    # Errors in neuronmap's own SQL are bugs and keep their traceback; the rest come from the data.
+    bugs = (duckdb.ParserException, duckdb.SyntaxException, duckdb.BinderException, duckdb.CatalogException,
+            duckdb.InvalidTypeException)
+    if not isinstance(e, (duckdb.Error, pa.ArrowInvalid, pa.ArrowIOError)) or isinstance(e, bugs):
         return None
     first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
     return (f"cannot read the atlas's data ({first}): a file is damaged; rebuild the atlas with "
