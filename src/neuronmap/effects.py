@@ -192,10 +192,10 @@ class Baseline:
         """The outcome of ``ivs``: ``specs`` resolved with ``value`` (a sweep point) or their own values (None)."""
         logp = next_token_logprobs(self.m, self.prompts, ivs, positions)
         ref = reference_logprobs(self.m, ivs, positions)
-        return self._outcome(label(specs, value), value, ivs, logp, kl(ref, self.ref), self.outcome)
+        return self._outcome(setting_label(specs, value), value, ivs, logp, kl(ref, self.ref), self.outcome)
 
 
-def label(specs: list[Spec], value: Value | None) -> str:
+def setting_label(specs: list[Spec], value: Value | None) -> str:
     """The specs as typed, each with ``value`` where given: ``L29N808=20x L3N7=20x``."""
     return " ".join(str(s) if value is None else str(Spec(s.layer, s.neuron, s.mode, value)) for s in specs)
 
@@ -380,5 +380,5 @@ def generate(m: Model, text: str, specs: list[Spec], n: int = N_SAMPLES, tempera
         return sum(mentions(x, c) for x in xs) / len(xs)
 
     shares = tuple(Share(c.strip(), share(base, c), share(clamped, c)) for c in concepts)
-    return GenerateReport(m.source.spec, text, chat, label(specs, None), notice, seed, temperature, max_new_tokens,
+    return GenerateReport(m.source.spec, text, chat, setting_label(specs, None), notice, seed, temperature, max_new_tokens,
                           tuple(base), tuple(clamped), tuple(ivs), shares)
