@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import json
 import math
 import shutil
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 from neuronmap.cli import main
-from neuronmap.compare import compare, normalise, plot, resolve_atlas, row_stats
+from neuronmap.compare import compare, normalise, plot, row_stats
 from neuronmap.errors import NeuronmapError
 from neuronmap.mapper import MapOptions, map_model
 from neuronmap.synthetic import synthetic_atlas
@@ -152,6 +154,29 @@ def test_plot_writes_a_png_and_nothing_else(syn, tmp_path):
     assert [p.name for p in png.parent.iterdir()] == ["cmp.png"]
     with pytest.raises(NeuronmapError, match=r"give a file name ending in \.png"):
         plot(compare(str(syn), str(b)), tmp_path / "cmp.jpg")
+
+
+def test_comparisons_serialize_and_are_what_the_cli_prints(syn, tmp_path, capsys):
+    b = synthetic_atlas(tmp_path / "b", n_layers=4, d_mlp=40, d_vocab=400, k=6, seed=3, change_rate=0.3)
+    for level in ("neuron", "concept"):
+        c = compare(str(syn), str(b), level=level, top=3)
+        d = c.to_dict()
+        assert json.loads(json.dumps(d, allow_nan=False)) == d
+        assert d["level"] == level and d["a"]["n_layers"] == 4 and (level in d) and len(d) == 8
+        assert main(["compare", str(syn), str(b), "--level", level, "--top", "3", "--json"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed.pop("seconds") >= 0 and d.pop("seconds") >= 0  # wall time: the one field that differs
+        assert printed == d
+
+
+def test_cli_defaults_are_the_api_defaults():
+    from neuronmap.cli import build_parser
+
+    args = build_parser().parse_args(["compare", "a", "b"])
+    defaults = inspect.signature(compare).parameters
+    assert (args.top, args.min_prob, args.level) == (defaults["top"].default, defaults["min_prob"].default,
+                                                     defaults["level"].default)
+    assert (args.top_k, args.device, args.dtype) == (MapOptions().top_k, MapOptions().device, MapOptions().dtype)
 
 
 # ------------------------------------------------------------------ bad input

@@ -7,6 +7,7 @@ The demo model is loaded once (``demo``); the CLI tests reuse it through
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 from contextlib import contextmanager
@@ -14,14 +15,17 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from neuronmap.atlas import open_files
 from neuronmap.cli import main
-from neuronmap.effects import candidates, clamp, concept_tokens, generate, mentions, next_token_logprobs, surface_forms
+from neuronmap.concepts import variant_strings
+from neuronmap.effects import clamp, concept_tokens, generate, mentions, next_token_logprobs
 from neuronmap.errors import NeuronmapError
 from neuronmap.intervene import (
     POSITIONS, Intervention, Value, intervene, natural_range, parse_spec, parse_sweep, recording, resolve,
 )
 from neuronmap.models import find_module, load_model, module_name, wrap_model
 from neuronmap.sources import resolve_source
+from neuronmap.verify import candidates, verify
 
 PROMPT = "The picture on the wall shows a"
 # Measured on the bundled 20 prompts: L29N808=20x raises P(dog variants) from 0.0040 to 0.386 on average.
@@ -98,9 +102,8 @@ def test_relative_scale_factor_refused():
         parse_spec("L29N808*=3x")
 
 
-def test_surface_forms_and_mentions():
-    assert surface_forms("dog")[:6] == [" dog", "dog", " Dog", "Dog", " dogs", "dogs"]
-    assert " foxes" in surface_forms("fox") and " cities" in surface_forms("city")
+def test_mentions_whole_words_in_any_case_and_plural():
+    assert mentions("two foxes", "fox") and mentions("CITIES", "city")
     assert mentions("I love Dogs.", "dog") and mentions("a dog!", "dog")
     assert not mentions("hotdog stand", "dog") and not mentions("cats", "dog")
 
@@ -235,7 +238,7 @@ def test_recording_sees_what_down_reads(demo):
 def test_known_neuron_raises_its_concept(demo):
     r = clamp(demo, [parse_spec("L29N808=20x")], "dog")
     o = r.outcomes[0]
-    assert {" dog", "dog", " dogs"} <= set(r.concept.variants)
+    assert {" dog", "dog", " dogs"} <= set(r.concept.tokens) and not r.concept.approximate
     assert o.ratio > MEASURED_DOG_RATIO / 2, o.ratio
     assert o.raised == len(r.prompts) == 20
     assert 0.0 < o.kl < 2.0
@@ -244,10 +247,16 @@ def test_known_neuron_raises_its_concept(demo):
 
 def test_concept_tokens_are_single_tokens(demo):
     c = concept_tokens(demo, "Dog")
-    for v, i in zip(c.variants, c.token_ids):
+    assert not c.approximate and " DOG" in c.missing
+    for v, i in zip(c.tokens, c.token_ids):
         assert demo.tokenizer.encode(v, add_special_tokens=False) == [i]
-    with pytest.raises(NeuronmapError, match="not in this model's vocabulary"):
-        concept_tokens(demo, "qzxjvwk")
+
+
+def test_concept_that_is_no_single_token_uses_its_first_content_token_or_is_refused(demo):
+    c = concept_tokens(demo, "qzxjvwk")
+    assert c.approximate and all(t.strip() and "qzxjvwk".startswith(t.strip()) for t in c.tokens)
+    with pytest.raises(NeuronmapError, match=r"^concept '🐕' matches no token of this vocabulary: .*try a word"):
+        concept_tokens(demo, "🐕")  # its only prefix token is ' ': never measured by whitespace
 
 
 def test_next_token_batching_matches_single_prompts(demo):
@@ -274,13 +283,15 @@ def test_verify_finds_and_confirms_the_dog_neuron(demo, tmp_path, capsys):
 
     atlas = tmp_path / "atlas"
     map_model(None, atlas, MapOptions(layers="29", device="cpu"))
-    cands = candidates(atlas, "dog", top=3)
+    cands = candidates(open_files(atlas), "dog", top=3)
     assert cands[0].id == "L29N808" and cands[0].prob > 0.5
+    assert len({c.id for c in cands}) == 3  # one row per neuron
     assert main(["verify", str(atlas), "dog", "--top", "1", "--sweep", "20x", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "exact" and out["sweep"] == [{"amount": 20.0, "relative": True}]
     row = out["neurons"][0]
     assert row["id"] == "L29N808" and row["sign"] == 1 and row["causal"] is True
-    assert row["best"]["ratio"] > MEASURED_DOG_RATIO / 2
+    assert row["best"]["ratio"] > MEASURED_DOG_RATIO / 2 and row["best"]["value"] == {"amount": 20.0, "relative": True}
 
 
 # ------------------------------------------------------------------ CLI: bad input, one line each
@@ -306,9 +317,14 @@ def test_cli_neuron_out_of_range(demo, spec, msg, capsys):
     assert rc == 2 and msg in err and err.count("\n") == 1
 
 
-def test_cli_concept_not_in_vocabulary(demo, capsys):
-    rc, _, err = run_cli(["clamp", "--neuron", "L29N808=20x", "--concept", "qzxjvwk"], capsys)
-    assert rc == 2 and "concept 'qzxjvwk' is not in this model's vocabulary" in err and err.count("\n") == 1
+def test_cli_concept_not_in_vocabulary(tiny_with_tokenizer, capsys):
+    rc, out, err = run_cli(["clamp", str(tiny_with_tokenizer), "--neuron", "L1N5=3", "--concept", "doggo", "--json"], capsys)
+    assert rc == 0 and err == ("notice: no variant of 'doggo' is a single token: measured by its first token(s) 'dog', "
+                               "which stand for more than the concept\n")
+    assert json.loads(out)["concept"] == {"concept": "doggo", "tokens": [{"id": 18, "token": "dog"}],
+                                          "missing": variant_strings("doggo"), "approximate": True}
+    rc, _, err = run_cli(["clamp", str(tiny_with_tokenizer), "--neuron", "L1N5=3", "--concept", "qzxjvwk"], capsys)
+    assert rc == 2 and err.startswith("error: concept 'qzxjvwk' matches no token of this vocabulary") and err.count("\n") == 1
 
 
 def test_cli_clamp_json(demo, tmp_path, capsys):
@@ -319,7 +335,8 @@ def test_cli_clamp_json(demo, tmp_path, capsys):
     assert rc == 0
     d = json.loads(out)
     assert [s["label"] for s in d["settings"]] == ["L29N808=0", "L29N808=10x", "L29N808=20x"]
-    assert len(d["baseline"]["prompts"]) == 2
+    assert [s["value"]["amount"] for s in d["settings"]] == [0.0, 10.0, 20.0]
+    assert d["prompts"] == ["Our family has always had a", "I took a photo of a"] and len(d["baseline"]["probs"]) == 2
     assert d["settings"][2]["interventions"][0] == {**d["settings"][2]["interventions"][0], "id": "L29N808",
                                                      "layer": 29, "neuron": 808, "mode": "set"}
     # Dose-response: more activation, more "dog".
@@ -359,3 +376,98 @@ def test_cli_relative_value_without_tokenizer(tiny_models, capsys):
     path, _ = tiny_models("gpt2")
     rc, _, err = run_cli(["generate", str(path), "--clamp", "L0N1=3x", "--prompt", "hi"], capsys)
     assert rc == 2 and "has no tokenizer transformers can load" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------ results serialize themselves
+
+
+def round_trips(d: dict) -> dict:
+    """``d`` through strict JSON (no NaN or inf) and back, unchanged."""
+    back = json.loads(json.dumps(d, allow_nan=False))
+    assert back == d
+    return back
+
+
+def test_clamp_and_generate_results_serialize_and_are_what_the_cli_prints(tiny_with_tokenizer, capsys):
+    m = load_model(str(tiny_with_tokenizer))
+    r = clamp(m, [parse_spec("L1N5")], "dog", sweep="0,2x")
+    d = round_trips(r.to_dict())
+    assert [s["value"] for s in d["settings"]] == [{"amount": 0.0, "relative": False}, {"amount": 2.0, "relative": True}]
+    assert len(d["prompts"]) == len(d["settings"][1]["probs"]) == 20 and d["baseline"]["ratio"] == 1.0
+    assert dataclasses.replace(r.outcomes[0], ratio=float("inf")).to_dict()["ratio"] is None
+    rc, out, _ = run_cli(["clamp", str(tiny_with_tokenizer), "--neuron", "L1N5", "--concept", "dog", "--sweep", "0,2x",
+                          "--json"], capsys)
+    assert rc == 0 and json.loads(out) == d
+
+    g = generate(m, "what is your favourite animal", [parse_spec("L1N5=3")], n=2, max_new_tokens=3, concepts=["dog"],
+                 chat=False)
+    d = round_trips(g.to_dict())
+    assert d["shares"][0]["concept"] == "dog" and d["interventions"][0]["id"] == "L1N5" and d["chat_template"] is False
+    rc, out, _ = run_cli(["generate", str(tiny_with_tokenizer), "--clamp", "L1N5=3", "--prompt", "what is your favourite animal",
+                          "-n", "2", "--max-new-tokens", "3", "--concept", "dog", "--json"], capsys)
+    assert rc == 0 and json.loads(out) == d
+
+
+@pytest.fixture()
+def tiny_atlas(tiny_with_tokenizer, tmp_path):
+    """A private copy of the tokenized tiny checkpoint and its atlas: ``(checkpoint, atlas)``."""
+    from neuronmap.mapper import MapOptions, map_model
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_with_tokenizer, ckpt)
+    atlas = tmp_path / "atlas"
+    map_model(str(ckpt), atlas, MapOptions(top_k=5, device="cpu"))
+    return ckpt, atlas
+
+
+def test_verify_result_serializes_and_is_what_the_cli_prints(tiny_atlas, capsys):
+    _, atlas = tiny_atlas
+    r = verify(atlas, "dog", top=2, sweep="2x,-1", min_ratio=1.0)
+    d = round_trips(r.to_dict())
+    assert r.method == "exact" and len(d["neurons"]) == 2 and d["min_ratio"] == 1.0
+    for v, row in zip(r.rows, d["neurons"]):
+        assert row["causal"] is v.causal is (v.best.ratio >= 1.0)
+        assert [s["value"]["amount"] for s in row["sweep"]] == [2.0 * v.sign, -1.0 * v.sign]
+    rc, out, _ = run_cli(["verify", str(atlas), "dog", "--top", "2", "--sweep", "2x,-1", "--min-ratio", "1", "--json"], capsys)
+    assert rc == 0 and json.loads(out) == d
+
+
+def test_verify_refuses_a_checkpoint_changed_since_mapping(tiny_atlas, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    ckpt, atlas = tiny_atlas
+    moved = tmp_path / "moved"
+    shutil.copytree(ckpt, moved)
+    tensors = load_file(ckpt / "model.safetensors")
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1.0
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(NeuronmapError, match=r"^the weights changed since mapping: .*model\.safetensors has sha256 \w+\.\.\., "
+                                             r"the atlas recorded \w+\.\.\.; re-map with `neuronmap map .*`, "
+                                             r"or pass --source PATH if the weights only moved$"):
+        verify(atlas, "dog", top=1, sweep="2x")
+    rc, _, err = run_cli(["verify", str(atlas), "dog", "--top", "1", "--sweep", "2x"], capsys)
+    assert rc == 2 and err.startswith("error: the weights changed since mapping:") and err.count("\n") == 1
+    # The unchanged weights elsewhere: exact candidates; another model: the stored top-k.
+    assert verify(atlas, "dog", str(moved), top=1, sweep="2x").method == "exact"
+    assert verify(atlas, "dog", str(ckpt), top=1, sweep="2x").method == "stored"
+
+
+def test_cli_defaults_are_the_api_defaults():
+    import inspect
+
+    from neuronmap.cli import build_parser
+
+    def api(fn, name):
+        return inspect.signature(fn).parameters[name].default
+
+    p = build_parser()
+    g = p.parse_args(["generate", "--clamp", "L0N0=1", "--prompt", "hi"])
+    assert (g.n, g.temperature, g.seed, g.max_new_tokens, g.positions) == tuple(
+        api(generate, k) for k in ("n", "temperature", "seed", "max_new_tokens", "positions"))
+    assert (g.device, g.dtype) == (api(load_model, "device"), api(load_model, "dtype"))
+    v = p.parse_args(["verify", "atlas", "dog"])
+    assert (v.top, v.sweep, v.min_ratio, v.positions, v.device, v.dtype, v.source) == tuple(
+        api(verify, k) for k in ("top", "sweep", "min_ratio", "positions", "device", "dtype", "source"))
+    c = p.parse_args(["clamp", "--neuron", "L0N0=1", "--concept", "dog"])
+    assert (c.sweep, c.positions) == (api(clamp, "sweep"), api(clamp, "positions"))

@@ -96,6 +96,20 @@ def test_expand_concept_not_a_single_token_uses_first_token(demo_gguf):
         assert tok == longest and len(tok) < len(form)
 
 
+def test_a_concept_is_never_matched_by_whitespace(demo_gguf):
+    tokens = list(open_weights(demo_gguf).tokens)
+    index = vocab_index(tokens)
+    assert " " in index and "🐕" not in index and " 🐕" not in index  # the emoji is byte pieces; ' ' its only prefix token
+    with pytest.raises(NeuronmapError) as e:
+        expand_concept("🐕", index)
+    assert str(e.value).startswith("concept '🐕' matches no token of this vocabulary: no variant is a single token and "
+                                   "it starts with no token but whitespace") and "\n" not in str(e.value)
+    c = expand_concept("dog🐕", index)  # a content token first: approximate, by it
+    assert c.approximate and c.tokens == (" dog", "dog")
+    with pytest.raises(NeuronmapError, match="empty concept"):
+        expand_concept("  ", index)
+
+
 def test_empty_concept_is_an_error(demo_gguf):
     index = vocab_index(list(open_weights(demo_gguf).tokens))
     for text in ("", "   "):

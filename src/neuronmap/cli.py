@@ -122,32 +122,26 @@ def cmd_map(args) -> int:
 
 
 def _model_args(p, source: bool = True) -> None:
+    from neuronmap.intervene import POSITIONS, POSITIONS_DEFAULT
+    from neuronmap.models import DEVICE, DTYPE
+
     if source:
         p.add_argument("source", nargs="?", default=None,
                        help="checkpoint dir, .gguf file, hub id or packaged model, as for map; default: the demo model")
-    p.add_argument("--positions", default="all", help="all | prompt | generated | last (default all)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (default float32)")
+    p.add_argument("--positions", default=POSITIONS_DEFAULT, help=f"{' | '.join(POSITIONS)} (default {POSITIONS_DEFAULT})")
+    p.add_argument("--device", default=DEVICE, help=f"cpu | cuda | auto (default {DEVICE})")
+    p.add_argument("--dtype", default=DTYPE, help=f"float32 | bfloat16 (default {DTYPE})")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def _iv_json(iv) -> dict:
-    from neuronmap.ids import neuron_id
-
-    return {"id": neuron_id(iv.layer, iv.neuron), "layer": iv.layer, "neuron": iv.neuron, "mode": iv.mode,
-            "value": round(iv.value, 6)}
-
-
-def _outcome_json(o, prompts=None) -> dict:
-    d = {"label": o.label, "interventions": [_iv_json(iv) for iv in o.interventions], "mean_prob": o.mean,
-         "ratio": o.ratio, "raised": o.raised, "kl": o.kl}
-    if prompts is not None:
-        d["prompts"] = [{"prompt": p, "prob": q, "top": t} for p, q, t in zip(prompts, o.probs, o.top)]
-    return d
 
 
 def _ratio(x: float) -> str:
     return "inf" if x == float("inf") else f"{x:.2f}x" if x < 10 else f"{x:.1f}x"
+
+
+def _note_approximate(concept) -> None:
+    if concept.approximate:
+        err.print(f"notice: no variant of {concept.text!r} is a single token: measured by its first token(s) "
+                  f"{', '.join(repr(t) for t in concept.tokens)}, which stand for more than the concept", markup=False)
 
 
 def add_clamp(sub) -> None:
@@ -172,18 +166,15 @@ def cmd_clamp(args) -> int:
 
     specs = [parse_spec(s) for s in args.neuron]
     if args.sweep:
-        parse_sweep(args.sweep)
+        parse_sweep(args.sweep)  # a typo fails before the model loads
     check_positions(args.positions)
     prompts = read_prompts(args.prompts) if args.prompts else None
-    m = load_model(args.source, args.device, args.dtype)
-    r = clamp(m, specs, args.concept, prompts, args.sweep, args.positions)
+    r = clamp(load_model(args.source, args.device, args.dtype), specs, args.concept, prompts, args.sweep, args.positions)
+    _note_approximate(r.concept)
     if args.json:
-        _print_json({"concept": r.concept.word, "variants": list(r.concept.variants),
-                     "token_ids": list(r.concept.token_ids), "positions": r.positions, "source": m.source.spec,
-                     "baseline": _outcome_json(r.baseline, r.prompts),
-                     "settings": [_outcome_json(o, r.prompts) for o in r.outcomes]})
+        _print_json(r.to_dict())
         return 0
-    out.print(f"Concept [bold]{r.concept.word}[/bold]: P(next token in {{{', '.join(repr(v) for v in r.concept.variants)}}}) "
+    out.print(f"Concept [bold]{escape(r.concept.text)}[/bold]: P(next token in {{{escape(', '.join(repr(v) for v in r.concept.tokens))}}}) "
               f"on {len(r.prompts)} prompts, positions {r.positions}.")
     if len(r.outcomes) == 1:
         o = r.outcomes[0]
@@ -192,8 +183,8 @@ def cmd_clamp(args) -> int:
             t.add_column(c)
         for i, prompt in enumerate(r.prompts):
             b, c = r.baseline.probs[i], o.probs[i]
-            t.add_row(prompt, f"{b:.4f}", f"{c:.4f}", _ratio(c / b) if b > 0 else "inf",
-                      repr(r.baseline.top[i]), repr(o.top[i]))
+            t.add_row(escape(prompt), f"{b:.4f}", f"{c:.4f}", _ratio(c / b) if b > 0 else "inf",
+                      _tok(r.baseline.top[i]), _tok(o.top[i]))
         out.print(t)
     t = Table(title="Dose-response" if len(r.outcomes) > 1 else "Summary")
     for c in ("setting", "mean p", "ratio", "prompts raised", "KL on reference (nats/token)"):
@@ -206,6 +197,7 @@ def cmd_clamp(args) -> int:
 
 
 def add_generate(sub) -> None:
+    from neuronmap.effects import MAX_NEW_TOKENS, N_SAMPLES, SEED, TEMPERATURE
     from neuronmap.intervene import SPEC_HELP
 
     p = sub.add_parser("generate", help="sample answers without and with neurons clamped, side by side")
@@ -213,10 +205,10 @@ def add_generate(sub) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--chat", help="a user message, wrapped in the model's chat template")
     what.add_argument("--prompt", help="plain text to continue, no chat template")
-    p.add_argument("-n", type=int_at_least(1), default=10, help="samples per side (default 10)")
-    p.add_argument("--temperature", type=finite_float(0.0), default=0.7, help="sampling temperature; 0 is greedy (default 0.7)")
-    p.add_argument("--seed", type=int, default=0, help="random seed, shared by both sides (default 0)")
-    p.add_argument("--max-new-tokens", type=int_at_least(1), default=24, help="tokens per sample (default 24)")
+    p.add_argument("-n", type=int_at_least(1), default=N_SAMPLES, help=f"samples per side (default {N_SAMPLES})")
+    p.add_argument("--temperature", type=finite_float(0.0), default=TEMPERATURE, help=f"sampling temperature; 0 is greedy (default {TEMPERATURE:g})")
+    p.add_argument("--seed", type=int, default=SEED, help=f"random seed, shared by both sides (default {SEED})")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=MAX_NEW_TOKENS, help=f"tokens per sample (default {MAX_NEW_TOKENS})")
     p.add_argument("--concept", action="append", default=[], help="report the share of samples mentioning this word (repeatable)")
     _model_args(p)
     p.set_defaults(func=cmd_generate)
@@ -235,76 +227,57 @@ def cmd_generate(args) -> int:
     if r.notice:
         err.print(f"notice: {r.notice}", markup=False)
     if args.json:
-        _print_json({"text": r.text, "chat_template": args.chat is not None and r.notice is None, "clamp": r.label,
-                     "interventions": [_iv_json(iv) for iv in r.interventions], "seed": r.seed,
-                     "temperature": r.temperature, "baseline": list(r.baseline), "clamped": list(r.clamped),
-                     "shares": [{"concept": s.concept, "baseline": s.baseline, "clamped": s.clamped} for s in r.shares]})
+        _print_json(r.to_dict())
         return 0
-    t = Table(title=f"{r.text!r}: {len(r.baseline)} samples each, temperature {r.temperature:g}, seed {r.seed}")
+    t = Table(title=escape(f"{r.text!r}: {len(r.baseline)} samples each, temperature {r.temperature:g}, seed {r.seed}"))
     t.add_column("#")
     t.add_column("baseline")
     t.add_column(f"clamped {r.label}")
     for i, (b, c) in enumerate(zip(r.baseline, r.clamped), 1):
-        t.add_row(str(i), b, c)
+        t.add_row(str(i), escape(b), escape(c))
     out.print(t)
     for s in r.shares:
-        out.print(f"Samples mentioning {s.concept!r}: baseline {s.baseline:.0%}, clamped {s.clamped:.0%}")
+        out.print(f"Samples mentioning {escape(repr(s.concept))}: baseline {s.baseline:.0%}, clamped {s.clamped:.0%}")
     return 0
 
 
 def add_verify(sub) -> None:
+    from neuronmap.verify import MIN_RATIO, SWEEP, TOP
+
     p = sub.add_parser("verify", help="clamp an atlas's top neurons for a concept and report which raise it")
     p.add_argument("atlas", help="atlas directory made by `neuronmap map`")
     p.add_argument("concept", help="the word, e.g. dog")
-    p.add_argument("--top", type=int_at_least(1), default=5, help="candidate neurons to test (default 5)")
-    p.add_argument("--sweep", default="5x,10x,20x", help="values to set each neuron to, signed toward the concept (default 5x,10x,20x)")
+    p.add_argument("--top", type=int_at_least(1), default=TOP, help=f"candidate neurons to test (default {TOP})")
+    p.add_argument("--sweep", default=SWEEP, help=f"values to set each neuron to, signed toward the concept (default {SWEEP})")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (default: the bundled neutral prompts)")
-    p.add_argument("--min-ratio", type=finite_float(0.0), default=2.0, help="ratio at which a neuron counts as causal (default 2)")
-    p.add_argument("--source", default=None, help="the model (default: the source recorded in the atlas)")
+    p.add_argument("--min-ratio", type=finite_float(0.0), default=MIN_RATIO, help=f"ratio at which a neuron counts as causal (default {MIN_RATIO:g})")
+    p.add_argument("--source", default=None,
+                   help="the model (default: the checkpoint recorded in the atlas, sha256 checked); "
+                        "another model's candidates come from the stored top-k")
     _model_args(p, source=False)
     p.set_defaults(func=cmd_verify)
 
 
 def cmd_verify(args) -> int:
-    from pathlib import Path
+    from neuronmap.effects import read_prompts
+    from neuronmap.verify import verify
 
-    from neuronmap.atlas import read_meta
-    from neuronmap.effects import read_prompts, verify
-    from neuronmap.intervene import check_positions, parse_sweep
-    from neuronmap.models import load_model
-
-    meta = read_meta(args.atlas)
-    parse_sweep(args.sweep)
-    check_positions(args.positions)
-    if args.top < 1:
-        raise NeuronmapError(f"--top {args.top} must be at least 1")
     prompts = read_prompts(args.prompts) if args.prompts else None
-    source = args.source
-    if source is None:
-        recorded = meta.get("source", {})
-        source = recorded.get("path") if Path(recorded.get("path", "")).exists() else recorded.get("spec")
-    m = load_model(source, args.device, args.dtype)
-    r = verify(m, args.atlas, args.concept, args.top, args.sweep, prompts, args.positions)
+    r = verify(args.atlas, args.concept, args.source, args.top, args.sweep, args.min_ratio, prompts, args.positions,
+               args.device, args.dtype)
+    _note_approximate(r.concept)
     if args.json:
-        _print_json({"concept": r.concept.word, "variants": list(r.concept.variants), "source": m.source.spec,
-                     "baseline_mean_prob": r.baseline.mean, "min_ratio": args.min_ratio, "neurons": [
-                         {"id": v.candidate.id, "layer": v.candidate.layer, "neuron": v.candidate.neuron,
-                          "matrix": v.candidate.matrix, "pole": v.candidate.pole, "token": v.candidate.token,
-                          "decoded_prob": v.candidate.prob, "sign": int(v.sign), "causal": v.best.ratio >= args.min_ratio,
-                          "best": _outcome_json(v.best), "sweep": [_outcome_json(o) for o in v.outcomes]}
-                         for v in r.rows]})
+        _print_json(r.to_dict())
         return 0
-    values = [o.label.split("=", 1)[1] for o in r.rows[0].outcomes]
-    t = Table(title=f"Does clamping raise P({r.concept.word!r})? Baseline mean p {r.baseline.mean:.4f} "
-                    f"on {len(r.prompts)} prompts")
-    for c in ["neuron", "found as", *[f"ratio @{v.lstrip('-')}" for v in values], "best", "KL (nats/token)", "causal"]:
+    t = Table(title=f"Does clamping raise P({escape(repr(r.concept.text))})? Baseline mean p {r.baseline.mean:.4f} "
+                    f"on {len(r.prompts)} prompts; candidates by {r.method} search")
+    for c in ["neuron", "found as", *[f"ratio @{v}" for v in r.sweep], "best", "KL (nats/token)", f"causal (>= {r.min_ratio:g}x)"]:
         t.add_column(c)
     for v in r.rows:
         c = v.candidate
-        t.add_row(c.id, f"{c.matrix}{c.pole} {c.token!r} p={c.prob:.2f}", *[_ratio(o.ratio) for o in v.outcomes],
-                  f"{v.best.label.split('=', 1)[1]}: {_ratio(v.best.ratio)}", f"{v.best.kl:.3f}",
-                  "yes" if v.best.ratio >= args.min_ratio else "no")
-    out.print(t)
+        t.add_row(c.id, f"{c.matrix}{c.pole} {_tok(c.token)} p={c.prob:.2f}", *[_ratio(o.ratio) for o in v.outcomes],
+                  f"{v.best.value}: {_ratio(v.best.ratio)}", f"{v.best.kl:.3f}", "yes" if v.causal else "no")
+    _table(t)
     return 0
 
 
@@ -492,19 +465,23 @@ def cmd_stats(args) -> int:
 
 
 def add_compare(sub) -> None:
+    from neuronmap.compare import LEVELS, MIN_PROB, TOP
+    from neuronmap.mapper import MapOptions
+
     p = sub.add_parser("compare", help="what changed between two models' neuron maps (e.g. base vs fine-tuned)")
     p.add_argument("a", help="atlas directory or model source (mapped once into the cache)")
     p.add_argument("b", help="atlas directory or model source")
-    p.add_argument("--level", default="auto", choices=["auto", "neuron", "concept"],
+    p.add_argument("--level", default=LEVELS[0], choices=LEVELS,
                    help="neuron: pair neurons (same shapes and tokenizer); concept: compare confident token strings; auto: neuron when possible")
     p.add_argument("--matrices", default=None, help="comma list of gate,up,down (default: those both atlases hold)")
     p.add_argument("--layers", default=None, help="layers and ranges, e.g. 0-5,-1, read against each model's own depth (default: all mapped)")
-    p.add_argument("--min-prob", type=finite_float(0.0, 1.0), default=0.5, help="a top-1 prob above this is confident (default 0.5)")
-    p.add_argument("--top", type=int_at_least(0), default=15, help="rows listed per ranking; 0 lists all (default 15)")
+    p.add_argument("--min-prob", type=finite_float(0.0, 1.0), default=MIN_PROB, help=f"a top-1 prob above this is confident (default {MIN_PROB:g})")
+    p.add_argument("--top", type=int_at_least(0), default=TOP, help=f"rows listed per ranking; 0 lists all (default {TOP})")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw agreement against depth into a PNG")
-    p.add_argument("--top-k", type=int_at_least(1), default=10, help="when mapping a model source: tokens kept per vector (default 10)")
-    p.add_argument("--device", default="auto", help="when mapping a model source: auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="when mapping a model source: auto | float32 | bfloat16")
+    d = MapOptions()
+    p.add_argument("--top-k", type=int_at_least(1), default=d.top_k, help=f"when mapping a model source: tokens kept per vector (default {d.top_k})")
+    p.add_argument("--device", default=d.device, help=f"when mapping a model source: auto | cpu | cuda (default {d.device})")
+    p.add_argument("--dtype", default=d.dtype, help=f"when mapping a model source: auto | float32 | bfloat16 (default {d.dtype})")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_compare)
 
@@ -527,7 +504,7 @@ def cmd_compare(args) -> int:
     if args.plot:
         plot(c, args.plot)
     if args.json:
-        _print_json({**c.to_json(), "plot": args.plot})
+        _print_json(c.to_dict())
         return 0
     ma, mb = c.a.meta, c.b.meta
     for name, s, m in (("A", c.a, ma), ("B", c.b, mb)):

@@ -2,7 +2,9 @@
 
 A concept's probability under a decoded distribution is the sum over its variants
 that are single tokens. A concept that is no single token in any variant is
-matched, approximately, by its first token.
+matched, approximately, by its first content token (never a whitespace-only one).
+The vocabulary is an atlas's (``read_vocab``) or a loaded tokenizer's
+(``tokenizer_strings``): the same strings for the same model.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pyarrow.parquet as pq
 
 from neuronmap.atlas import AtlasFiles
 from neuronmap.errors import NeuronmapError
+from neuronmap.vocab import guess_scheme, strings_from_pieces
 
 
 @dataclass(frozen=True)
@@ -24,8 +27,9 @@ class Concept:
         token_ids, tokens: the variants that are single tokens, in the order tried.
         missing: the variants tried that are no single token.
         approximate: no variant is a single token, so ``tokens`` are the first
-            tokens (longest vocabulary prefix) of the concept with and without a
-            leading space, which stand for more than the concept.
+            content tokens (longest vocabulary prefix that is not only whitespace)
+            of the concept with and without a leading space, which stand for more
+            than the concept.
     """
 
     text: str
@@ -34,6 +38,11 @@ class Concept:
     missing: tuple[str, ...]
     approximate: bool
 
+    def to_dict(self) -> dict:
+        """JSON types only: ``{"concept", "tokens": [{"id", "token"}], "missing", "approximate"}``."""
+        return {"concept": self.text, "tokens": [{"id": int(i), "token": t} for i, t in zip(self.token_ids, self.tokens)],
+                "missing": list(self.missing), "approximate": self.approximate}
+
 
 def read_vocab(files: AtlasFiles) -> list[str]:
     """Every token id's string (leading space kept), from the atlas's vocab.parquet. ``[d_vocab]``."""
@@ -41,6 +50,17 @@ def read_vocab(files: AtlasFiles) -> list[str]:
         raise NeuronmapError(f"{files.root} has no vocab.parquet: re-create the atlas with `neuronmap map`")
     t = pq.read_table(files.vocab, columns=["token_id", "token"]).sort_by("token_id")
     return t.column("token").to_pylist()
+
+
+def tokenizer_strings(tokenizer) -> list[str]:
+    """Every token id's string from a loaded transformers tokenizer, as an atlas of its model stores them. ``[d_vocab]``.
+
+    Example:
+        >>> tokenizer_strings(load_model(None).tokenizer)[2767]  # doctest: +SKIP
+        ' dog'
+    """
+    pieces = [p or "" for p in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+    return strings_from_pieces(pieces, guess_scheme(pieces))
 
 
 def vocab_index(tokens: list[str]) -> dict[str, int]:
@@ -82,10 +102,14 @@ def variant_strings(text: str) -> list[str]:
 
 
 def _first_token(s: str, index: dict[str, int]) -> str | None:
-    """The longest prefix of ``s`` that is a token: what BPE most often, not always, makes the first token."""
+    """The longest prefix of ``s`` that is a token, if it has content: what BPE most often, not always, makes the first token.
+
+    A whitespace-only first token (``' '`` before an emoji the vocabulary splits into
+    bytes) says nothing about the concept, so it gives None.
+    """
     for n in range(len(s), 0, -1):
         if s[:n] in index:
-            return s[:n]
+            return s[:n] if s[:n].strip() else None
     return None
 
 
@@ -98,7 +122,8 @@ def expand_concept(text: str, index: dict[str, int], variants: bool = True) -> C
         variants: False uses ``text`` exactly as typed, leading space included.
 
     Raises:
-        NeuronmapError: an empty concept, or one whose first character is no token either.
+        NeuronmapError: an empty concept, or one that starts with no content token (e.g. an
+            emoji the vocabulary splits into byte pieces).
 
     Example:
         >>> c = expand_concept("coffee", vocab_index(read_vocab(files)))  # doctest: +SKIP
@@ -116,5 +141,7 @@ def expand_concept(text: str, index: dict[str, int], variants: bool = True) -> C
             if first is not None:
                 found.setdefault(index[first], first)
     if not found:
-        raise NeuronmapError(f"concept {text!r} matches no token of this vocabulary, not even by its first character: try another spelling")
+        raise NeuronmapError(f"concept {text!r} matches no token of this vocabulary: no variant is a single token and it starts "
+                             "with no token but whitespace (emoji and other characters split into bytes cannot be matched): "
+                             "try a word or another spelling")
     return Concept(text, tuple(found), tuple(found.values()), tuple(s for s in tried if s not in index), approximate)

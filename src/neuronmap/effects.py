@@ -1,101 +1,67 @@
-"""What an intervention does: a concept's next-token probability, collateral KL, generations, and verify.
+"""What an intervention does: a concept's next-token probability, collateral KL, and generations.
 
 ``clamp`` measures, on neutral prompts, the probability that the next token is
 one of a concept's single-token variants (`` dog``, ``dog``, `` Dog``, `` dogs``
-...), without and with the intervention, and the KL divergence
-``KL(P_clamped || P_baseline)`` of the next-token distributions over the
-bundled reference text (nats per token): how much else the intervention
-changes. ``generate`` samples answers side by side. ``verify`` takes an atlas's
-candidate neurons for a concept and runs the clamp sweep on each.
+..., neuronmap.concepts), without and with the intervention, and the KL
+divergence ``KL(P_clamped || P_baseline)`` of the next-token distributions over
+the bundled reference text (nats per token): how much else the intervention
+changes. ``generate`` samples answers side by side. neuronmap.verify runs the
+clamp sweep on an atlas's candidates for a concept.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from neuronmap.concepts import Concept, expand_concept, tokenizer_strings, variant_strings, vocab_index
 from neuronmap.errors import NeuronmapError
 from neuronmap.intervene import (
-    Intervention, Spec, Value, bundled_prompts, bundled_text, check_positions, encode, intervene, parse_sweep, resolve,
+    POSITIONS_DEFAULT, Intervention, Spec, Value, bundled_prompts, bundled_text, check_positions, encode, intervene,
+    parse_sweep, resolve,
 )
-from neuronmap.models import Model, find_module, require_tokenizer
+from neuronmap.models import Model, require_tokenizer
 
-DEFAULT_SWEEP = "0,5x,10x,20x,50x"
+DEFAULT_SWEEP = "0,5x,10x,20x,50x"  # the example in clamp's --sweep help
+N_SAMPLES = 10
+TEMPERATURE = 0.7
+SEED = 0
+MAX_NEW_TOKENS = 24
+
+
+def finite(x: float) -> float | None:
+    """``x``, or None where it is inf or nan (JSON has neither)."""
+    return float(x) if math.isfinite(x) else None
 
 
 # ------------------------------------------------------------------ concepts
 
 
-def surface_forms(word: str) -> list[str]:
-    """The strings a concept may appear as: lower/Title case, plural, each with and without a leading space.
-
-    Raises:
-        NeuronmapError: an empty word.
-
-    Example:
-        >>> surface_forms("dog")[:4]
-        [' dog', 'dog', ' Dog', 'Dog']
-    """
-    w = word.strip()
-    if not w:
-        raise NeuronmapError("empty --concept: give a word, e.g. --concept dog")
-    low = w.lower()
-    if re.search(r"(s|x|z|ch|sh)$", low):
-        plural = low + "es"
-    elif re.search(r"[^aeiou]y$", low):
-        plural = low[:-1] + "ies"
-    else:
-        plural = low + "s"
-    bases = [w, low, low.capitalize(), plural, plural.capitalize()]
-    out: list[str] = []
-    for b in bases:
-        for s in (" " + b, b):
-            if s not in out:
-                out.append(s)
-    return out
-
-
-@dataclass(frozen=True)
-class Concept:
-    """A concept's single-token variants in one model's vocabulary."""
-
-    word: str
-    variants: tuple[str, ...]
-    token_ids: tuple[int, ...]
-
-
 def concept_tokens(m: Model, word: str) -> Concept:
-    """The variants of ``word`` that are one token each in ``m``'s tokenizer.
+    """A concept's single-token variants in ``m``'s tokenizer (neuronmap.concepts' model, the atlas's strings).
 
     Raises:
-        NeuronmapError: none of them is a single token.
+        NeuronmapError: no tokenizer, an empty word, or one that starts with no content token.
 
     Example:
-        >>> concept_tokens(m, "dog").variants  # doctest: +SKIP
-        (' dog', 'dog', ' Dog', 'Dog', ' dogs', 'dogs', ' Dogs')
+        >>> concept_tokens(m, "dog").tokens  # doctest: +SKIP
+        (' dog', 'dog', ' dogs', 'dogs', ' Dog', 'Dog', ' Dogs', 'Dogs')
     """
-    tok = require_tokenizer(m)
-    forms = surface_forms(word)
-    variants, ids = [], []
-    for v in forms:
-        enc = tok.encode(v, add_special_tokens=False)
-        if len(enc) == 1 and tok.decode(enc).strip() == v.strip() and enc[0] not in ids:
-            variants.append(v)
-            ids.append(int(enc[0]))
-    if not ids:
-        raise NeuronmapError(
-            f"concept {word.strip()!r} is not in this model's vocabulary: none of {', '.join(repr(f) for f in forms[:6])} "
-            "is a single token; choose a word the tokenizer keeps whole"
-        )
-    return Concept(word.strip(), tuple(variants), tuple(ids))
+    return expand_concept(word, vocab_index(tokenizer_strings(require_tokenizer(m))))
+
+
+def _check_word(word: str) -> None:
+    if not word.strip():
+        raise NeuronmapError(f"empty --concept {word!r}: give a word, e.g. --concept dog")
 
 
 def mentions(text: str, word: str) -> bool:
     """Whether ``text`` contains the concept as a whole word (any case, singular or plural)."""
-    forms = sorted({f.strip().lower() for f in surface_forms(word)}, key=len, reverse=True)
+    forms = sorted({f.strip().lower() for f in variant_strings(word)}, key=len, reverse=True)
     return re.search(r"\b(" + "|".join(map(re.escape, forms)) + r")\b", text, re.IGNORECASE) is not None
 
 
@@ -103,7 +69,7 @@ def mentions(text: str, word: str) -> bool:
 
 
 def next_token_logprobs(m: Model, prompts: list[str], interventions: list[Intervention] = (),
-                        positions: str = "all", batch: int = 32) -> torch.Tensor:
+                        positions: str = POSITIONS_DEFAULT, batch: int = 32) -> torch.Tensor:
     """Log-probabilities of the token after each prompt, ``[n_prompts, d_vocab]`` fp32 on CPU.
 
     Prompts run in right-padded batches: with causal attention the padding after
@@ -125,7 +91,7 @@ def next_token_logprobs(m: Model, prompts: list[str], interventions: list[Interv
     return torch.cat(out)
 
 
-def reference_logprobs(m: Model, interventions: list[Intervention] = (), positions: str = "all") -> torch.Tensor:
+def reference_logprobs(m: Model, interventions: list[Intervention] = (), positions: str = POSITIONS_DEFAULT) -> torch.Tensor:
     """Next-token log-probabilities at every position of the reference text, ``[seq, d_vocab]`` fp32 on CPU."""
     ids = encode(m, bundled_text("reference.txt"))
     with torch.no_grad(), intervene(m, list(interventions), positions):
@@ -147,6 +113,8 @@ class Outcome:
 
     Attributes:
         label: ``baseline`` or the specs, e.g. ``L29N808=20x``.
+        value: the sweep value applied to every spec (signed, as set), or None for the
+            baseline and for specs that carry their own values.
         interventions: the absolute rewrites.
         probs: the concept's next-token probability on each prompt.
         top: the most likely next token on each prompt.
@@ -156,6 +124,7 @@ class Outcome:
     """
 
     label: str
+    value: Value | None
     interventions: tuple[Intervention, ...]
     probs: tuple[float, ...]
     top: tuple[str, ...]
@@ -167,50 +136,72 @@ class Outcome:
     def mean(self) -> float:
         return sum(self.probs) / len(self.probs)
 
+    def to_dict(self) -> dict:
+        """JSON types only; ``probs`` and ``top`` follow the report's prompts; an infinite ratio is None."""
+        return {"label": self.label, "value": None if self.value is None else self.value.to_dict(),
+                "interventions": [iv.to_dict() for iv in self.interventions], "mean_prob": self.mean,
+                "ratio": finite(self.ratio), "raised": self.raised, "kl": finite(self.kl), "probs": list(self.probs),
+                "top": list(self.top)}
+
 
 @dataclass(frozen=True)
 class ClampReport:
-    """Baseline and clamped next-token probabilities of a concept on a set of prompts."""
+    """Baseline and clamped next-token probabilities of a concept on a set of prompts.
 
+    Attributes:
+        source: the model's source spec.
+        concept: its variants in the model's vocabulary (``approximate`` when none is a single token).
+        outcomes: one per setting (per sweep value, or one for the specs' own values).
+    """
+
+    source: str
     concept: Concept
     prompts: tuple[str, ...]
     positions: str
     baseline: Outcome
     outcomes: tuple[Outcome, ...]
 
+    def to_dict(self) -> dict:
+        """JSON types only: the form ``clamp --json`` prints."""
+        return {"source": self.source, "concept": self.concept.to_dict(), "positions": self.positions,
+                "prompts": list(self.prompts), "baseline": self.baseline.to_dict(),
+                "settings": [o.to_dict() for o in self.outcomes]}
 
-class _Baseline:
+
+class Baseline:
     """The unclamped distributions, computed once and shared by every setting."""
 
     def __init__(self, m: Model, concept: Concept, prompts: list[str]):
         self.m, self.concept, self.prompts = m, concept, prompts
         self.next = next_token_logprobs(m, prompts)  # [n_prompts, d_vocab]
         self.ref = reference_logprobs(m)  # [seq, d_vocab]
-        self.outcome = self._outcome("baseline", [], self.next, 0.0, None)
+        self.outcome = self._outcome("baseline", None, [], self.next, 0.0, None)
 
-    def _outcome(self, label, ivs, logp, kl_value, base: Outcome | None) -> Outcome:
+    def _outcome(self, label, value, ivs, logp, kl_value, base: Outcome | None) -> Outcome:
         tok = self.m.tokenizer
         probs = tuple(float(x) for x in logp[:, list(self.concept.token_ids)].exp().sum(-1))
         top = tuple(tok.decode([int(i)]) for i in logp.argmax(-1))
         if base is None:
-            return Outcome(label, tuple(ivs), probs, top, kl_value, 1.0, 0)
+            return Outcome(label, value, tuple(ivs), probs, top, kl_value, 1.0, 0)
         mean = sum(probs) / len(probs)
         ratio = mean / base.mean if base.mean > 0 else float("inf")
         raised = sum(p > b for p, b in zip(probs, base.probs))
-        return Outcome(label, tuple(ivs), probs, top, kl_value, ratio, raised)
+        return Outcome(label, value, tuple(ivs), probs, top, kl_value, ratio, raised)
 
-    def measure(self, label: str, ivs: list[Intervention], positions: str) -> Outcome:
+    def measure(self, specs: list[Spec], value: Value | None, ivs: list[Intervention], positions: str) -> Outcome:
+        """The outcome of ``ivs``: ``specs`` resolved with ``value`` (a sweep point) or their own values (None)."""
         logp = next_token_logprobs(self.m, self.prompts, ivs, positions)
         ref = reference_logprobs(self.m, ivs, positions)
-        return self._outcome(label, ivs, logp, kl(ref, self.ref), self.outcome)
+        return self._outcome(setting_label(specs, value), value, ivs, logp, kl(ref, self.ref), self.outcome)
 
 
-def _label(specs: list[Spec], value: Value | None) -> str:
+def setting_label(specs: list[Spec], value: Value | None) -> str:
+    """The specs as typed, each with ``value`` where given: ``L29N808=20x L3N7=20x``."""
     return " ".join(str(s) if value is None else str(Spec(s.layer, s.neuron, s.mode, value)) for s in specs)
 
 
 def clamp(m: Model, specs: list[Spec], word: str, prompts: list[str] | None = None, sweep: str | None = None,
-          positions: str = "all") -> ClampReport:
+          positions: str = POSITIONS_DEFAULT) -> ClampReport:
     """Measure how intervening on neurons changes a concept's next-token probability.
 
     Args:
@@ -235,14 +226,23 @@ def clamp(m: Model, specs: list[Spec], word: str, prompts: list[str] | None = No
     """
     check_positions(positions)
     values: list[Value | None] = parse_sweep(sweep) if sweep else [None]
-    settings = [(_label(specs, v), resolve(specs, m, v)) for v in values]
+    settings = [(v, resolve(specs, m, v)) for v in values]
     concept = concept_tokens(m, word)
-    prompts = list(prompts) if prompts is not None else bundled_prompts()
-    if not prompts:
+    base = Baseline(m, concept, neutral_prompts(prompts))
+    outcomes = tuple(base.measure(specs, v, ivs, positions) for v, ivs in settings)
+    return ClampReport(m.source.spec, concept, tuple(base.prompts), positions, base.outcome, outcomes)
+
+
+def neutral_prompts(prompts: list[str] | None) -> list[str]:
+    """``prompts``, or the bundled neutral ones where None.
+
+    Raises:
+        NeuronmapError: an empty list.
+    """
+    out = list(prompts) if prompts is not None else bundled_prompts()
+    if not out:
         raise NeuronmapError("no prompts: the prompts file has no non-empty lines")
-    base = _Baseline(m, concept, prompts)
-    outcomes = tuple(base.measure(label, ivs, positions) for label, ivs in settings)
-    return ClampReport(concept, tuple(prompts), positions, base.outcome, outcomes)
+    return out
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -254,7 +254,7 @@ def read_prompts(path: str | Path) -> list[str]:
     try:
         lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
-        raise NeuronmapError(f"cannot read --prompts {path} ({type(e).__name__}): pass a UTF-8 text file, one prompt per line") from None
+        raise NeuronmapError(f"cannot read --prompts {path} ({type(e).__name__}): pass a UTF-8 text file, one prompt per line") from e
     if not lines:
         raise NeuronmapError(f"--prompts {path} has no non-empty lines: put one prompt per line")
     return lines
@@ -281,8 +281,8 @@ def chat_input(m: Model, text: str, chat: bool = True) -> tuple[torch.Tensor, st
     return encode(m, text), notice
 
 
-def sample(m: Model, ids: torch.Tensor, interventions: list[Intervention] = (), positions: str = "all", n: int = 10,
-           temperature: float = 0.7, seed: int = 0, max_new_tokens: int = 24) -> list[str]:
+def sample(m: Model, ids: torch.Tensor, interventions: list[Intervention] = (), positions: str = POSITIONS_DEFAULT,
+           n: int = N_SAMPLES, temperature: float = TEMPERATURE, seed: int = SEED, max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
     """``n`` continuations of ``ids`` ``[1, seq]`` with the interventions in place, decoded without special tokens.
 
     The same seed gives baseline and clamped runs the same random numbers.
@@ -308,31 +308,48 @@ class Share:
     baseline: float
     clamped: float
 
+    def to_dict(self) -> dict:
+        """JSON types only."""
+        return asdict(self)
+
 
 @dataclass(frozen=True)
 class GenerateReport:
     """Baseline and clamped samples for one message.
 
     Attributes:
+        source: the model's source spec.
+        chat: a chat was asked for (the message wrapped in the chat template, where the model has one).
         label: the specs applied.
         notice: set when a chat was asked for and the model has no chat template.
         shares: one per ``concepts`` given.
     """
 
+    source: str
     text: str
+    chat: bool
     label: str
     notice: str | None
     seed: int
     temperature: float
+    max_new_tokens: int
     baseline: tuple[str, ...]
     clamped: tuple[str, ...]
     interventions: tuple[Intervention, ...]
     shares: tuple[Share, ...] = ()
 
+    def to_dict(self) -> dict:
+        """JSON types only: the form ``generate --json`` prints."""
+        return {"source": self.source, "text": self.text, "chat": self.chat,
+                "chat_template": self.chat and self.notice is None, "notice": self.notice, "clamp": self.label,
+                "interventions": [iv.to_dict() for iv in self.interventions], "seed": self.seed,
+                "temperature": self.temperature, "max_new_tokens": self.max_new_tokens, "baseline": list(self.baseline),
+                "clamped": list(self.clamped), "shares": [x.to_dict() for x in self.shares]}
 
-def generate(m: Model, text: str, specs: list[Spec], n: int = 10, temperature: float = 0.7, seed: int = 0,
-             max_new_tokens: int = 24, concepts: list[str] = (), positions: str = "all",
-             chat: bool = True) -> GenerateReport:
+
+def generate(m: Model, text: str, specs: list[Spec], n: int = N_SAMPLES, temperature: float = TEMPERATURE,
+             seed: int = SEED, max_new_tokens: int = MAX_NEW_TOKENS, concepts: list[str] = (),
+             positions: str = POSITIONS_DEFAULT, chat: bool = True) -> GenerateReport:
     """Sample answers to ``text`` without and with the interventions, with the same seed.
 
     Args:
@@ -353,7 +370,7 @@ def generate(m: Model, text: str, specs: list[Spec], n: int = 10, temperature: f
     if temperature < 0:
         raise NeuronmapError(f"--temperature {temperature} is negative: use 0 (greedy) or more")
     for c in concepts:
-        surface_forms(c)
+        _check_word(c)
     ivs = resolve(specs, m)
     ids, notice = chat_input(m, text, chat)
     base = sample(m, ids, [], positions, n, temperature, seed, max_new_tokens)
@@ -363,120 +380,5 @@ def generate(m: Model, text: str, specs: list[Spec], n: int = 10, temperature: f
         return sum(mentions(x, c) for x in xs) / len(xs)
 
     shares = tuple(Share(c.strip(), share(base, c), share(clamped, c)) for c in concepts)
-    return GenerateReport(text, _label(specs, None), notice, seed, temperature, tuple(base), tuple(clamped),
-                          tuple(ivs), shares)
-
-
-# ------------------------------------------------------------------ verify
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """An atlas row whose top tokens include the concept: the neuron, how it was found, and the concept's probability."""
-
-    id: str
-    layer: int
-    neuron: int
-    matrix: str
-    pole: str
-    token: str
-    prob: float
-
-
-def candidates(atlas_path: str | Path, word: str, top: int = 5) -> list[Candidate]:
-    """The atlas's neurons whose decoded top-k holds the concept, best first, one row per neuron.
-
-    A row's score is the summed probability of the concept's surface forms in its
-    top-k; a neuron keeps its best row (matrix and pole).
-
-    Raises:
-        NeuronmapError: not an atlas, or no neuron decodes to the concept.
-    """
-    import duckdb
-
-    from neuronmap.atlas import open_files
-
-    files = open_files(atlas_path)
-    forms = surface_forms(word)
-    rows = duckdb.connect().execute(
-        """
-        with hits as (
-            select id, layer, neuron, matrix, pole,
-                   list_filter(list_zip(tokens, probs), lambda t: list_contains(?, t[1])) as hit
-            from read_parquet(?) where list_has_any(tokens, ?)
-        ), scored as (
-            select id, layer, neuron, matrix, pole, hit[1][1] as token,
-                   list_sum(list_transform(hit, lambda t: t[2])) as score
-            from hits
-        )
-        select id, layer, neuron, matrix, pole, token, score from scored
-        qualify row_number() over (partition by id order by score desc) = 1
-        order by score desc, layer, neuron limit ?
-        """,
-        [forms, str(files.neurons), forms, int(top)],
-    ).fetchall()
-    if not rows:
-        raise NeuronmapError(
-            f"no neuron in {atlas_path} has {word.strip()!r} among its decoded top tokens: try another form of the word"
-        )
-    return [Candidate(r[0], int(r[1]), int(r[2]), r[3], r[4], r[5], float(r[6])) for r in rows]
-
-
-def concept_sign(m: Model, layer: int, neuron: int, concept: Concept) -> float:
-    """+1 or -1: the activation sign whose direct effect (down column through final norm and head) favours the concept."""
-    col = m.down_column(layer, neuron)  # [d_model]
-    x = torch.stack([col, -col]).to(m.device, m.dtype)  # [2, d_model]
-    with torch.no_grad():
-        h = find_module(m.model, m.family.final_norm)(x)
-        logp = m.model.get_output_embeddings()(h).float().log_softmax(-1)  # [2, d_vocab]
-    score = logp[:, list(concept.token_ids)].logsumexp(-1)
-    return 1.0 if score[0] >= score[1] else -1.0
-
-
-@dataclass(frozen=True)
-class Verified:
-    """One candidate's sweep: the sign used, an outcome per value, and the best one."""
-
-    candidate: Candidate
-    sign: float
-    outcomes: tuple[Outcome, ...]
-
-    @property
-    def best(self) -> Outcome:
-        return max(self.outcomes, key=lambda o: o.ratio)
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    concept: Concept
-    prompts: tuple[str, ...]
-    baseline: Outcome
-    rows: tuple[Verified, ...] = field(default_factory=tuple)
-
-
-def verify(m: Model, atlas_path: str | Path, word: str, top: int = 5, sweep: str = "5x,10x,20x",
-           prompts: list[str] | None = None, positions: str = "all") -> VerifyReport:
-    """Clamp each of the atlas's top candidates for a concept over a sweep and measure the concept's probability.
-
-    Each candidate is set to ``sign * value``, where the sign is the one whose
-    direct effect on the logits favours the concept (``concept_sign``).
-
-    Raises:
-        NeuronmapError: as ``candidates`` and ``clamp``.
-    """
-    check_positions(positions)
-    values = parse_sweep(sweep)
-    cands = candidates(atlas_path, word, top)
-    concept = concept_tokens(m, word)
-    prompts = list(prompts) if prompts is not None else bundled_prompts()
-    base = _Baseline(m, concept, prompts)
-    rows = []
-    for c in cands:
-        sign = concept_sign(m, c.layer, c.neuron, concept)
-        spec = [Spec(c.layer, c.neuron, "set", None)]
-        outs = []
-        for v in values:
-            sv = Value(sign * v.amount + 0.0, v.relative)  # + 0.0: no "-0" label
-            outs.append(base.measure(_label(spec, sv), resolve(spec, m, sv), positions))
-        rows.append(Verified(c, sign, tuple(outs)))
-    return VerifyReport(concept, tuple(prompts), base.outcome, tuple(rows))
+    return GenerateReport(m.source.spec, text, chat, setting_label(specs, None), notice, seed, temperature, max_new_tokens,
+                          tuple(base), tuple(clamped), tuple(ivs), shares)

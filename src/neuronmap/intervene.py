@@ -42,6 +42,7 @@ from neuronmap.sources import cache_dir, file_sha256
 
 MODES = ("set", "add", "scale")
 POSITIONS = ("all", "prompt", "generated", "last")
+POSITIONS_DEFAULT = "all"
 _SPEC = re.compile(r"^\s*(L\d+N\d+)\s*(?:([+*]?=)\s*(\S+?))?\s*$")
 _VALUE = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)(x?)$", re.IGNORECASE)
 _OPS = {"=": "set", "+=": "add", "*=": "scale"}
@@ -60,6 +61,10 @@ class Value:
 
     def __str__(self) -> str:
         return f"{self.amount:g}x" if self.relative else f"{self.amount:g}"
+
+    def to_dict(self) -> dict:
+        """JSON types only: ``{"amount": 20.0, "relative": true}``."""
+        return {"amount": self.amount, "relative": self.relative}
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,11 @@ class Intervention:
     neuron: int
     mode: str
     value: float
+
+    def to_dict(self) -> dict:
+        """JSON types only: the neuron's id, layer, index, mode and absolute value."""
+        return {"id": neuron_id(self.layer, self.neuron), "layer": self.layer, "neuron": self.neuron, "mode": self.mode,
+                "value": self.value}
 
 
 def parse_value(text: str, what: str = "value") -> Value:
@@ -125,8 +135,8 @@ def parse_spec(text: str, n_layers: int | None = None, d_mlp: int | None = None)
     mode = _OPS[m.group(2)]
     try:
         value = parse_value(m.group(3))
-    except NeuronmapError:
-        raise NeuronmapError(f"malformed neuron spec {text!r}: {SPEC_HELP}") from None
+    except NeuronmapError as e:
+        raise NeuronmapError(f"malformed neuron spec {text!r}: {SPEC_HELP}") from e
     if mode == "scale" and value.relative:
         raise NeuronmapError(f"neuron spec {text!r}: *= takes a plain factor, e.g. {m.group(1)}*=3")
     return Spec(layer, neuron, mode, value)
@@ -223,7 +233,7 @@ def _mlp_hook(cursor: _Cursor, iv: Intervention, positions: str):
 
 
 @contextmanager
-def intervene(m: Model, interventions: list[Intervention], positions: str = "all") -> Iterator[None]:
+def intervene(m: Model, interventions: list[Intervention], positions: str = POSITIONS_DEFAULT) -> Iterator[None]:
     """Rewrite neurons' activations in every forward pass of ``m.model`` inside the block.
 
     Hooks are removed on exit, also when the block raises. Interventions on the

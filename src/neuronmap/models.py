@@ -23,6 +23,8 @@ from neuronmap.families import Family, family_for_model_type
 from neuronmap.sources import Source, resolve_source
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEVICE = "cpu"
+DTYPE = "float32"
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ _LOADED: dict[tuple, Model] = {}
 _KEEP = 2  # models kept loaded per process: a real one and a small one, without hoarding memory
 
 
-def load_model(source: Source | str | None = None, device: str = "cpu", dtype: str = "float32") -> Model:
+def load_model(source: Source | str | None = None, device: str = DEVICE, dtype: str = DTYPE) -> Model:
     """Load a model with transformers; the last two loaded stay in memory for reuse.
 
     Args:
@@ -156,7 +158,7 @@ def load_model(source: Source | str | None = None, device: str = "cpu", dtype: s
         raise NeuronmapError(
             f"transformers cannot load {src.spec} ({type(e).__name__}: {first}): "
             "pass a checkpoint or GGUF of a supported causal LM"
-        ) from None
+        ) from e
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kw)
     except Exception:

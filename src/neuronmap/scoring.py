@@ -33,21 +33,26 @@ from neuronmap.sources import Source, Weights, file_sha256, resolve_source
 # ------------------------------------------------------------------ exact, from the weights
 
 
-def check_weights(files: AtlasFiles, weights: str | None = None) -> Source:
+def check_weights(files: AtlasFiles, weights: str | None = None,
+                  fix: str = "pass --weights PATH if they only moved, or search the stored top-k with --stored") -> Source:
     """The weights an atlas was mapped from, each file's sha256 checked against meta.json.
 
     Args:
         files: the atlas.
         weights: where the weights are now, if they moved (anything ``resolve_source``
             takes); default: the path recorded in meta.json.
+        fix: the calling command's remedies, after "re-map with ...", in its errors.
 
     Raises:
         NeuronmapError: a file is missing, or its sha256 differs from the recorded one.
+
+    Example:
+        >>> check_weights(open_files("demo-atlas")).kind  # doctest: +SKIP
+        'gguf'
     """
     src = files.meta.get("source") or {}
     expected = {f["name"]: f["sha256"] for f in src.get("files", [])}
-    fix = (f"re-map with `neuronmap map {src.get('spec', 'SOURCE')} -o {files.root} --overwrite`, "
-           "pass --weights PATH if they only moved, or search the stored top-k with --stored")
+    fix = f"re-map with `neuronmap map {src.get('spec', 'SOURCE')} -o {files.root} --overwrite`, {fix}"
     if not expected:
         raise NeuronmapError(f"{files.root}/meta.json records no source weights with sha256: {fix}")
     if weights is not None:

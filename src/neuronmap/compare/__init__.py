@@ -25,7 +25,7 @@ map options, so the second compare of the same pair starts at once.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from neuronmap.compare.concepts import ConceptComparison, compare_concepts, confident_concepts, normalise
@@ -74,15 +74,14 @@ class Comparison:
     neuron: NeuronComparison | None = None
     concept: ConceptComparison | None = None
 
-    def to_json(self) -> dict:
-        side = lambda s: {"spec": s.spec, "atlas": str(s.path), "mapped": s.mapped, "family": s.meta.get("family"),  # noqa: E731
-                          **{k: s.meta.get(k) for k in SHAPE_KEYS}, "top_k": s.meta["decode"]["top_k"]}
-        out = {"a": side(self.a), "b": side(self.b), "level": self.level, "reason": self.reason,
-               "warnings": self.warnings, "matrices": self.matrices, "seconds": round(self.seconds, 3)}
+    def to_dict(self) -> dict:
+        """JSON types only: the form ``compare --json`` prints."""
+        out = {"a": self.a.to_dict(), "b": self.b.to_dict(), "level": self.level, "reason": self.reason,
+               "warnings": list(self.warnings), "matrices": list(self.matrices), "seconds": round(self.seconds, 3)}
         if self.neuron is not None:
-            out["neuron"] = asdict(self.neuron)
+            out["neuron"] = self.neuron.to_dict()
         if self.concept is not None:
-            out["concept"] = asdict(self.concept)
+            out["concept"] = self.concept.to_dict()
         return out
 
 

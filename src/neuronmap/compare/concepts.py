@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
@@ -74,6 +74,10 @@ class ConceptComparison:
     only_a: list[dict]
     only_b: list[dict]
     by_layer: list[dict]
+
+    def to_dict(self) -> dict:
+        """JSON types only: every field, as built (the rows are plain dicts of str, int and float)."""
+        return asdict(self)
 
 
 def _per_concept(df: pd.DataFrame, vocab: pa.Array) -> pd.DataFrame:

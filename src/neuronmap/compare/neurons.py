@@ -9,7 +9,7 @@ confident rows give close to 1 bit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
@@ -140,6 +140,10 @@ class NeuronComparison:
     lost: list[dict]
     n_gained: int
     n_lost: int
+
+    def to_dict(self) -> dict:
+        """JSON types only: every field, as built (the rows are plain dicts of str, int and float)."""
+        return asdict(self)
 
 
 def _unkey(key: np.ndarray, n_layers: int, d_mlp: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

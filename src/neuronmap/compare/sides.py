@@ -37,6 +37,11 @@ class Side:
     meta: dict
     mapped: bool
 
+    def to_dict(self) -> dict:
+        """JSON types only: what was given, the atlas, and the model's shape."""
+        return {"spec": self.spec, "atlas": str(self.path), "mapped": self.mapped, "family": self.meta.get("family"),
+                **{k: self.meta.get(k) for k in SHAPE_KEYS}, "top_k": self.meta["decode"]["top_k"]}
+
 
 def atlas_key(files_sha256: list[str], options: MapOptions) -> str:
     """The cache key of a source's atlas: its weight files and every map option that changes the result.
