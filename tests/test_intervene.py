@@ -471,3 +471,27 @@ def test_cli_defaults_are_the_api_defaults():
         api(verify, k) for k in ("top", "sweep", "min_ratio", "positions", "device", "dtype", "source"))
     c = p.parse_args(["clamp", "--neuron", "L0N0=1", "--concept", "dog"])
     assert (c.sweep, c.positions) == (api(clamp, "sweep"), api(clamp, "positions"))
+
+
+def test_cli_value_that_overflows_the_model_is_refused(tiny_with_tokenizer, capsys):
+    """A finite clamp value can still overflow float32 inside the model: one line, never NaN in --json."""
+    rc, out, err = run_cli(["clamp", str(tiny_with_tokenizer), "--neuron", "L1N5=3e38", "--neuron", "L0N5=3e38",
+                            "--concept", "dog", "--json"], capsys)
+    assert rc == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: the model's logits are not finite with L1N5=3e+38, L0N5=3e+38: the value overflows")
+    rc, out, err = run_cli(["clamp", str(tiny_with_tokenizer), "--neuron", "L1N5=1e308x", "--concept", "dog", "--json"], capsys)
+    assert rc == 2 and "1e+308x comes to inf, which the model's float32 activations cannot hold" in err
+
+
+@pytest.mark.parametrize("argv", [["clamp", "{m}", "--neuron", "L1N5", "--concept", "dog"],
+                                  ["generate", "{m}", "--clamp", "L1N5", "--prompt", "hello"]])
+def test_cli_spec_without_value_fails_before_the_model_loads(argv, tmp_path, capsys):
+    """The model path does not exist: the error about the value must come first, from the arguments alone."""
+    rc, _, err = run_cli([a.format(m=tmp_path / "absent") for a in argv], capsys)
+    assert rc == 2 and err == "error: neuron spec 'L1N5' has no value: give one (e.g. L1N5=20x) or a --sweep\n"
+
+
+def test_generate_api_refuses_a_nan_temperature(tiny_with_tokenizer):
+    m = load_model(str(tiny_with_tokenizer))
+    with pytest.raises(NeuronmapError, match="--temperature nan is not a number >= 0"):
+        generate(m, "hello", [parse_spec("L1N5=3")], temperature=float("nan"))

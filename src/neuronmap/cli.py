@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from neuronmap.errors import NeuronmapError
-from neuronmap.fsio import exit_on_signals, restore_signals
+from neuronmap.fsio import check_png, exit_on_signals, restore_signals
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -161,12 +161,13 @@ def add_clamp(sub) -> None:
 
 def cmd_clamp(args) -> int:
     from neuronmap.effects import clamp, read_prompts
-    from neuronmap.intervene import check_positions, parse_spec, parse_sweep
+    from neuronmap.intervene import check_positions, check_values, parse_spec, parse_sweep
     from neuronmap.models import load_model
 
     specs = [parse_spec(s) for s in args.neuron]
     if args.sweep:
         parse_sweep(args.sweep)  # a typo fails before the model loads
+    check_values(specs, args.sweep)
     check_positions(args.positions)
     prompts = read_prompts(args.prompts) if args.prompts else None
     r = clamp(load_model(args.source, args.device, args.dtype), specs, args.concept, prompts, args.sweep, args.positions)
@@ -216,10 +217,11 @@ def add_generate(sub) -> None:
 
 def cmd_generate(args) -> int:
     from neuronmap.effects import generate
-    from neuronmap.intervene import check_positions, parse_spec
+    from neuronmap.intervene import check_positions, check_values, parse_spec
     from neuronmap.models import load_model
 
     specs = [parse_spec(s) for s in args.clamp]
+    check_values(specs, None)
     check_positions(args.positions)
     m = load_model(args.source, args.device, args.dtype)
     r = generate(m, args.chat if args.chat is not None else args.prompt, specs, args.n, args.temperature, args.seed,
@@ -430,6 +432,8 @@ def cmd_stats(args) -> int:
     from neuronmap.stats import TOKEN_CLASSES, plot, stats
 
     files = open_files(args.atlas)
+    if args.plot:
+        check_png(args.plot)
     s = stats(files, args.matrices, args.layers, args.pole)
     if args.plot:
         plot(s, args.plot, f"{files.meta.get('source', {}).get('spec', '?')} ({files.meta['family']}): {s.n_rows:,} rows of {args.atlas}")
@@ -494,8 +498,8 @@ def cmd_compare(args) -> int:
     from neuronmap.compare import compare, plot
     from neuronmap.mapper import MapOptions
 
-    if args.plot and not args.plot.lower().endswith(".png"):
-        raise NeuronmapError(f"--plot {args.plot}: the plot is a PNG; give a file name ending in .png")
+    if args.plot:
+        check_png(args.plot)  # before minutes of mapping, not after
     c = compare(args.a, args.b, level=args.level, matrices=args.matrices, layers=args.layers, min_prob=args.min_prob,
                 top=args.top, options=MapOptions(top_k=args.top_k, device=args.device, dtype=args.dtype),
                 progress=lambda msg: err.print(msg, markup=False))

@@ -20,6 +20,7 @@ import torch
 
 from neuronmap.concepts import Concept, expand_concept, tokenizer_strings, variant_strings, vocab_index
 from neuronmap.errors import NeuronmapError
+from neuronmap.ids import neuron_id
 from neuronmap.intervene import (
     POSITIONS_DEFAULT, Intervention, Spec, Value, bundled_prompts, bundled_text, check_positions, encode, intervene,
     parse_sweep, resolve,
@@ -86,7 +87,7 @@ def next_token_logprobs(m: Model, prompts: list[str], interventions: list[Interv
             ids[j, :len(e)], mask[j, :len(e)] = e, 1
         last = mask.sum(-1) - 1  # [b]
         with torch.no_grad(), intervene(m, list(interventions), positions):
-            logits = m.model(input_ids=ids, attention_mask=mask).logits  # [b, seq, d_vocab]
+            logits = finite_logits(m.model(input_ids=ids, attention_mask=mask).logits, interventions)  # [b, seq, d_vocab]
         out.append(logits[torch.arange(len(chunk)), last].float().log_softmax(-1).cpu())
     return torch.cat(out)
 
@@ -95,8 +96,21 @@ def reference_logprobs(m: Model, interventions: list[Intervention] = (), positio
     """Next-token log-probabilities at every position of the reference text, ``[seq, d_vocab]`` fp32 on CPU."""
     ids = encode(m, bundled_text("reference.txt"))
     with torch.no_grad(), intervene(m, list(interventions), positions):
-        logits = m.model(ids).logits[0]  # [seq, d_vocab]
+        logits = finite_logits(m.model(ids).logits[0], interventions)  # [seq, d_vocab]
     return logits.float().log_softmax(-1).cpu()
+
+
+def finite_logits(logits: torch.Tensor, interventions: list[Intervention]) -> torch.Tensor:
+    """``logits`` unchanged, once checked finite: a clamp value can overflow float32 inside the model.
+
+    Raises:
+        NeuronmapError: a logit is inf or NaN, naming the interventions that caused it.
+    """
+    if not bool(torch.isfinite(logits).all()):
+        setting = ", ".join(f"{neuron_id(iv.layer, iv.neuron)}={iv.value:g}" for iv in interventions) or "no intervention"
+        raise NeuronmapError(f"the model's logits are not finite with {setting}: the value overflows inside the model; "
+                             "choose a smaller one, e.g. 20x")
+    return logits
 
 
 def kl(logp: torch.Tensor, logq: torch.Tensor) -> float:
@@ -367,12 +381,14 @@ def generate(m: Model, text: str, specs: list[Spec], n: int = N_SAMPLES, tempera
     check_positions(positions)
     if n < 1 or max_new_tokens < 1:
         raise NeuronmapError(f"-n {n} and --max-new-tokens {max_new_tokens} must be at least 1")
-    if temperature < 0:
-        raise NeuronmapError(f"--temperature {temperature} is negative: use 0 (greedy) or more")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise NeuronmapError(f"--temperature {temperature} is not a number >= 0: use 0 (greedy) or more, e.g. 0.7")
     for c in concepts:
         _check_word(c)
     ivs = resolve(specs, m)
     ids, notice = chat_input(m, text, chat)
+    with torch.no_grad(), intervene(m, ivs, positions):
+        finite_logits(m.model(ids).logits, ivs)  # an overflow fails here in one line, not inside sampling
     base = sample(m, ids, [], positions, n, temperature, seed, max_new_tokens)
     clamped = sample(m, ids, ivs, positions, n, temperature, seed, max_new_tokens)
 

@@ -102,6 +102,27 @@ def atomic_file(out: Path | str, what: str = "output") -> Iterator[Path]:
         _PENDING.discard(tmp)
 
 
+def check_png(out: Path | str) -> Path:
+    """Check a plot's path before any work: a .png name in an existing directory.
+
+    Raises:
+        NeuronmapError: not a .png name, or its directory is missing or is a file.
+
+    Example:
+        >>> check_png("plots/x.svg")
+        Traceback (most recent call last):
+        neuronmap.errors.NeuronmapError: --plot plots/x.svg: the plot is a PNG; give a file name ending in .png
+    """
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise NeuronmapError(f"--plot {out}: the plot is a PNG; give a file name ending in .png")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise NeuronmapError(f"--plot {out}: {out.parent} is a file, not a directory; choose another path")
+    if not out.parent.is_dir():
+        raise NeuronmapError(f"--plot {out}: directory {out.parent} does not exist; create it or choose another path")
+    return out
+
+
 def temp_dir_beside(out: Path, what: str = "output") -> Path:
     """A new empty directory ``.NAME.xxxx.tmp`` beside ``out``, with an ordinary directory's mode.
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from neuronmap.errors import NeuronmapError
+from neuronmap.fsio import atomic_file
 from neuronmap.ids import neuron_id, parse_neuron_id
 from neuronmap.models import Model, require_tokenizer
 from neuronmap.sources import cache_dir, file_sha256
@@ -335,11 +336,9 @@ def natural_range(m: Model) -> torch.Tensor:
         m.model(ids)
     ranges = torch.stack([a.float().abs().reshape(-1, m.d_mlp).amax(0).cpu() for a in seen])  # [n_layers, d_mlp]
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{id(ranges)}.tmp.npy")
-        np.save(tmp, ranges.numpy())
-        tmp.replace(path)
-    except OSError:
+        with atomic_file(path, "cache") as tmp, open(tmp, "wb") as f:
+            np.save(f, ranges.numpy())
+    except NeuronmapError:
         pass  # a read-only cache only costs a forward pass
     return ranges
 

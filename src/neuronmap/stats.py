@@ -13,7 +13,7 @@ import pandas as pd
 from neuronmap.atlas import AtlasFiles
 from neuronmap.concepts import read_vocab
 from neuronmap.errors import NeuronmapError
-from neuronmap.fsio import atomic_file
+from neuronmap.fsio import atomic_file, check_png
 from neuronmap.atlasdb import choose_rows, connect, where_clause
 
 TOKEN_CLASSES = ("word", "subword", "number", "punctuation", "whitespace", "other")
@@ -129,11 +129,7 @@ def plot(result: Stats, out: Path | str, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise NeuronmapError(f"--plot {out}: expected a .png file name")
-    if not out.parent.is_dir():
-        raise NeuronmapError(f"--plot {out}: directory {out.parent} does not exist; create it first")
+    out = check_png(out)
     df = result.layers
     colors = {"gate": "tab:orange", "up": "tab:blue", "down": "tab:green"}
     fig, ax = plt.subplots(2, 2, figsize=(11, 7.5), dpi=80)

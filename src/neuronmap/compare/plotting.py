@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from neuronmap.errors import NeuronmapError
-from neuronmap.fsio import atomic_file
+from neuronmap.fsio import atomic_file, check_png
 
 if TYPE_CHECKING:
     from neuronmap.compare import Comparison
@@ -27,11 +26,7 @@ def plot(c: Comparison, out: Path | str) -> Path:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise NeuronmapError(f"--plot {out}: the plot is a PNG; give a file name ending in .png")
-    if not out.parent.is_dir():
-        raise NeuronmapError(f"--plot {out}: directory {out.parent} does not exist; create it or choose another path")
+    out = check_png(out)
     title = f"A: {c.a.spec}   B: {c.b.spec}"
     if c.neuron is not None:
         fig = Figure(figsize=(9, 3.4), dpi=100)

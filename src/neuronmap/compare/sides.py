@@ -84,7 +84,7 @@ def resolve_atlas(
     """
     p = Path(spec).expanduser()
     if p.is_dir() and ((p / "meta.json").exists() or (p / "neurons.parquet").exists()):
-        return Side(spec, p, atlas_io.read_meta(p), False)
+        return Side(spec, p, atlas_io.open_files(p).meta, False)
     if not _looks_like_source(spec):
         raise NeuronmapError(
             f"{spec} does not exist: pass an atlas directory (made by `neuronmap map`) or a model source "
@@ -109,7 +109,7 @@ def resolve_atlas(
     # A cached atlas of every matrix and layer serves any subset too.
     for cand in (cache_dir() / "atlases" / atlas_key(shas, replace(opts, matrices=None, layers=None)), out):
         try:
-            return Side(spec, cand, atlas_io.read_meta(cand), True)
+            return Side(spec, cand, atlas_io.open_files(cand).meta, True)
         except NeuronmapError:
             pass
     if progress:
