@@ -64,7 +64,7 @@ def test_plot_writes_a_png_and_no_temp_file(tiny_atlas, tmp_path):
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert [p.name for p in tmp_path.iterdir()] == ["s.png"]
-    with pytest.raises(NeuronmapError, match="expected a .png"):
+    with pytest.raises(NeuronmapError, match="the plot is a PNG; give a file name ending in .png"):
         plot(stats(open_files(tiny_atlas)), tmp_path / "s.jpg")
     with pytest.raises(NeuronmapError, match="does not exist"):
         plot(stats(open_files(tiny_atlas)), tmp_path / "nope" / "s.png")
