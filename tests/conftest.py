@@ -162,3 +162,19 @@ def tiny_llama(tmp_path_factory) -> tuple[Path, Path]:
     make_tiny("llama", root / "ck")
     map_model(str(root / "ck"), root / "atlas")
     return root / "ck", root / "atlas"
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """``(checkpoint, atlas)`` of a tiny llama, made once per test module (tests that damage them copy first)."""
+    return tiny_llama(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_pair) -> Path:
+    return tiny_pair[0]
+
+
+@pytest.fixture(scope="module")
+def atlas(tiny_pair) -> Path:
+    return tiny_pair[1]

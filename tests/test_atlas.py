@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_tiny, tiny_llama
+from conftest import make_tiny
 from neuronmap.atlas import atlas_writer, open_files, read_meta
 from neuronmap.cli import main
 from neuronmap.errors import NeuronmapError
@@ -24,16 +24,6 @@ from neuronmap.stats import stats
 def _tree(root: Path) -> dict[str, str]:
     """Every file below ``root`` with its sha256: 'still there, byte for byte'."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return tiny_llama(tmp_path_factory)[0]
-
-
-@pytest.fixture(scope="module")
-def atlas(tmp_path_factory) -> Path:
-    return tiny_llama(tmp_path_factory)[1]
 
 
 def _one_line_error(capsys, *fragments: str, notice: str | None = None) -> str:

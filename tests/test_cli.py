@@ -12,18 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_llama
 from neuronmap.cli import main
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return tiny_llama(tmp_path_factory)[0]
-
-
-@pytest.fixture(scope="module")
-def atlas(tmp_path_factory) -> Path:
-    return tiny_llama(tmp_path_factory)[1]
 
 
 def _run(*argv: str, cwd: Path | None = None, **kw) -> subprocess.CompletedProcess:
