@@ -34,6 +34,11 @@ class Concept:
     missing: tuple[str, ...]
     approximate: bool
 
+    def to_dict(self) -> dict:
+        """JSON types only: ``{"concept", "tokens": [{"id", "token"}], "missing", "approximate"}``."""
+        return {"concept": self.text, "tokens": [{"id": int(i), "token": t} for i, t in zip(self.token_ids, self.tokens)],
+                "missing": list(self.missing), "approximate": self.approximate}
+
 
 def read_vocab(files: AtlasFiles) -> list[str]:
     """Every token id's string (leading space kept), from the atlas's vocab.parquet. ``[d_vocab]``."""
