@@ -205,7 +205,7 @@ def test_token_index_is_every_top_k_entry_built_once_and_rebuilt_when_the_atlas_
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_show_every_matrix_and_pole_with_exact_rank(tiny_atlases, family):
     d = tiny_atlases[family]
-    t = show(open_files(d), "L1N5")
+    t = show(open_files(d), "L1N5").rows
     meta = open_files(d).meta
     assert [(m, p) for m, p in zip(t["matrix"], t["pole"])] == [(m, p) for m in meta["decode"]["matrices"] for p in "+-"]
     assert set(t["id"]) == {"L1N5"} and (t["rank_method"] == "exact").all()
@@ -220,7 +220,7 @@ def test_show_every_matrix_and_pole_with_exact_rank(tiny_atlases, family):
 
 def test_show_stored_rank_counts_only_rows_holding_the_token(tiny_atlases):
     files = open_files(tiny_atlases["llama"])
-    t = show(files, "L0N3", stored=True)
+    t = show(files, "L0N3", stored=True).rows
     import pyarrow.parquet as pq
 
     rows = pq.read_table(files.neurons).to_pylist()
@@ -263,8 +263,8 @@ def test_cli_show_and_api(tiny_atlases, capsys):
     a = Atlas.open(d)
     df = a.search("<7>", "<8>", top=2)
     assert df.attrs["method"] == "exact" and list(df["concept"]) == ["<7>", "<7>", "<8>", "<8>"]
-    assert a.show("L0N2")[["matrix", "pole", "rank"]].equals(
-        show(open_files(d), "L0N2")[["matrix", "pole", "rank"]])
+    assert a.show("L0N2").rows[["matrix", "pole", "rank"]].equals(
+        show(open_files(d), "L0N2").rows[["matrix", "pole", "rank"]])
     assert a.variants("<7>").token_ids == (7,)
 
 
@@ -379,7 +379,7 @@ def test_demo_exact_search_matches_brute_force_on_a_layer(demo_atlas):
 
 
 def test_demo_show_coffee_neuron(demo_atlas):
-    t = show(open_files(demo_atlas), "L29N750")
+    t = show(open_files(demo_atlas), "L29N750").rows
     up = t[(t["matrix"] == "up") & (t["pole"] == "+")].iloc[0]
     assert up["top_token"] == " coffee" and up["top_prob"] > 0.9 and up["rank"] == 1
     assert len(t) == 6 and (t["n_ranked"] == 2 * 30 * 3 * 1536).all()

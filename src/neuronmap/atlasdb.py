@@ -27,6 +27,7 @@ from neuronmap.ids import MATRICES, format_ranges, parse_layers, parse_matrices,
 from neuronmap.sources import cache_dir
 
 if TYPE_CHECKING:
+    from neuronmap.search import NeuronReport
     from neuronmap.stats import Stats
 
 INDEX = "token_index.parquet"
@@ -209,8 +210,8 @@ class Atlas:
         table.attrs.update(method=r.method, n_scored=r.n_scored, concepts=[dataclasses.asdict(c) for c in r.concepts])
         return table
 
-    def show(self, neuron: str, stored: bool = False, weights: str | None = None) -> pd.DataFrame:
-        """``show``: every matrix and pole of one neuron."""
+    def show(self, neuron: str, stored: bool = False, weights: str | None = None) -> NeuronReport:
+        """``neuronmap.search.show``: every matrix and pole of one neuron (a ``NeuronReport``)."""
         from neuronmap.search import show
 
         return show(self.files, neuron, stored, weights)

@@ -51,8 +51,9 @@ def finite_float(lo: float | None = None, hi: float | None = None):
     return parse
 
 
-def _print_json(data) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+def _print_json(data: dict) -> None:
+    # allow_nan=False: a nan or inf that reached here is a bug in a to_dict(), not something to print as invalid JSON.
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 # ------------------------------------------------------------------ map
@@ -97,12 +98,10 @@ def cmd_map(args) -> int:
             bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} neurons/s")
 
         result = map_model(args.source, args.out, opts, overwrite=args.overwrite, progress=progress)
-    m = result.meta
     if args.json:
-        _print_json({"path": str(result.path), "n_vectors": result.n_vectors, "n_rows": m["n_rows"],
-                     "seconds": round(result.seconds, 3), "vectors_per_s": m["timings"]["vectors_per_s"],
-                     "family": m["family"], "dtype": m["dtype"], "device": m["device"], "highlights": result.highlights})
+        _print_json(result.to_dict())
         return 0
+    m = result.meta
     out.print(f"[bold]Mapped[/bold] {result.n_vectors:,} vectors ({m['n_rows']:,} rows with both poles) of "
               f"{m['source']['spec']} ({m['family']}: {m['n_layers']} layers x {m['d_mlp']} neurons, "
               f"matrices {','.join(m['decode']['matrices'])}) in {result.seconds:.1f} s, "
@@ -347,13 +346,10 @@ def cmd_search(args) -> int:
     _note_index(files, args.stored)
     r = search(files, args.concepts, args.matrices, args.layers, args.pole, args.top, args.min_prob,
                args.stored, args.weights, not args.exact_token)
-    t = r.table
     if args.json:
-        _print_json({"atlas": args.atlas, "method": r.method, "n_scored": r.n_scored, "seconds": round(r.seconds, 3),
-                     "concepts": [{"concept": c.text, "tokens": [{"id": i, "token": s} for i, s in zip(c.token_ids, c.tokens)],
-                                   "missing": list(c.missing), "approximate": c.approximate} for c in r.concepts],
-                     "results": json.loads(t.to_json(orient="records"))})
+        _print_json(r.to_dict())
         return 0
+    t = r.table
     if args.csv:
         flat = t.assign(top_tokens=[json.dumps(list(x), ensure_ascii=False) for x in t["top_tokens"]],
                         top_probs=[json.dumps([round(float(v), 6) for v in x]) for x in t["top_probs"]])
@@ -398,20 +394,18 @@ def cmd_show(args) -> int:
 
     files = open_files(args.atlas)
     _note_index(files, args.stored)
-    t = show(files, args.neuron, args.stored, args.weights)
+    n = show(files, args.neuron, args.stored, args.weights)
     if args.json:
-        _print_json({"atlas": args.atlas, "id": t["id"].iloc[0], "layer": int(t["layer"].iloc[0]),
-                     "neuron": int(t["neuron"].iloc[0]), "rows": json.loads(t.to_json(orient="records"))})
+        _print_json(n.to_dict())
         return 0
-    method = t["rank_method"].iloc[0]
-    how = ("exact p of that token over every row, from the weights" if method == "exact"
+    how = ("exact p of that token over every row, from the weights" if n.rank_method == "exact"
            else "stored p, among only the rows whose top-k holds that token")
-    out.print(f"[bold]{t['id'].iloc[0]}[/bold] (layer {t['layer'].iloc[0]}, neuron {t['neuron'].iloc[0]}) of {escape(args.atlas)} "
+    out.print(f"[bold]{n.id}[/bold] (layer {n.layer}, neuron {n.neuron}) of {escape(args.atlas)} "
               f"({files.meta['family']}, {files.meta.get('source', {}).get('spec', '?')}); rank: position for its own top token, by {how}")
     tab = Table(show_edge=False)
     for col in ("matrix", "pole", "|w|", "entropy", "rank for top token", f"top {args.tokens} tokens (p)"):
         tab.add_column(col, justify="right" if col in ("|w|", "entropy", "rank for top token") else "left")
-    for r in t.itertuples():
+    for r in n.rows.itertuples():
         tops = "  ".join(f"{_tok(a)} {b:.3f}" for a, b in zip(r.tokens[:args.tokens], r.probs[:args.tokens]))
         tab.add_row(r.matrix, r.pole, f"{r.weight_norm:.2f}", f"{r.entropy:.2f}", f"{r.rank:,} of {r.n_ranked:,}", tops)
     _table(tab)
@@ -438,9 +432,7 @@ def cmd_stats(args) -> int:
     if args.plot:
         plot(s, args.plot, f"{files.meta.get('source', {}).get('spec', '?')} ({files.meta['family']}): {s.n_rows:,} rows of {args.atlas}")
     if args.json:
-        _print_json({"atlas": args.atlas, "n_rows": s.n_rows, "plot": args.plot,
-                     "layers": json.loads(s.layers.to_json(orient="records")),
-                     "top_tokens": json.loads(s.top_tokens.to_json(orient="records"))})
+        _print_json(s.to_dict())
         return 0
     out.print(f"[bold]stats[/bold] {escape(args.atlas)}: {s.n_rows:,} rows (vector x pole); confident = top token p > 0.5; "
               "token classes of the top token, as defined in `neuronmap.stats.token_class`")
@@ -457,8 +449,8 @@ def cmd_stats(args) -> int:
     top = Table(title="most frequent top tokens, all rows", show_edge=False)
     for col in ("token", "id", "rows", "share", "class"):
         top.add_column(col, justify="right" if col in ("id", "rows", "share") else "left")
-    for r in s.top_tokens.head(10).itertuples():
-        top.add_row(_tok(r.token), str(r.token_id), f"{r.rows:,}", f"{100 * r.share:.2f}%", r._5)
+    for r in s.top_tokens.head(10).to_dict("records"):  # records, not itertuples: "class" is a Python keyword
+        top.add_row(_tok(r["token"]), str(r["token_id"]), f"{r['rows']:,}", f"{100 * r['share']:.2f}%", r["class"])
     _table(top)
     if args.plot:
         out.print(f"plot: {args.plot}")

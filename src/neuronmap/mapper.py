@@ -16,7 +16,7 @@ import neuronmap
 from neuronmap import atlas as atlas_io
 from neuronmap.decode import block_rows, build_head, choose_reducer, decode_block, kernel_used, resolve_device, resolve_dtype
 from neuronmap.errors import NeuronmapError
-from neuronmap.ids import parse_layers, parse_matrices
+from neuronmap.ids import neuron_id, parse_layers, parse_matrices
 from neuronmap.sources import Source, Weights, file_sha256, open_weights, resolve_source
 
 # A content word for the summary: a whole word (leading space), not a function word.
@@ -62,6 +62,23 @@ class MapResult:
     n_vectors: int
     seconds: float
     highlights: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """The serialized form (``--json``, the viewer's API), JSON types only.
+
+        Returns:
+            ``{"path", "n_vectors", "n_rows", "seconds", "vectors_per_s", "family", "dtype", "device",
+            "highlights"}``; each highlight ``{"id", "matrix", "pole", "token", "prob"}``.
+
+        Example:
+            >>> map_model(None, "demo-atlas", MapOptions(layers="29")).to_dict()["n_rows"]  # doctest: +SKIP
+            9216
+        """
+        m = self.meta
+        return {"path": str(self.path), "n_vectors": self.n_vectors, "n_rows": m["n_rows"],
+                "seconds": round(self.seconds, 3), "vectors_per_s": m["timings"]["vectors_per_s"],
+                "family": m["family"], "dtype": m["dtype"], "device": m["device"],
+                "highlights": [dict(h) for h in self.highlights]}
 
 
 def _highlights(best: dict[str, dict], n: int = 12) -> list[dict]:
@@ -160,14 +177,17 @@ def map_model(
 
 
 def _track_best(best, tokens, matrix, layer, pole, neurons, ids, lg, lse) -> None:
-    p1 = np.exp(lg[:, 0] - lse)
+    """Keep in ``best`` (content word -> highlight) the most confident row per word of this block."""
+    p1 = np.exp(lg[:, 0] - lse)  # [rows]; nan where a vector holds nan
     for j in np.argsort(-p1)[:8]:
         tok = tokens[int(ids[j, 0])]
-        if not WORD.match(tok) or tok.strip().lower() in STOPWORDS or p1[j] < 0.3:
+        # `not >=` also drops nan, so a highlight's prob is always a finite JSON number.
+        if not WORD.match(tok) or tok.strip().lower() in STOPWORDS or not p1[j] >= 0.3:
             continue
         key = tok.strip().lower()
         if key not in best or best[key]["prob"] < p1[j]:
-            best[key] = {"id": f"L{layer}N{int(neurons[j])}", "matrix": matrix, "pole": pole, "token": tok, "prob": float(p1[j])}
+            best[key] = {"id": neuron_id(layer, int(neurons[j])), "matrix": matrix, "pole": pole, "token": tok,
+                         "prob": float(p1[j])}
 
 
 def _meta(weights: Weights, src: Source, options: MapOptions, matrices, layers, dtype, device, timings, seconds, n_vectors) -> dict:

@@ -9,6 +9,8 @@ lists (neuronmap.scoring explains both).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from dataclasses import dataclass
 
@@ -19,7 +21,7 @@ from neuronmap.atlas import AtlasFiles
 from neuronmap.atlasdb import choose_rows, connect, stored_rank, stored_top
 from neuronmap.concepts import Concept, expand_concept, read_vocab, vocab_index
 from neuronmap.errors import NeuronmapError
-from neuronmap.ids import MATRICES, parse_neuron_id
+from neuronmap.ids import MATRICES, neuron_id, parse_neuron_id
 from neuronmap.scoring import TokenProbs, check_weights, exact_token_probs
 from neuronmap.sources import open_weights
 
@@ -41,6 +43,7 @@ class SearchResult:
             holds a variant can be found).
         top_k: the atlas's stored top-k.
         seconds: wall time.
+        atlas: the atlas directory searched.
     """
 
     table: pd.DataFrame
@@ -49,6 +52,47 @@ class SearchResult:
     n_scored: int
     top_k: int
     seconds: float
+    atlas: Path
+
+    def to_dict(self) -> dict:
+        """The serialized form (``--json``, the viewer's API), JSON types only.
+
+        Returns:
+            ``{"atlas", "method", "n_scored", "top_k", "seconds", "concepts", "results"}``: ``concepts`` as
+            ``Concept.to_dict``, ``results`` one dict per row of ``table`` (nan and inf as None).
+
+        Example:
+            >>> search(open_files("demo-atlas"), ["coffee"], top=1).to_dict()["results"][0]["id"]  # doctest: +SKIP
+            'L29N750'
+        """
+        return {"atlas": str(self.atlas), "method": self.method, "n_scored": self.n_scored, "top_k": self.top_k,
+                "seconds": round(self.seconds, 3), "concepts": [c.to_dict() for c in self.concepts],
+                "results": records(self.table)}
+
+
+def records(table: pd.DataFrame) -> list[dict]:
+    """A table as JSON-typed row dicts: numpy values become Python ones, nan and inf become None.
+
+    Example:
+        >>> records(pd.DataFrame({"p": np.array([0.1, np.nan], np.float32), "tokens": [np.array(["a"]), np.array([])]}))
+        [{'p': 0.1, 'tokens': ['a']}, {'p': None, 'tokens': []}]
+    """
+    columns = {str(c): [_jsonable(v) for v in table[c].to_numpy()] for c in table.columns}
+    return [dict(zip(columns, row)) for row in zip(*columns.values())]
+
+
+def _jsonable(x):
+    """One cell: arrays and tuples (a stats layer's ``(token, rows)`` pairs) become lists; JSON has no nan or inf."""
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.floating):
+        # The shortest decimal that reads back as the same float32 (0.1, not its double's 0.10000000149011612).
+        x = float(str(x))
+    elif isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
 
 
 def _describe(files: AtlasFiles, hits: pd.DataFrame) -> pd.DataFrame:
@@ -118,7 +162,7 @@ def search(files: AtlasFiles, concepts: list[str], matrices: str | None = None, 
         hits["approximate"] = c.approximate
     table = _describe(files, pd.concat(parts, ignore_index=True))
     return SearchResult(table[COLUMNS], expanded, "stored" if stored else "exact", n_scored,
-                        int(files.meta["decode"]["top_k"]), time.perf_counter() - t0)
+                        int(files.meta["decode"]["top_k"]), time.perf_counter() - t0, files.root)
 
 
 def _exact_top(tp: TokenProbs, c: Concept, ids: list[int], top: int, min_prob: float) -> pd.DataFrame:
@@ -135,7 +179,41 @@ def _exact_top(tp: TokenProbs, c: Concept, ids: list[int], top: int, min_prob: f
 # ------------------------------------------------------------------ show
 
 
-def show(files: AtlasFiles, neuron: str, stored: bool = False, weights: str | None = None) -> pd.DataFrame:
+@dataclass(frozen=True)
+class NeuronReport:
+    """What ``show`` found: every matrix and pole of one neuron.
+
+    Attributes:
+        atlas: the atlas directory.
+        id, layer, neuron: the neuron (``L29N750``, 29, 750).
+        rank_method: ``exact`` (ranked among every row, from the weights) or ``stored``
+            (among the rows whose stored top-k holds the token).
+        rows: one row per (matrix, pole): ``id layer neuron matrix pole top_token top_prob rank
+            n_ranked rank_method entropy weight_norm tokens probs`` (``tokens``/``probs``: the stored top-k).
+    """
+
+    atlas: Path
+    id: str
+    layer: int
+    neuron: int
+    rank_method: str
+    rows: pd.DataFrame
+
+    def to_dict(self) -> dict:
+        """The serialized form (``--json``, the viewer's API), JSON types only.
+
+        Returns:
+            ``{"atlas", "id", "layer", "neuron", "rank_method", "rows"}``, ``rows`` one dict per row of ``rows``.
+
+        Example:
+            >>> show(open_files("demo-atlas"), "L29N750").to_dict()["rows"][2]["top_token"]  # doctest: +SKIP
+            ' coffee'
+        """
+        return {"atlas": str(self.atlas), "id": self.id, "layer": self.layer, "neuron": self.neuron,
+                "rank_method": self.rank_method, "rows": records(self.rows)}
+
+
+def show(files: AtlasFiles, neuron: str, stored: bool = False, weights: str | None = None) -> NeuronReport:
     """Every matrix and pole of one neuron, with its rank for its own top token.
 
     The rank of a row for its top token ``t``: 1 + the number of atlas rows (every
@@ -148,14 +226,13 @@ def show(files: AtlasFiles, neuron: str, stored: bool = False, weights: str | No
         stored, weights: as in ``search``.
 
     Returns:
-        One row per (matrix, pole): ``id layer neuron matrix pole top_token top_prob rank n_ranked
-        rank_method entropy weight_norm tokens probs`` (``tokens``/``probs``: the stored top-k).
+        NeuronReport, its ``rows`` one per (matrix, pole) the atlas holds.
 
     Raises:
         NeuronmapError: a malformed or out-of-range id, a layer the atlas lacks, or weights changed.
 
     Example:
-        >>> show(open_files("demo-atlas"), "L29N750")[["matrix", "pole", "top_token", "rank"]]  # doctest: +SKIP
+        >>> show(open_files("demo-atlas"), "L29N750").rows[["matrix", "pole", "top_token", "rank"]]  # doctest: +SKIP
     """
     meta = files.meta
     layer, idx = parse_neuron_id(neuron, int(meta["n_layers"]), int(meta["d_mlp"]))
@@ -174,8 +251,9 @@ def show(files: AtlasFiles, neuron: str, stored: bool = False, weights: str | No
     rows.insert(6, "top_prob", [p for _, _, p in ranked])
     rows.insert(7, "rank", [r for r, _, _ in ranked])
     rows.insert(8, "n_ranked", [n for _, n, _ in ranked])
-    rows.insert(9, "rank_method", "stored" if stored else "exact")
-    return rows.drop(columns=["token_ids"])
+    method = "stored" if stored else "exact"
+    rows.insert(9, "rank_method", method)
+    return NeuronReport(files.root, neuron_id(layer, idx), layer, idx, method, rows.drop(columns=["token_ids"]))
 
 
 def _exact_ranks(files, rows, top, layer, idx, weights) -> list[tuple[int, int, float]]:

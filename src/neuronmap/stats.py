@@ -15,6 +15,7 @@ from neuronmap.concepts import read_vocab
 from neuronmap.errors import NeuronmapError
 from neuronmap.fsio import atomic_file, check_png
 from neuronmap.atlasdb import choose_rows, connect, where_clause
+from neuronmap.search import records
 
 TOKEN_CLASSES = ("word", "subword", "number", "punctuation", "whitespace", "other")
 CONFIDENT = 0.5
@@ -61,11 +62,27 @@ class Stats:
             ``confident`` is the share of rows whose top-1 token has p > 0.5.
         top_tokens: the most frequent top-1 tokens over all chosen rows: ``token_id token rows share class``.
         n_rows: rows summarised.
+        atlas: the atlas directory.
     """
 
     layers: pd.DataFrame
     top_tokens: pd.DataFrame
     n_rows: int
+    atlas: Path
+
+    def to_dict(self) -> dict:
+        """The serialized form (``--json``, the viewer's API), JSON types only.
+
+        Returns:
+            ``{"atlas", "n_rows", "layers", "top_tokens"}``: one dict per row of each table (nan as None,
+            a layer's ``top_tokens`` as ``[token, rows]`` pairs).
+
+        Example:
+            >>> stats(open_files("demo-atlas"), layers="29").to_dict()["layers"][0]["matrix"]  # doctest: +SKIP
+            'gate'
+        """
+        return {"atlas": str(self.atlas), "n_rows": self.n_rows, "layers": records(self.layers),
+                "top_tokens": records(self.top_tokens)}
 
 
 def stats(files: AtlasFiles, matrices: str | None = None, layers: str | None = None, pole: str | None = None,
@@ -113,7 +130,7 @@ def stats(files: AtlasFiles, matrices: str | None = None, layers: str | None = N
         SELECT top_id AS token_id, any_value(v.token) AS token, count(*) AS rows, count(*) / {n_rows} AS share
         FROM rows JOIN vocab v ON v.token_id = top_id GROUP BY top_id ORDER BY rows DESC, token_id LIMIT {int(n_top)}""").df()
     top["class"] = [token_class(t) for t in top["token"]]
-    return Stats(by, top, n_rows)
+    return Stats(by, top, n_rows, files.root)
 
 
 def plot(result: Stats, out: Path | str, title: str = "") -> Path:
