@@ -327,6 +327,17 @@ def read_meta(path: Path | str) -> dict:
     return meta
 
 
+def _kind(t: pa.DataType) -> str:
+    """What readers rely on in a column's type: int / float / string, or a list of one (widths and offsets may vary)."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"list<{_kind(t.value_type)}>"
+    for kind, test in (("int", pa.types.is_integer), ("float", pa.types.is_floating),
+                       ("string", lambda x: pa.types.is_string(x) or pa.types.is_large_string(x))):
+        if test(t):
+            return kind
+    return str(t)
+
+
 def check_parquet(path: Path, schema: pa.Schema, rows: int, hint: str) -> None:
     """Check a Parquet file's footer: readable, every column of ``schema`` with its type, ``rows`` rows.
 
@@ -342,7 +353,7 @@ def check_parquet(path: Path, schema: pa.Schema, rows: int, hint: str) -> None:
         i = have.get_field_index(field.name)
         if i < 0:
             raise NeuronmapError(f"{path} lacks the column {field.name!r}: {hint}")
-        if have.field(i).type != field.type:
+        if _kind(have.field(i).type) != _kind(field.type):
             raise NeuronmapError(f"{path}: column {field.name!r} is {have.field(i).type}, expected {field.type}: {hint}")
     if n != rows:
         raise NeuronmapError(f"{path} has {n:,} rows, meta.json says {rows:,}: it is truncated or from another atlas; {hint}")
