@@ -297,7 +297,7 @@ def test_bad_neuron_ids(tiny_atlases, capsys, neuron, message):
 def test_bad_search_options(tiny_atlases, tmp_path, tiny_models, capsys):
     d = tiny_atlases["llama"]
     for argv, message in ((["", "--top", "3"], "empty concept"), (["<7>", "--top", "0"], "argument --top: 0 is out of range"),
-                          (["<7>", "--min-prob", "2"], "--min-prob 2.0 is out of range"),
+                          (["<7>", "--min-prob", "2"], "argument --min-prob: 2 is out of range: expected a number from 0 to 1"),
                           (["<7>", "--matrices", "gat"], "unknown matrix 'gat'"),
                           (["<7>", "--layers", "5"], "out of range")):
         rc, _, err = run_cli(capsys, "search", d, *argv)
