@@ -164,7 +164,7 @@ def test_tensor_of_the_wrong_shape(capsys, tiny_models, tmp_path):
     save_file(sd, bad / "model.safetensors")
     code, err = _run(capsys, "map", str(bad), "-o", str(tmp_path / "out"))
     assert code == 2
-    assert "tensor model.layers.1.mlp.gate_proj.weight has shape [20, 16], expected [24, 16]" in err
+    assert f"tensor model.layers.1.mlp.gate_proj.weight in {bad / 'model.safetensors'} has shape [20, 16], expected [24, 16]" in err
     _assert_nothing_left(tmp_path)
 
 
@@ -578,3 +578,22 @@ def test_packaged_gguf_cache_that_cannot_be_written(gemma_gguf, tmp_path, monkey
     with pytest.raises(NeuronmapError, match=r"cannot write .*gemma-3-270m-q4_k_m\.gguf: File exists; choose a writable cache \(\$NEURONMAP_CACHE\) path"):
         packaged_gguf("gemma3-270m")
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["packaged"]
+
+
+def test_gguf_float_types_read_alike(tmp_path):
+    t = gguf_tensors()
+    for dtype in (np.float16, np.float64):
+        path = write_tiny_gguf(tmp_path / f"{np.dtype(dtype).name}.gguf", tensors=t | {"blk.0.ffn_up.weight": t["blk.0.ffn_up.weight"].astype(dtype)})
+        got = open_weights(str(path)).vectors("up", 0)
+        assert got.dtype == torch.float32 and torch.allclose(got, torch.from_numpy(t["blk.0.ffn_up.weight"]), atol=1e-3)
+
+
+def test_safetensors_header_length_past_the_format_limit(tmp_path):
+    from neuronmap.safetensors_io import MAX_HEADER, safetensors_header
+
+    f = tmp_path / "big.safetensors"
+    with open(f, "wb") as fh:
+        fh.write((MAX_HEADER + 1).to_bytes(8, "little"))
+        fh.truncate(MAX_HEADER + 100)  # sparse: no 100 MB written
+    with pytest.raises(NeuronmapError, match=r"a header of 100000001 bytes, more than the format's limit of 100000000"):
+        safetensors_header(f)

@@ -87,7 +87,8 @@ def open_gguf(src: Source) -> Weights:
         if t.tensor_type in ints:  # handed back as stored, for Weights to refuse by name
             return torch.from_numpy(np.array(t.data, copy=True))
         try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+            f64 = t.tensor_type == gguf.GGMLQuantizationType.F64  # stored plain, but dequantize() lacks it
+            arr = t.data if f64 else gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
             raise NeuronmapError(f"tensor {name} in {path} has GGUF type {t.tensor_type.name}, which neuronmap cannot "
                                  f"dequantize yet: expected {FLOATS_EXPECTED}") from e

@@ -21,6 +21,7 @@ import torch
 from neuronmap.errors import NeuronmapError
 from neuronmap.weights import dtype_error, first_line
 
+MAX_HEADER = 100_000_000  # safetensors' own limit: a corrupt length must not make us read gigabytes as JSON
 # Every safetensors dtype and its size in bytes.
 ITEMSIZE = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -92,6 +93,8 @@ def safetensors_header(f: Path) -> dict[str, Entry]:
             n = int.from_bytes(fh.read(8), "little")
             if size < 8 or n > size - 8:
                 raise _bad(f, f"a header of {n} bytes in a file of {size}")
+            if n > MAX_HEADER:
+                raise _bad(f, f"a header of {n} bytes, more than the format's limit of {MAX_HEADER}")
             raw = fh.read(n)
     except OSError as e:
         raise NeuronmapError(f"cannot read {f}: {e.strerror or e}; check that it exists and is readable") from e
@@ -127,6 +130,7 @@ def safetensors_reader(files: tuple[Path, ...]) -> tuple[Callable[[str], torch.T
         NeuronmapError: a file's header is bad (at once); a tensor is missing, of a dtype
             torch cannot hold, or cannot be read (when read).
     """
+    home = files[0].parent if files else "the checkpoint"
     where: dict[str, Entry] = {}
     for f in files:
         where.update(safetensors_header(f))
@@ -140,7 +144,8 @@ def safetensors_reader(files: tuple[Path, ...]) -> tuple[Callable[[str], torch.T
     def read(name: str) -> torch.Tensor:
         e = entry(name)
         if e is None:
-            raise NeuronmapError(f"tensor {name} is missing from the checkpoint: is it complete, and of the family its config.json names?")
+            raise NeuronmapError(f"tensor {name} is missing from {home}: is the checkpoint complete, and of the family "
+                                 "its config.json names? re-download or re-export it")
         if e.dtype not in TORCH_DTYPES:
             raise dtype_error(name, e.file, e.dtype)
         buf = bytearray(e.end - e.start)

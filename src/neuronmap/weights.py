@@ -171,7 +171,7 @@ class Weights:
         t = t if native else t.to(torch.float32)
         if tuple(t.shape) != shape:
             raise NeuronmapError(
-                f"tensor {name} has shape {list(t.shape)}, expected {list(shape)} for this "
+                f"tensor {name} in {where} has shape {list(t.shape)}, expected {list(shape)} for this "
                 f"{self.family.name} model (d_model={self.d_model}, d_mlp={self.d_mlp}, d_vocab={self.d_vocab}): "
                 "the weights do not match the config; re-export the checkpoint"
             )
