@@ -38,6 +38,7 @@ class Family:
         norm: one of ``NORM_KINDS``.
         head: untied LM-head weight; ``embed`` is used where it is absent (tied).
         head_bias: LM-head bias, if the family has one.
+        layers_keys: config keys holding the number of layers, first found wins.
         eps_keys: config keys holding the final norm's epsilon, first found wins.
         default_eps: epsilon when no key is present (OPT hard-codes 1e-5).
         softcap_key: config key of the final-logit softcap, if the family has one.
@@ -54,6 +55,7 @@ class Family:
     norm: str
     head: str
     embed: str
+    layers_keys: tuple[str, ...] = ("num_hidden_layers",)
     eps_keys: tuple[str, ...] = ("rms_norm_eps",)
     default_eps: float = 1e-5
     softcap_key: str | None = None
@@ -110,7 +112,7 @@ FAMILIES: tuple[Family, ...] = (
         gate=None, up="transformer.h.{i}.mlp.c_fc.weight", down="transformer.h.{i}.mlp.c_proj.weight",
         mlp_norm="transformer.h.{i}.ln_2.weight", final_norm="transformer.ln_f", norm="layer",
         head="lm_head.weight", embed="transformer.wte.weight",
-        eps_keys=("layer_norm_epsilon",), conv1d=True,
+        layers_keys=("n_layer", "num_hidden_layers"), eps_keys=("layer_norm_epsilon",), conv1d=True,
     ),
     Family(
         name="gpt_neox", model_types=("gpt_neox",), gguf_archs=("gptneox",),

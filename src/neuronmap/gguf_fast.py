@@ -33,6 +33,9 @@ class GGUFReader(gguf.GGUFReader):
         raw_itype = self._get(orig_offs, np.uint32)
         alen = self._get(orig_offs + 4, np.uint64)
         itype, n, offs = int(raw_itype[0]), int(alen[0]), orig_offs + 12
+        # A corrupt length would otherwise loop (and allocate) once per claimed element: each takes at least a byte.
+        if n > len(self._plain) - offs:
+            raise ValueError(f"an array of {n} elements at offset {orig_offs} runs past the end of the file")
         if n == 0 or itype == _ARRAY:  # the stock, per-element path
             return super()._get_field_parts(orig_offs, raw_type)
         parts = [raw_itype, alen]
@@ -46,5 +49,7 @@ class GGUFReader(gguf.GGUFReader):
             return offs - orig_offs, parts, list(range(3, 2 * n + 2, 2)), [GGUFValueType.ARRAY, GGUFValueType.STRING]
         nptype = self.gguf_scalar_to_np[GGUFValueType(itype)]
         vals = self._get(offs, nptype, n)
+        if len(vals) != n:
+            raise ValueError(f"an array of {n} elements at offset {orig_offs} runs past the end of the file")
         parts += [vals[i:i + 1] for i in range(n)]
         return 12 + int(vals.nbytes), parts, list(range(2, n + 2)), [GGUFValueType.ARRAY, GGUFValueType(itype)]

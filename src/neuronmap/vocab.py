@@ -13,6 +13,8 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from neuronmap.errors import NeuronmapError
+
 
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
@@ -67,22 +69,64 @@ def guess_scheme(pieces: list[str]) -> str:
     return "bytelevel" if g >= s else "sentencepiece"
 
 
-def read_tokenizer_json(path: Path) -> tuple[list[str], str]:
+def _tokenizer_error(path: Path, what: str) -> NeuronmapError:
+    return NeuronmapError(f"{path} is not a valid tokenizer.json ({what}): re-download it, "
+                          "or remove it to show tokens as <id>")
+
+
+def _is_id(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def read_tokenizer_json(path: Path, limit: int | None = None) -> tuple[list[str], str]:
     """Pieces by id and scheme from a Hugging Face ``tokenizer.json``.
+
+    Args:
+        path: the file.
+        limit: ids from ``limit`` on are dropped (the model's d_vocab: the head has no row for them).
 
     Returns:
         (pieces, scheme): ``pieces[i]`` is id i's raw piece; ids missing from the
         file get ``""``.
+
+    Raises:
+        NeuronmapError: not JSON, no ``model.vocab``, or a vocabulary entry that is no
+            (string piece, non-negative integer id) pair.
+
+    Example:
+        >>> read_tokenizer_json(Path("ck/tokenizer.json"))[1]  # doctest: +SKIP
+        'bytelevel'
     """
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    vocab: dict[str, int] = dict(data.get("model", {}).get("vocab", {}) or {})
-    if isinstance(data.get("model", {}).get("vocab"), list):  # Unigram: [[piece, score], ...]
-        vocab = {p: i for i, (p, _s) in enumerate(data["model"]["vocab"])}
-    for tok in data.get("added_tokens", []) or []:
-        vocab[tok["content"]] = tok["id"]
-    size = max(vocab.values()) + 1 if vocab else 0
-    pieces = [""] * size
-    for p, i in vocab.items():
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise NeuronmapError(f"cannot read {path}: {e.strerror or e}; check that it is readable") from e
+    except (ValueError, RecursionError) as e:
+        raise _tokenizer_error(path, f"not JSON: {str(e).splitlines()[0][:80]}") from e
+    if not isinstance(data, dict):
+        raise _tokenizer_error(path, f"it holds a JSON {type(data).__name__}, expected an object")
+    model = data.get("model")
+    raw = model.get("vocab") if isinstance(model, dict) else None
+    if isinstance(raw, list):  # Unigram: [[piece, score], ...]
+        if not all(isinstance(e, list) and e and isinstance(e[0], str) for e in raw):
+            raise _tokenizer_error(path, "model.vocab is a list whose entries are not [piece, score] pairs")
+        vocab = {e[0]: i for i, e in enumerate(raw)}
+    elif isinstance(raw, dict):
+        vocab = dict(raw)
+    else:
+        what = "missing" if raw is None else f"a {type(raw).__name__}"
+        raise _tokenizer_error(path, f"model.vocab is {what}, expected an object of piece: id")
+    added = data.get("added_tokens") or []
+    if not isinstance(added, list) or not all(isinstance(t, dict) and isinstance(t.get("content"), str) for t in added):
+        raise _tokenizer_error(path, "added_tokens is not a list of objects with a string content and an integer id")
+    vocab.update({t["content"]: t.get("id") for t in added})
+    bad = next(((p, i) for p, i in vocab.items() if not _is_id(i)), None)
+    if bad:
+        raise _tokenizer_error(path, f"token {bad[0]!r} has id {bad[1]!r}, expected a non-negative integer")
+    kept = {p: i for p, i in vocab.items() if limit is None or i < limit}
+    pieces = [""] * (max(kept.values()) + 1 if kept else 0)
+    for p, i in kept.items():
         pieces[i] = p
     dec = json.dumps(data.get("decoder")) + json.dumps(data.get("pre_tokenizer"))
     scheme = "bytelevel" if "ByteLevel" in dec else ("sentencepiece" if "▁" in dec or "Metaspace" in dec else guess_scheme(pieces))
