@@ -178,7 +178,7 @@ class Weights:
         bad = non_finite_count(t)
         if bad:
             raise NeuronmapError(
-                f"tensor {name} in {where} has {bad} non-finite values (NaN or inf) of {t.numel()}: "
+                f"tensor {name} in {where} has {bad} of {t.numel()} values non-finite (NaN or inf): "
                 "decoding them would give NaN probabilities; the checkpoint is corrupt, re-export or re-download it"
             )
         return t
