@@ -1,7 +1,8 @@
 """Results serialize themselves: map, search, show and stats ``to_dict()`` is valid JSON, matches the result, and is what ``--json`` prints.
 
-The atlas is mapped from a tiny checkpoint with one neuron's up vector set to nan, so
-its rows hold nan probabilities, entropies and norms: each must come out as None.
+The atlas is mapped from a tiny checkpoint, then one neuron's up rows get nan entropies and
+weight norms (as an atlas written by another tool may hold; neuronmap itself refuses
+non-finite weights): each must come out as None.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import json
 import math
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pandas as pd
 import pytest
-import torch
 
 from conftest import make_tiny
 from neuronmap.atlas import open_files
@@ -25,19 +28,23 @@ NAN_LAYER, NAN_NEURON = 1, 5
 
 
 @pytest.fixture(scope="module")
-def nan_checkpoint(tmp_path_factory):
-    """A tiny llama checkpoint whose L1N5 up vector is all nan (a fresh model, not the shared one)."""
-    d = tmp_path_factory.mktemp("nan-ckpt")
-    model = make_tiny("llama", d)
-    with torch.no_grad():
-        model.model.layers[NAN_LAYER].mlp.up_proj.weight[NAN_NEURON] = float("nan")
-    model.save_pretrained(d)
+def checkpoint(tmp_path_factory):
+    """A tiny llama checkpoint of its own (a fresh model, not the shared one)."""
+    d = tmp_path_factory.mktemp("ckpt")
+    make_tiny("llama", d)
     return d
 
 
 @pytest.fixture(scope="module")
-def mapped(nan_checkpoint, tmp_path_factory):
-    return map_model(str(nan_checkpoint), tmp_path_factory.mktemp("results") / "atlas", MapOptions(top_k=5))
+def mapped(checkpoint, tmp_path_factory):
+    r = map_model(str(checkpoint), tmp_path_factory.mktemp("results") / "atlas", MapOptions(top_k=5))
+    t = pq.read_table(r.path / "neurons.parquet")
+    hit = pc.and_(pc.and_(pc.equal(t["matrix"], "up"), pc.equal(t["layer"], NAN_LAYER)), pc.equal(t["neuron"], NAN_NEURON))
+    for col in ("entropy", "weight_norm"):
+        t = t.set_column(t.schema.get_field_index(col), col,
+                         pc.if_else(hit, pa.scalar(float("nan"), pa.float32()), t[col]))
+    pq.write_table(t, r.path / "neurons.parquet")
+    return r
 
 
 def round_trip(d: dict) -> dict:
@@ -72,7 +79,7 @@ def assert_records(rows: list[dict], table: pd.DataFrame) -> None:
 # ------------------------------------------------------------------ map
 
 
-def test_map_to_dict(mapped, capsys, nan_checkpoint, tmp_path):
+def test_map_to_dict(mapped, capsys, checkpoint, tmp_path):
     d = round_trip(mapped.to_dict())
     assert list(d) == ["path", "n_vectors", "n_rows", "seconds", "vectors_per_s", "family", "dtype", "device", "highlights"]
     m = mapped.meta
@@ -81,8 +88,8 @@ def test_map_to_dict(mapped, capsys, nan_checkpoint, tmp_path):
     assert (d["family"], d["dtype"], d["device"]) == ("llama", m["dtype"], m["device"])
     assert d["vectors_per_s"] == m["timings"]["vectors_per_s"] and d["highlights"] == mapped.highlights
     out = tmp_path / "cli"
-    c = cli_json(capsys, "map", nan_checkpoint, "-o", out, "--json")
-    again = map_model(str(nan_checkpoint), out, MapOptions(), overwrite=True).to_dict()
+    c = cli_json(capsys, "map", checkpoint, "-o", out, "--json")
+    again = map_model(str(checkpoint), out, MapOptions(), overwrite=True).to_dict()
     timing = {"seconds", "vectors_per_s"}  # two runs never take the same time
     assert {k: v for k, v in c.items() if k not in timing} == {k: v for k, v in again.items() if k not in timing}
     assert all(isinstance(c[k], float) and c[k] > 0 for k in timing)

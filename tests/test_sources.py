@@ -575,7 +575,7 @@ def test_packaged_gguf_cache_that_cannot_be_written(gemma_gguf, tmp_path, monkey
     monkeypatch.setenv("NEURONMAP_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "packaged").write_text("a file, not a directory")
-    with pytest.raises(NeuronmapError, match=r"cannot write .*gemma-3-270m-q4_k_m\.gguf: File exists; choose a writable cache \(\$NEURONMAP_CACHE\) path"):
+    with pytest.raises(NeuronmapError, match=r"cannot write .*gemma-3-270m-q4_k_m\.gguf: .*packaged is a file, not a directory; choose another cache \(\$NEURONMAP_CACHE\) path"):
         packaged_gguf("gemma3-270m")
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["packaged"]
 
