@@ -45,7 +45,7 @@ def plot(c: Comparison, out: Path | str) -> Path:
         fig = Figure(figsize=(6, 3.6), dpi=100)
         ax1 = fig.subplots()
         df = pd.DataFrame(c.concept.by_layer)
-        for s, label in (("a", f"A's concepts found in B"), ("b", f"B's concepts found in A")):
+        for s, label in (("a", "A's concepts found in B"), ("b", "B's concepts found in A")):
             g = df[df["side"] == s]
             ax1.plot(g["depth"], 100 * g["shared_share"], marker=".", label=label)
         ax1.set(xlabel="relative depth (layer / (n_layers - 1))", ylabel="shared concepts (%)", ylim=(0, 101), title="concept overlap")

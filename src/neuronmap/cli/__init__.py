@@ -1,0 +1,82 @@
+"""The ``neuronmap`` command: each subcommand parses, calls the Python API, prints.
+
+Every command that outputs data takes ``--json``; the default is a Rich table.
+Bad input prints ``error: <one line>`` to stderr and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from neuronmap.cli.atlas_cmds import add_map, add_search, add_show, add_stats
+from neuronmap.cli.common import _tok, err  # noqa: F401 (_tok: tests render tokens as the tables do)
+from neuronmap.cli.compare_cmd import add_compare
+from neuronmap.cli.model_cmds import add_clamp, add_generate, add_verify
+from neuronmap.errors import NeuronmapError
+from neuronmap.fsio import exit_on_signals, restore_signals
+
+COMMANDS = [add_map, add_search, add_show, add_stats, add_clamp, add_generate, add_verify, add_compare]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <what>; see `neuronmap CMD --help```, exit 2, no usage block."""
+
+    def error(self, message: str):
+        raise NeuronmapError(f"{message}; see `{self.prog} --help`")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from neuronmap import __version__
+
+    parser = _Parser(prog="neuronmap", description="Decode MLP neurons with the model's own LM head.")
+    parser.add_argument("--version", action="version", version=f"neuronmap {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad input and interrupts end in one line on stderr, never a traceback.
+
+    Returns:
+        0 on success, 2 on bad input; Ctrl-C and SIGTERM exit at once with 130 and 143 (``fsio.exit_on_signals``).
+    """
+    previous = exit_on_signals()
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except NeuronmapError as e:
+        err.print(f"error: {e}", markup=False)
+        return 2
+    except KeyboardInterrupt:  # signals left to the host (not the main thread)
+        err.print("interrupted: nothing was written", markup=False)
+        return 130
+    except Exception as e:
+        damaged = _damaged_data(e)
+        if damaged is None:
+            raise
+        err.print(f"error: {damaged}", markup=False)
+        return 2
+    finally:
+        restore_signals(previous)
+
+
+def _damaged_data(e: Exception) -> str | None:
+    """One line for a read error from DuckDB or Arrow: an atlas file that passed its footer checks but is damaged inside."""
+    import duckdb
+    import pyarrow as pa
+
+    # Errors in neuronmap's own SQL are bugs and keep their traceback; the rest come from the data.
+    bugs = (duckdb.ParserException, duckdb.SyntaxException, duckdb.BinderException, duckdb.CatalogException,
+            duckdb.InvalidTypeException)
+    if not isinstance(e, (duckdb.Error, pa.ArrowInvalid, pa.ArrowIOError)) or isinstance(e, bugs):
+        return None
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return (f"cannot read the atlas's data ({first}): a file is damaged; rebuild the atlas with "
+            "`neuronmap map SOURCE -o ATLAS --overwrite`")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""What every command shares: the two consoles, JSON output, argparse types, token and table rendering."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def int_at_least(lo: int):
+    """An argparse type: an integer >= ``lo``, refused at parse time (before any model loads)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer: expected a whole number >= {lo}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: expected a whole number >= {lo}")
+        return value
+    return parse
+
+
+def finite_float(lo: float | None = None, hi: float | None = None):
+    """An argparse type: a finite number within ``[lo, hi]`` (nan and inf are refused, never run as something else)."""
+    want = "a number" + (f" from {lo:g} to {hi:g}" if lo is not None and hi is not None else f" >= {lo:g}" if lo is not None else "")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number: expected {want}") from None
+        if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: expected {want}")
+        return value
+    return parse
+
+
+def _print_json(data: dict) -> None:
+    # allow_nan=False: a nan or inf that reached here is a bug in a to_dict(), not something to print as invalid JSON.
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def _tok(t: str) -> str:
+    """A token as Python writes it, so leading spaces and newlines show; escaped for Rich markup ('[' is a token too)."""
+    return escape(repr(t))
+
+
+def _table(tab: Table) -> None:
+    # Piped or redirected output has no width; Rich would squeeze the table into 80 columns.
+    (out if out.is_terminal else Console(highlight=False, soft_wrap=True, width=max(out.width, 200))).print(tab)
