@@ -52,8 +52,8 @@ def tiny_config(family: str):
 TINY_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt"]
 
 
-def make_tiny(family: str, out: Path, seed: int = 0):
-    """Build, randomise (norm gains and biases too) and save a tiny checkpoint; return the model."""
+def make_tiny(family: str, out: Path, seed: int = 0) -> Path:
+    """Build, randomise (norm gains and biases too) and save a tiny checkpoint; return its path."""
     import transformers as T
 
     torch.manual_seed(seed)
@@ -66,19 +66,23 @@ def make_tiny(family: str, out: Path, seed: int = 0):
             else:
                 p.copy_(torch.randn_like(p) * 0.5)
     model.save_pretrained(out)
-    return model
+    return out
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """``tiny_models(family) -> (path, model)``, each built once per session."""
-    made: dict[str, tuple[Path, object]] = {}
+    """``tiny_models(family, seed=0) -> path`` of a tiny checkpoint, each built once per session.
 
-    def get(family: str, seed: int = 0):
+    Only the path is shared: a test that needs the model loads its own fresh copy
+    (``AutoModelForCausalLM.from_pretrained(path)``), so no test can change
+    another's model. Treat the checkpoint directory as read-only; copy it to change it.
+    """
+    made: dict[str, Path] = {}
+
+    def get(family: str, seed: int = 0) -> Path:
         key = f"{family}-{seed}"
         if key not in made:
-            d = tmp_path_factory.mktemp(f"tiny-{key}")
-            made[key] = (d, make_tiny(family, d, seed))
+            made[key] = make_tiny(family, tmp_path_factory.mktemp(f"tiny-{key}"), seed)
         return made[key]
 
     return get

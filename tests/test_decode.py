@@ -161,7 +161,7 @@ def test_bf16_screening_keeps_a_bf16_head_only_once(tiny_models, tmp_path):
 
     from neuronmap.sources import open_weights
 
-    path, _ = tiny_models("llama")
+    path = tiny_models("llama")
     bf = tmp_path / "bf16"
     shutil.copytree(path, bf)
     sd = load_file(bf / "model.safetensors")

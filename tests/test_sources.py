@@ -55,7 +55,7 @@ def test_gemma3_family_norm_and_softcap(gemma_gguf):
 
 
 def test_sharded_checkpoint_reads_like_the_single_file(tiny_models, tmp_path):
-    path, _ = tiny_models("llama")
+    path = tiny_models("llama")
     sd = load_file(path / "model.safetensors")
     shard = tmp_path / "sharded"
     shard.mkdir()
@@ -82,7 +82,7 @@ def _fake_hub_cache(root: Path, repo: str, ckpt: Path) -> None:
 
 
 def test_hub_id_resolves_offline_from_the_cache(tiny_models, tmp_path, monkeypatch):
-    path, _ = tiny_models("qwen2")
+    path = tiny_models("qwen2")
     _fake_hub_cache(tmp_path / "hf", "tiny-org/tiny-qwen", path)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
@@ -120,7 +120,7 @@ def test_directory_that_is_no_checkout(capsys, tmp_path):
 
 
 def test_unknown_family_from_config(capsys, tiny_models, tmp_path):
-    path, _ = tiny_models("llama")
+    path = tiny_models("llama")
     bad = tmp_path / "ck"
     shutil.copytree(path, bad)
     cfg = json.loads((bad / "config.json").read_text())
@@ -132,7 +132,7 @@ def test_unknown_family_from_config(capsys, tiny_models, tmp_path):
 
 
 def test_truncated_safetensors(capsys, tiny_models, tmp_path):
-    path, _ = tiny_models("llama")
+    path = tiny_models("llama")
     bad = tmp_path / "ck"
     shutil.copytree(path, bad)
     data = (bad / "model.safetensors").read_bytes()
@@ -152,7 +152,7 @@ def test_truncated_gguf(capsys, demo_gguf, tmp_path):
 
 
 def test_tensor_of_the_wrong_shape(capsys, tiny_models, tmp_path):
-    path, _ = tiny_models("llama")
+    path = tiny_models("llama")
     bad = tmp_path / "ck"
     shutil.copytree(path, bad)
     sd = load_file(bad / "model.safetensors")
