@@ -22,6 +22,24 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# Fixtures that load, map or export a real model (the demo SmolLM2, Gemma 3, their exports, the fine-tune); a test
+# that uses any of them, directly or through another fixture, is marked slow. `demo` is the real demo model in
+# tests/test_intervene.py (load_model) and tests/test_decode.py (open_weights).
+SLOW_FIXTURES = frozenset({"demo_atlas", "demo_checkpoint", "gemma_checkpoint", "gemma_gguf", "demo_gguf",
+                           "demo_finetuned", "demo"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark slow every test that needs a real model through its fixtures (``make test-fast`` runs ``-m "not slow"``).
+
+    Tests that load a real model without such a fixture (``open_weights(None)``, ``map_model(None, ...)``) or
+    compile a kernel cold carry ``@pytest.mark.slow`` themselves.
+    """
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def tiny_config(family: str):
     """A transformers config for a tiny model of ``family``: 2 layers, d_model 16, d_mlp 24, 64 tokens."""
     import transformers as T

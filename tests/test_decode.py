@@ -121,6 +121,7 @@ def test_decode_block_with_head_bias_and_softcap():
         _check_against_fp64(odd, x, decode_block(odd, x, k=5), 5, 1e-4)
 
 
+@pytest.mark.slow  # a cold torch.compile
 def test_compiled_kernel_gives_the_eager_numbers():
     z = torch.randn(24, 64 * 30 + 5, generator=torch.Generator().manual_seed(4)) * 4
     with torch.inference_mode():

@@ -45,6 +45,7 @@ def test_layers_matrices_and_topk_options(tiny_models, tmp_path):
     assert len(t) == 24 * 2 * 2 and r.n_vectors == 48
 
 
+@pytest.mark.slow  # maps a layer of the real demo model, and a cold torch.compile
 def test_compiled_kernel_maps_like_the_eager_one(tmp_path):
     opts = dict(layers="29", matrices="up")  # real weights, 49,152-token vocabulary
     a = map_model(None, tmp_path / "eager", MapOptions(kernel="eager", **opts))

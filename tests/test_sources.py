@@ -20,6 +20,7 @@ def _top1(atlas: Path):
     return {(r.matrix, r.layer, r.neuron, r.pole): int(r.token_ids[0]) for r in t.itertuples()}
 
 
+@pytest.mark.slow  # its real-model fixtures come through request.getfixturevalue, which the auto-mark cannot see
 @pytest.mark.parametrize("name, layers", [("demo", "0,14,29"), ("gemma", "17")])
 def test_gguf_and_its_safetensors_export_agree(name, layers, request, tmp_path):
     gguf = request.getfixturevalue(f"{name}_gguf")
@@ -39,6 +40,7 @@ def test_gguf_and_its_safetensors_export_agree(name, layers, request, tmp_path):
     assert agree > 0.99
 
 
+@pytest.mark.slow  # loads the real demo model
 def test_demo_model_shape_and_tokens():
     w = open_weights(None)
     assert (w.family.name, w.n_layers, w.d_model, w.d_mlp, w.d_vocab) == ("llama", 30, 576, 1536, 49152)
