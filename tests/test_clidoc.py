@@ -63,7 +63,8 @@ def test_every_command_argument_and_default_of_the_parser_is_listed():
                 continue
             line = row(sec, action.option_strings[0] if action.option_strings else
                        (action.metavar or action.dest.upper()) if action.nargs != "?" else f"[{action.dest.upper()}]")
-            assert line.endswith(f" | {action.help.replace('|', chr(92) + '|').replace('*', chr(92) + '*')} |"), line
+            said = parser._get_formatter()._expand_help(action)  # the text `--help` prints
+            assert line.endswith(f" | {said.replace('|', chr(92) + '|').replace('*', chr(92) + '*')} |"), line
             if action.required:
                 assert "| required |" in line
             elif action.default not in (None, False, [], argparse.SUPPRESS):
@@ -90,18 +91,20 @@ def toy() -> argparse.ArgumentParser:
     what.add_argument("--slow", action="store_true", help="slowly")
     p.add_argument("--tags", nargs="+", default=["a"], help="labels *here*")
     p.add_argument("--mode", choices=["x", "y"], default="x", help="`x|y` mode")
+    p.add_argument("--level", type=int, default=3, help="how hard (default %(default)s), 100%% sure")
     return parser
 
 
 def test_usage_writes_groups_nargs_and_choices_and_wraps_at_the_width():
     go = next(a for a in toy()._actions if isinstance(a, argparse._SubParsersAction)).choices["go"]
-    assert usage("tool go", go) == "tool go WHERE --out OUT (--fast | --slow) [--tags TAGS [TAGS ...]] [--mode {x,y}]"
+    assert usage("tool go", go) == ("tool go WHERE --out OUT (--fast | --slow) [--tags TAGS [TAGS ...]] [--mode {x,y}] "
+                                         "[--level LEVEL]")
     # 41 characters would fit the group on the first line; at 40 it moves to the next, under WHERE.
     assert usage("tool go", go, width=41).splitlines()[0] == "tool go WHERE --out OUT (--fast | --slow)"
     assert usage("tool go", go, width=40) == ("tool go WHERE --out OUT\n"
                                              "        (--fast | --slow)\n"
                                              "        [--tags TAGS [TAGS ...]]\n"
-                                             "        [--mode {x,y}]")
+                                             "        [--mode {x,y}] [--level LEVEL]")
 
 
 def test_argument_rows_defaults_and_escapes():
@@ -112,6 +115,7 @@ def test_argument_rows_defaults_and_escapes():
     assert row(text, "--fast") == "| `--fast` | `off` | quickly |"
     assert row(text, "--tags") == "| `--tags TAGS [TAGS ...]` | `['a']` | labels \\*here\\* |"
     assert row(text, "--mode") == "| `--mode {x,y}` | `x` | `x\\|y` mode |"
+    assert row(text, "--level") == "| `--level LEVEL` | `3` | how hard (default 3), 100% sure |"  # as --help says it
     assert "Guide:" not in text  # no guide page is known for a toy command
 
 

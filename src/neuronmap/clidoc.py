@@ -107,8 +107,8 @@ def usage(prog: str, parser: argparse.ArgumentParser, width: int = WIDTH) -> str
         One or more lines, without a trailing newline.
 
     Example:
-        >>> usage("neuronmap show", build_parser()._subparsers._group_actions[0].choices["show"])  # doctest: +SKIP
-        'neuronmap show ATLAS NEURON [--tokens TOKENS] [--json]'
+        >>> print(next(c for c in commands() if c.name == "show").usage)  # built by usage()
+        neuronmap show ATLAS NEURON [--tokens TOKENS] [--stored] [--weights PATH] [--json]
     """
     actions = _documented(parser)
     grouped = {id(a): g for g in parser._mutually_exclusive_groups for a in g._group_actions}
@@ -149,6 +149,23 @@ def _flags(action: argparse.Action) -> str:
     return ", ".join(f"{s} {arg}" if arg else s for s in action.option_strings)
 
 
+def _or_default(parser: argparse.ArgumentParser | None) -> argparse.ArgumentParser:
+    """``parser``, or neuronmap's own, built now from the live code (never a copy)."""
+    if parser is not None:
+        return parser
+    from neuronmap.cli import build_parser
+
+    return build_parser()
+
+
+def _help(action: argparse.Action, prog: str) -> str:
+    """The help text as ``--help`` prints it: argparse's ``%(default)s``-style fields filled in, ``%%`` made ``%``."""
+    params = {k: v for k, v in vars(action).items() if v is not argparse.SUPPRESS}
+    if params.get("choices") is not None:
+        params["choices"] = ", ".join(str(c) for c in params["choices"])
+    return (action.help or "") % {**params, "prog": prog}
+
+
 def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
     found = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if len(found) != 1:
@@ -172,16 +189,13 @@ def commands(parser: argparse.ArgumentParser | None = None) -> list[Command]:
         >>> [c.name for c in commands()][:2]
         ['map', 'search']
     """
-    if parser is None:
-        from neuronmap.cli import build_parser
-
-        parser = build_parser()
+    parser = _or_default(parser)
     sub = _subparsers(parser)
     helps = {c.dest: c.help or "" for c in sub._choices_actions}
     out = []
     for name, p in sub.choices.items():
         prog = f"{parser.prog} {name}"
-        args = tuple(Argument(_flags(a), _default(a), a.help or "") for a in _documented(p))
+        args = tuple(Argument(_flags(a), _default(a), _help(a, prog)) for a in _documented(p))
         out.append(Command(name, helps.get(name, ""), usage(prog, p), args))
     return out
 
@@ -217,10 +231,7 @@ def render(parser: argparse.ArgumentParser | None = None) -> str:
         >>> "## neuronmap verify" in render()
         True
     """
-    if parser is None:
-        from neuronmap.cli import build_parser
-
-        parser = build_parser()
+    parser = _or_default(parser)
     cmds = commands(parser)
     top = [a for a in _documented(parser) if not isinstance(a, argparse._SubParsersAction)]
     lines = [GENERATED, "", "# Command reference", ""]
@@ -228,7 +239,7 @@ def render(parser: argparse.ArgumentParser | None = None) -> str:
         lines += [parser.description, ""]
     lines += ["```", f"{parser.prog} {' '.join(_usage_word(a, False) for a in top)} COMMAND ...".replace("  ", " "),
               "```", ""]
-    lines += [f"- {_code(_flags(a))}: {_cell(a.help or '')}" for a in top] + [""] if top else []
+    lines += [f"- {_code(_flags(a))}: {_cell(_help(a, parser.prog))}" for a in top] + [""] if top else []
     lines += ["| command | what it does |", "|---|---|"]
     lines += [f"| [`{parser.prog} {c.name}`](#{anchor(c.name, parser.prog)}) | {_cell(c.help)} |" for c in cmds]
     lines.append("")
@@ -254,10 +265,7 @@ def readme_table(parser: argparse.ArgumentParser | None = None) -> str:
     Returns:
         Markdown lines (a table), ending in one newline.
     """
-    if parser is None:
-        from neuronmap.cli import build_parser
-
-        parser = build_parser()
+    parser = _or_default(parser)
     rows = ["| command | what it does | guide |", "|---|---|---|"]
     for c in commands(parser):
         guide = f"[{GUIDES[c.name]}]({GUIDES[c.name]})" if c.name in GUIDES else ""
