@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-8b clean
+.PHONY: install demo test test-fast docs bench bench-8b clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -23,8 +23,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/neuronmap map -o demo-atlas --overwrite
 
+# The whole suite, slow tests too (CI); it fails when docs/cli.md or the README's command table is stale.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the tests that need the real models (marked slow in tests/conftest.py).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# docs/cli.md and the README's command table, regenerated from the argparse parser (each file written atomically).
+docs: $(STAMP)
+	$(BIN)/python -m neuronmap.clidoc docs/cli.md --readme README.md
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -22,6 +22,24 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# Fixtures that load, map or export a real model (the demo SmolLM2, Gemma 3, their exports, the fine-tune); a test
+# that uses any of them, directly or through another fixture, is marked slow. `demo` is the real demo model in
+# tests/test_intervene.py (load_model) and tests/test_decode.py (open_weights).
+SLOW_FIXTURES = frozenset({"demo_atlas", "demo_checkpoint", "gemma_checkpoint", "gemma_gguf", "demo_gguf",
+                           "demo_finetuned", "demo"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark slow every test that needs a real model through its fixtures (``make test-fast`` runs ``-m "not slow"``).
+
+    Tests that load a real model without such a fixture (``open_weights(None)``, ``map_model(None, ...)``) or
+    compile a kernel cold carry ``@pytest.mark.slow`` themselves.
+    """
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def tiny_config(family: str):
     """A transformers config for a tiny model of ``family``: 2 layers, d_model 16, d_mlp 24, 64 tokens."""
     import transformers as T
@@ -52,8 +70,8 @@ def tiny_config(family: str):
 TINY_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "opt"]
 
 
-def make_tiny(family: str, out: Path, seed: int = 0):
-    """Build, randomise (norm gains and biases too) and save a tiny checkpoint; return the model."""
+def make_tiny(family: str, out: Path, seed: int = 0) -> Path:
+    """Build, randomise (norm gains and biases too) and save a tiny checkpoint; return its path."""
     import transformers as T
 
     torch.manual_seed(seed)
@@ -66,19 +84,23 @@ def make_tiny(family: str, out: Path, seed: int = 0):
             else:
                 p.copy_(torch.randn_like(p) * 0.5)
     model.save_pretrained(out)
-    return model
+    return out
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """``tiny_models(family) -> (path, model)``, each built once per session."""
-    made: dict[str, tuple[Path, object]] = {}
+    """``tiny_models(family, seed=0) -> path`` of a tiny checkpoint, each built once per session.
 
-    def get(family: str, seed: int = 0):
+    Only the path is shared: a test that needs the model loads its own fresh copy
+    (``AutoModelForCausalLM.from_pretrained(path)``), so no test can change
+    another's model. Treat the checkpoint directory as read-only; copy it to change it.
+    """
+    made: dict[str, Path] = {}
+
+    def get(family: str, seed: int = 0) -> Path:
         key = f"{family}-{seed}"
         if key not in made:
-            d = tmp_path_factory.mktemp(f"tiny-{key}")
-            made[key] = (d, make_tiny(family, d, seed))
+            made[key] = make_tiny(family, tmp_path_factory.mktemp(f"tiny-{key}"), seed)
         return made[key]
 
     return get

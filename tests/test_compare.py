@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import math
@@ -14,6 +13,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from neuronmap.cli import main
 from neuronmap.compare import compare, normalise, plot, row_stats
@@ -230,8 +230,8 @@ def test_unknown_paths_say_so_in_one_line(syn, tmp_path, capsys):
 
 def test_per_layer_agreement_matches_brute_force_on_tiny_models(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setenv("NEURONMAP_CACHE", str(tmp_path / "cache"))
-    base, shared = tiny_models("llama")
-    model = copy.deepcopy(shared)  # the session's model is shared with other tests: perturb a copy
+    base = tiny_models("llama")
+    model = AutoModelForCausalLM.from_pretrained(base)  # a fresh copy to perturb; the checkpoint stays as it is
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():

@@ -121,6 +121,7 @@ def test_decode_block_with_head_bias_and_softcap():
         _check_against_fp64(odd, x, decode_block(odd, x, k=5), 5, 1e-4)
 
 
+@pytest.mark.slow  # a cold torch.compile
 def test_compiled_kernel_gives_the_eager_numbers():
     z = torch.randn(24, 64 * 30 + 5, generator=torch.Generator().manual_seed(4)) * 4
     with torch.inference_mode():
@@ -161,7 +162,7 @@ def test_bf16_screening_keeps_a_bf16_head_only_once(tiny_models, tmp_path):
 
     from neuronmap.sources import open_weights
 
-    path, _ = tiny_models("llama")
+    path = tiny_models("llama")
     bf = tmp_path / "bf16"
     shutil.copytree(path, bf)
     sd = load_file(bf / "model.safetensors")

@@ -6,7 +6,6 @@ The demo model is loaded once (``demo``); the CLI tests reuse it through
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import shutil
@@ -14,6 +13,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from neuronmap.atlas import open_files
 from neuronmap.cli import main
@@ -38,9 +38,8 @@ def demo():
 
 
 def tiny(tiny_models, family: str, dtype=torch.float32):
-    path, model = tiny_models(family)
-    if dtype != torch.float32:
-        model = copy.deepcopy(model).to(dtype)
+    path = tiny_models(family)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)  # a fresh copy: tests may not share one
     return wrap_model(model, None, resolve_source(str(path)))
 
 
@@ -156,11 +155,15 @@ def test_last_position_in_right_padded_batch(tiny_models):
     ids = torch.tensor([[5, 9, 3, 17], [6, 8, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     ivs = [Intervention(1, 7, "set", 4.0)]
-    with torch.no_grad(), intervene(m, ivs, "last"):
-        batched = m.model(input_ids=ids, attention_mask=mask).logits
-        alone = [m.model(torch.tensor([r])).logits[0, -1] for r in rows]
+    with torch.no_grad():
+        with intervene(m, ivs, "last"):
+            batched = m.model(input_ids=ids, attention_mask=mask).logits
+            alone = [m.model(torch.tensor([r])).logits[0, -1] for r in rows]
+        plain = [m.model(torch.tensor([r])).logits[0, -1] for r in rows]
     for j, r in enumerate(rows):
         torch.testing.assert_close(batched[j, len(r) - 1], alone[j], atol=1e-4, rtol=1e-4)
+        # The hook did act: each row's last-token logits moved away from the unhooked model's.
+        assert not torch.allclose(alone[j], plain[j], atol=1e-3)
 
 
 def test_bfloat16_matches_manual(tiny_models):
@@ -350,7 +353,7 @@ def tiny_with_tokenizer(tiny_models, tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    path, _ = tiny_models("llama")
+    path = tiny_models("llama")
     out = tmp_path_factory.mktemp("tiny-tok") / "llama"
     shutil.copytree(path, out)
     words = ["<unk>", "<s>", "</s>"] + ("the a of and to in is it was I my what your favourite animal dog cat hello "
@@ -373,7 +376,7 @@ def test_cli_chat_without_template_falls_back(tiny_with_tokenizer, capsys):
 
 
 def test_cli_relative_value_without_tokenizer(tiny_models, capsys):
-    path, _ = tiny_models("gpt2")
+    path = tiny_models("gpt2")
     rc, _, err = run_cli(["generate", str(path), "--clamp", "L0N1=3x", "--prompt", "hi"], capsys)
     assert rc == 2 and "has no tokenizer transformers can load" in err and err.count("\n") == 1
 

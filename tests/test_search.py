@@ -50,7 +50,7 @@ def tiny_atlases(tiny_models, tmp_path_factory):
     for family, opts in (("llama", MapOptions(top_k=5)), ("gemma2", MapOptions(top_k=5, fold_input_norm=True)),
                          ("gpt2", MapOptions(top_k=5))):
         d = tmp_path_factory.mktemp("search") / family
-        map_model(str(tiny_models(family)[0]), d, opts)
+        map_model(str(tiny_models(family)), d, opts)
         out[family] = d
     return out
 
@@ -184,7 +184,7 @@ def test_stored_search_finds_the_rows_holding_the_token_with_their_exact_probs(t
 
 def test_token_index_is_every_top_k_entry_built_once_and_rebuilt_when_the_atlas_changes(tiny_models, tmp_path):
     d = tmp_path / "atlas"
-    map_model(str(tiny_models("llama")[0]), d, MapOptions(top_k=4))
+    map_model(str(tiny_models("llama")), d, MapOptions(top_k=4))
     files = open_files(d)
     path = token_index_file(files)
     assert path == d / "token_index.parquet"
@@ -303,7 +303,7 @@ def test_bad_search_options(tiny_atlases, tmp_path, tiny_models, capsys):
         rc, _, err = run_cli(capsys, "search", d, *argv)
         assert rc == 2 and message in err, (argv, err)
     part = tmp_path / "part"
-    map_model(str(tiny_models("llama")[0]), part, MapOptions(layers="1", matrices="up"))
+    map_model(str(tiny_models("llama")), part, MapOptions(layers="1", matrices="up"))
     for argv, message in ((["<7>", "--layers", "0"], "the atlas has no layer 0"),
                           (["<7>", "--matrices", "gate"], "the atlas has no 'gate' vectors")):
         rc, _, err = run_cli(capsys, "search", part, *argv)
@@ -314,7 +314,7 @@ def test_bad_search_options(tiny_atlases, tmp_path, tiny_models, capsys):
 
 def test_weights_changed_or_moved_since_mapping(tiny_models, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
-    shutil.copytree(tiny_models("llama")[0], ckpt)
+    shutil.copytree(tiny_models("llama"), ckpt)
     d = tmp_path / "atlas"
     map_model(str(ckpt), d, MapOptions(top_k=5))
     rc, _, _ = run_cli(capsys, "search", d, "<7>")

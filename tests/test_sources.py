@@ -24,6 +24,7 @@ def _top1(atlas: Path):
     return {(r.matrix, r.layer, r.neuron, r.pole): int(r.token_ids[0]) for r in t.itertuples()}
 
 
+@pytest.mark.slow  # its real-model fixtures come through request.getfixturevalue, which the auto-mark cannot see
 @pytest.mark.parametrize("name, layers", [("demo", "0,14,29"), ("gemma", "17")])
 def test_gguf_and_its_safetensors_export_agree(name, layers, request, tmp_path):
     gguf = request.getfixturevalue(f"{name}_gguf")
@@ -43,6 +44,7 @@ def test_gguf_and_its_safetensors_export_agree(name, layers, request, tmp_path):
     assert agree > 0.99
 
 
+@pytest.mark.slow  # loads the real demo model
 def test_demo_model_shape_and_tokens():
     w = open_weights(None)
     assert (w.family.name, w.n_layers, w.d_model, w.d_mlp, w.d_vocab) == ("llama", 30, 576, 1536, 49152)
@@ -59,7 +61,7 @@ def test_gemma3_family_norm_and_softcap(gemma_gguf):
 
 
 def test_sharded_checkpoint_reads_like_the_single_file(tiny_models, tmp_path):
-    path, _ = tiny_models("llama")
+    path = tiny_models("llama")
     sd = load_file(path / "model.safetensors")
     shard = tmp_path / "sharded"
     shard.mkdir()
@@ -86,7 +88,7 @@ def _fake_hub_cache(root: Path, repo: str, ckpt: Path) -> None:
 
 
 def test_hub_id_resolves_offline_from_the_cache(tiny_models, tmp_path, monkeypatch):
-    path, _ = tiny_models("qwen2")
+    path = tiny_models("qwen2")
     _fake_hub_cache(tmp_path / "hf", "tiny-org/tiny-qwen", path)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
@@ -124,7 +126,7 @@ def test_directory_that_is_no_checkout(capsys, tmp_path):
 
 
 def test_unknown_family_from_config(capsys, tiny_models, tmp_path):
-    path, _ = tiny_models("llama")
+    path = tiny_models("llama")
     bad = tmp_path / "ck"
     shutil.copytree(path, bad)
     cfg = json.loads((bad / "config.json").read_text())
@@ -136,7 +138,7 @@ def test_unknown_family_from_config(capsys, tiny_models, tmp_path):
 
 
 def test_truncated_safetensors(capsys, tiny_models, tmp_path):
-    path, _ = tiny_models("llama")
+    path = tiny_models("llama")
     bad = tmp_path / "ck"
     shutil.copytree(path, bad)
     data = (bad / "model.safetensors").read_bytes()
@@ -156,7 +158,7 @@ def test_truncated_gguf(capsys, demo_gguf, tmp_path):
 
 
 def test_tensor_of_the_wrong_shape(capsys, tiny_models, tmp_path):
-    path, _ = tiny_models("llama")
+    path = tiny_models("llama")
     bad = tmp_path / "ck"
     shutil.copytree(path, bad)
     sd = load_file(bad / "model.safetensors")

@@ -19,7 +19,7 @@ from neuronmap.stats import TOKEN_CLASSES, plot, stats, token_class
 @pytest.fixture(scope="module")
 def tiny_atlas(tiny_models, tmp_path_factory):
     d = tmp_path_factory.mktemp("stats") / "llama"
-    map_model(str(tiny_models("llama")[0]), d, MapOptions(top_k=5))
+    map_model(str(tiny_models("llama")), d, MapOptions(top_k=5))
     return d
 
 

@@ -101,7 +101,26 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """``auto`` -> ``bfloat16`` screening where the hardware has fast bf16, else ``float32``."""
+    """The decode dtype a ``--dtype`` value stands for: ``auto`` is always ``float32`` (exact).
+
+    bf16 screening is never chosen automatically, on any device: ask for
+    ``bfloat16`` explicitly. ``device`` is accepted for the signature's sake and
+    does not change the answer.
+
+    Args:
+        dtype: ``auto``, ``float32`` or ``bfloat16``.
+        device: the device the decode will run on (unused by the choice).
+
+    Returns:
+        ``float32`` or ``bfloat16``: ``dtype`` itself unless it is ``auto``.
+
+    Raises:
+        NeuronmapError: ``dtype`` is not one of ``DTYPES``.
+
+    Example:
+        >>> resolve_dtype("auto", torch.device("cuda"))
+        'float32'
+    """
     if dtype not in DTYPES:
         raise NeuronmapError(f"unknown --dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if dtype != "auto":
