@@ -195,7 +195,7 @@ def test_pytorch_bin_only_checkpoint(capsys, tmp_path):
 
 def _copy(tiny_models, tmp_path, family: str = "llama") -> Path:
     ck = tmp_path / "ck"
-    shutil.copytree(tiny_models(family)[0], ck)
+    shutil.copytree(tiny_models(family), ck)
     return ck
 
 

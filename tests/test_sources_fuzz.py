@@ -70,7 +70,7 @@ def _tally(outcomes: list[str]) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def base(tiny_models, tmp_path_factory):
     """(case directory, config, model.safetensors bytes, header, header length) of the tiny llama."""
-    src = tiny_models("llama")[0]
+    src = tiny_models("llama")
     d = tmp_path_factory.mktemp("fuzz") / "ck"
     shutil.copytree(src, d)
     raw = (d / "model.safetensors").read_bytes()
