@@ -28,6 +28,9 @@ from neuronmap.sources import open_weights
 COLUMNS = ["concept", "rank", "id", "layer", "neuron", "matrix", "pole", "prob", "token", "token_prob",
            "top_tokens", "top_probs", "entropy", "weight_norm", "approximate"]
 
+TOP = 10  # hits per concept; the CLI's default too
+MIN_PROB = 0.0
+
 
 @dataclass(frozen=True)
 class SearchResult:
@@ -111,7 +114,7 @@ def _describe(files: AtlasFiles, hits: pd.DataFrame) -> pd.DataFrame:
 
 
 def search(files: AtlasFiles, concepts: list[str], matrices: str | None = None, layers: str | None = None,
-           pole: str | None = None, top: int = 10, min_prob: float = 0.0, stored: bool = False,
+           pole: str | None = None, top: int = TOP, min_prob: float = MIN_PROB, stored: bool = False,
            weights: str | None = None, variants: bool = True) -> SearchResult:
     """Rank an atlas's rows by the probability their decoded distribution puts on each concept.
 

@@ -14,20 +14,24 @@ from neuronmap.fsio import check_png
 
 
 def add_map(sub) -> None:
+    from neuronmap.mapper import MapOptions
+
+    d = MapOptions()
     p = sub.add_parser("map", help="decode every MLP neuron of a model into an atlas")
     p.add_argument("source", nargs="?", default=None,
                    help="checkpoint dir, .gguf file, hub id (org/name) or packaged model (smollm2-135m, gemma3-270m); default: the demo model")
     p.add_argument("-o", "--out", required=True, help="atlas directory to create")
     p.add_argument("--matrices", default=None, help="comma list of gate,up,down (default: all the model has)")
     p.add_argument("--layers", default=None, help="layers and ranges, e.g. 0-5,9 (default: all)")
-    p.add_argument("--top-k", type=int_at_least(1), default=10, help="tokens kept per vector (default 10)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 (bf16 screening, exact fp32 rescoring)")
-    p.add_argument("--norm", default="final", help="final (the model's own final norm) | none")
+    p.add_argument("--top-k", type=int_at_least(1), default=d.top_k, help=f"tokens kept per vector (default {d.top_k})")
+    p.add_argument("--device", default=d.device, help=f"auto | cpu | cuda (default {d.device})")
+    p.add_argument("--dtype", default=d.dtype, help=f"auto | float32 | bfloat16 (bf16 screening, exact fp32 rescoring; default {d.dtype})")
+    p.add_argument("--norm", default=d.norm, help=f"final (the model's own final norm) | none (default {d.norm})")
     p.add_argument("--fold-input-norm", action="store_true", help="multiply gate/up vectors by the layer's pre-MLP norm gain")
-    p.add_argument("--kernel", default="auto",
+    p.add_argument("--kernel", default=d.kernel,
                    help="auto | eager | compiled: the vocabulary reductions fused by torch.compile (auto: for big models)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing atlas (never a directory that is not an atlas, nor the model's own files)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_map)
 
@@ -92,12 +96,15 @@ def _note_index(files, stored: bool) -> None:
 
 
 def add_search(sub) -> None:
+    from neuronmap.search import MIN_PROB, TOP
+
     p = sub.add_parser("search", help="rank an atlas's vectors by the probability they decode to a concept")
     p.add_argument("atlas", help="atlas directory (from `neuronmap map`)")
     p.add_argument("concepts", nargs="+", metavar="CONCEPT", help="word or token, e.g. coffee or ' coffee'")
     _rows_options(p)
-    p.add_argument("--top", type=int_at_least(1), default=10, help="hits per concept (default 10)")
-    p.add_argument("--min-prob", type=finite_float(0.0, 1.0), default=0.0, help="drop hits below this probability (default 0)")
+    p.add_argument("--top", type=int_at_least(1), default=TOP, help=f"hits per concept (default {TOP})")
+    p.add_argument("--min-prob", type=finite_float(0.0, 1.0), default=MIN_PROB,
+                   help=f"drop hits below this probability (default {MIN_PROB:g})")
     p.add_argument("--exact-token", action="store_true", help="match each concept exactly as typed, no variants")
     _weights_options(p)
     fmt = p.add_mutually_exclusive_group()
