@@ -20,8 +20,8 @@ def int_at_least(lo: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer: expected a whole number >= {lo}") from None
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer: expected a whole number >= {lo}") from e
         if value < lo:
             raise argparse.ArgumentTypeError(f"{value} is out of range: expected a whole number >= {lo}")
         return value
@@ -35,8 +35,8 @@ def finite_float(lo: float | None = None, hi: float | None = None):
     def parse(text: str) -> float:
         try:
             value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number: expected {want}") from None
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number: expected {want}") from e
         if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
             raise argparse.ArgumentTypeError(f"{text} is out of range: expected {want}")
         return value
