@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast docs bench bench-8b clean
+.PHONY: install demo serve test test-fast docs bench bench-8b clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -20,15 +20,26 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The viewer's browser tests drive Debian's Chromium through Playwright (Playwright's own browser download cannot
+# work offline); root installs it here, anyone else is told how.
+BROWSER := /usr/bin/chromium
+$(BROWSER):
+	@if [ "$$(id -u)" = 0 ]; then apt-get install -y -q chromium >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null); \
+	else echo "the viewer tests need Chromium: run 'sudo apt-get install -y chromium'"; exit 1; fi
+
 demo: $(STAMP)
 	$(BIN)/neuronmap map -o demo-atlas --overwrite
 
+# The viewer on the demo atlas (run `make demo` first).
+serve: $(STAMP)
+	$(BIN)/neuronmap serve demo-atlas --open
+
 # The whole suite, slow tests too (CI); it fails when docs/cli.md or the README's command table is stale.
-test: $(STAMP)
+test: $(STAMP) $(BROWSER)
 	$(BIN)/python -m pytest -q
 
 # The inner loop: everything but the tests that need the real models (marked slow in tests/conftest.py).
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(BROWSER)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # docs/cli.md and the README's command table, regenerated from the argparse parser (each file written atomically).

@@ -55,7 +55,7 @@ def concept_tokens(m: Model, word: str) -> Concept:
     return expand_concept(word, vocab_index(tokenizer_strings(require_tokenizer(m))))
 
 
-def _check_word(word: str) -> None:
+def check_word(word: str) -> None:
     if not word.strip():
         raise NeuronmapError(f"empty --concept {word!r}: give a word, e.g. --concept dog")
 
@@ -384,7 +384,7 @@ def generate(m: Model, text: str, specs: list[Spec], n: int = N_SAMPLES, tempera
     if not math.isfinite(temperature) or temperature < 0:
         raise NeuronmapError(f"--temperature {temperature} is not a number >= 0: use 0 (greedy) or more, e.g. 0.7")
     for c in concepts:
-        _check_word(c)
+        check_word(c)
     ivs = resolve(specs, m)
     ids, notice = chat_input(m, text, chat)
     with torch.no_grad(), intervene(m, ivs, positions):

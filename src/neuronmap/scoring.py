@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from neuronmap.atlas import AtlasFiles
 from neuronmap.atlasdb import connect, where_clause
 from neuronmap.decode import apply_norm, build_head, logits
 from neuronmap.errors import NeuronmapError
-from neuronmap.sources import Source, Weights, file_sha256, resolve_source
+from neuronmap.sources import Source, Weights, file_sha256, open_weights, resolve_source
 
 
 # ------------------------------------------------------------------ exact, from the weights
@@ -74,6 +75,62 @@ def check_weights(files: AtlasFiles, weights: str | None = None,
             raise NeuronmapError(f"the weights changed since mapping: {f} has sha256 {got[:12]}..., the atlas recorded "
                                  f"{sha[:12]}...; {fix}")
     return Source(src["kind"], src["spec"], path, tuple(base / n for n in expected))
+
+
+_KEEP_BYTES = 0  # tensor bytes kept per opened model; 0 (the CLI): read, use, drop
+_KEPT: dict[tuple, Weights] = {}
+_KEPT_MODELS = 2  # a served pair of atlases, without hoarding memory
+_LOCK = threading.Lock()
+
+
+def keep_weights(budget_bytes: int) -> None:
+    """Keep the tensors ``atlas_weights`` reads in memory, up to ``budget_bytes`` per model (a long-running viewer).
+
+    A one-shot command reads each tensor once, so keeping them would only raise its peak memory; a viewer
+    answers many searches from the same weights, and re-reading (dequantizing) them dominated each answer.
+    """
+    global _KEEP_BYTES
+    with _LOCK:
+        _KEEP_BYTES = int(budget_bytes)
+        _KEPT.clear()
+
+
+def _memoized(w: Weights, budget: int) -> Weights:
+    kept: dict[str, torch.Tensor] = {}
+    used = [0]
+
+    def read(name: str) -> torch.Tensor:
+        t = kept.get(name)
+        if t is None:
+            t = w.read(name)
+            with _LOCK:
+                if used[0] + t.nbytes <= budget and name not in kept:
+                    kept[name] = t
+                    used[0] += t.nbytes
+        return t
+
+    return dataclasses.replace(w, read=read)
+
+
+def atlas_weights(files: AtlasFiles, weights: str | None = None) -> Weights:
+    """The weights an atlas was mapped from (``check_weights``), opened; kept in memory after ``keep_weights``.
+
+    Raises:
+        NeuronmapError: as ``check_weights``.
+    """
+    src = check_weights(files, weights)
+    if not _KEEP_BYTES:
+        return open_weights(src)
+    key = tuple((str(f), file_sha256(f)) for f in src.files)  # the sha256 is cached by path, size and times
+    with _LOCK:
+        w = _KEPT.get(key)
+    if w is None:
+        w = _memoized(open_weights(src), _KEEP_BYTES)
+        with _LOCK:
+            while len(_KEPT) >= _KEPT_MODELS:
+                _KEPT.pop(next(iter(_KEPT)))
+            _KEPT[key] = w
+    return w
 
 
 @dataclass(frozen=True)

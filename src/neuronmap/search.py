@@ -22,8 +22,7 @@ from neuronmap.atlasdb import choose_rows, connect, stored_rank, stored_top
 from neuronmap.concepts import Concept, expand_concept, read_vocab, vocab_index
 from neuronmap.errors import NeuronmapError
 from neuronmap.ids import MATRICES, neuron_id, parse_neuron_id
-from neuronmap.scoring import TokenProbs, check_weights, exact_token_probs
-from neuronmap.sources import open_weights
+from neuronmap.scoring import TokenProbs, atlas_weights, exact_token_probs
 
 COLUMNS = ["concept", "rank", "id", "layer", "neuron", "matrix", "pole", "prob", "token", "token_prob",
            "top_tokens", "top_probs", "entropy", "weight_norm", "approximate"]
@@ -157,7 +156,7 @@ def search(files: AtlasFiles, concepts: list[str], matrices: str | None = None, 
             hits["token"] = [tokens[i] for i in hits.pop("token_id")]
     else:
         ids = list(dict.fromkeys(t for c in expanded for t in c.token_ids))
-        tp = exact_token_probs(files, open_weights(check_weights(files, weights)), ids, mats, lays, poles)
+        tp = exact_token_probs(files, atlas_weights(files, weights), ids, mats, lays, poles)
         parts = [_exact_top(tp, c, ids, top, min_prob) for c in expanded]
     for c, hits in zip(expanded, parts):
         hits.insert(0, "concept", c.text)
@@ -192,7 +191,7 @@ class NeuronReport:
         rank_method: ``exact`` (ranked among every row, from the weights) or ``stored``
             (among the rows whose stored top-k holds the token).
         rows: one row per (matrix, pole): ``id layer neuron matrix pole top_token top_prob rank
-            n_ranked rank_method entropy weight_norm tokens probs`` (``tokens``/``probs``: the stored top-k).
+            n_ranked rank_method entropy weight_norm tokens probs logits`` (``tokens``/``probs``/``logits``: the stored top-k).
     """
 
     atlas: Path
@@ -241,7 +240,7 @@ def show(files: AtlasFiles, neuron: str, stored: bool = False, weights: str | No
     layer, idx = parse_neuron_id(neuron, int(meta["n_layers"]), int(meta["d_mlp"]))
     choose_rows(meta, None, str(layer), None)  # the atlas has this layer
     rows = connect().execute(
-        "SELECT id, layer, neuron, matrix, pole, token_ids, tokens, probs, entropy, weight_norm "
+        "SELECT id, layer, neuron, matrix, pole, token_ids, tokens, probs, logits, entropy, weight_norm "
         "FROM read_parquet(?) WHERE layer = ? AND neuron = ?", [str(files.neurons), layer, idx]).df()
     order = {k: i for i, k in enumerate([*MATRICES, "+", "-"])}
     rows = rows.sort_values(["matrix", "pole"], key=lambda s: s.map(order)).reset_index(drop=True)
@@ -263,7 +262,7 @@ def _exact_ranks(files, rows, top, layer, idx, weights) -> list[tuple[int, int, 
     """(rank, rows ranked, exact p) of each of the neuron's rows for its top token, over every atlas row."""
     dec = files.meta["decode"]
     ids = list(dict.fromkeys(top))
-    tp = exact_token_probs(files, open_weights(check_weights(files, weights)), ids, list(dec["matrices"]),
+    tp = exact_token_probs(files, atlas_weights(files, weights), ids, list(dec["matrices"]),
                            list(dec["layers"]), ["+", "-"])
     k = tp.keys
     mine = (k["layer"] == layer).to_numpy() & (k["neuron"] == idx).to_numpy()

@@ -1,0 +1,141 @@
+"""``layer``, ``similar``, ``serve``: parse, call the API (neuronmap.browse, neuronmap.similar, neuronmap.viewer), render."""
+
+from __future__ import annotations
+
+from rich.markup import escape
+from rich.table import Table
+
+from neuronmap.cli.common import _print_json, _table, _tok, err, int_at_least, out
+from neuronmap.errors import NeuronmapError
+
+
+def add_layer(sub) -> None:
+    from neuronmap.browse import MAX_PAGE, PAGE, SORTS
+    from neuronmap.stats import TOKEN_CLASSES
+
+    p = sub.add_parser("layer", help="the neurons of one layer and matrix, sorted by confidence, entropy or norm")
+    p.add_argument("atlas", help="atlas directory")
+    p.add_argument("layer", type=int_at_least(0), help="layer number, e.g. 29")
+    p.add_argument("--matrix", default="up", help="gate, up or down (default up)")
+    p.add_argument("--pole", default=None, choices=["+", "-", "both"], help="+ (the vector), - (its negation) or both (default)")
+    p.add_argument("--sort", default="confidence", choices=SORTS, help="confidence (top-1 p), entropy, norm or neuron (default confidence)")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--asc", dest="descending", action="store_false", default=None, help="ascending")
+    order.add_argument("--desc", dest="descending", action="store_true", help="descending (default for confidence and norm)")
+    p.add_argument("--class", dest="token_class", default=None, choices=TOKEN_CLASSES, help="only rows whose top-1 token is of this class")
+    p.add_argument("--offset", type=int_at_least(0), default=0, help="rows to skip (default 0)")
+    p.add_argument("--limit", type=int_at_least(1), default=PAGE, help=f"rows to print, at most {MAX_PAGE} (default {PAGE})")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_layer)
+
+
+def cmd_layer(args) -> int:
+    from neuronmap.atlas import open_files
+    from neuronmap.browse import layer_rows
+
+    files = open_files(args.atlas)
+    r = layer_rows(files, args.layer, args.matrix, args.pole, args.sort, args.descending, args.token_class, args.offset, args.limit)
+    if args.json:
+        _print_json(r.to_dict())
+        return 0
+    shown = f"{r.offset + 1}-{r.offset + len(r.rows)}" if len(r.rows) else "none"
+    out.print(f"[bold]layer {r.layer}[/bold] {r.matrix} of {escape(args.atlas)}: rows {shown} of {r.n_matching:,}"
+              f"{' with a ' + r.token_class + ' top token' if r.token_class else ''}, by {r.sort} "
+              f"({'descending' if r.descending else 'ascending'})")
+    tab = Table(show_edge=False)
+    for col in ("neuron", "pole", "top token", "p", "class", "entropy", "|w|", "next tokens"):
+        tab.add_column(col, justify="right" if col in ("p", "entropy", "|w|") else "left")
+    for x in r.rows.to_dict("records"):
+        tab.add_row(x["id"], x["pole"], _tok(x["top_token"]), f"{x['top_prob']:.3f}", x["token_class"], f"{x['entropy']:.3f}",
+                    f"{x['weight_norm']:.3f}", "  ".join(_tok(t) for t in list(x["tokens"])[1:4]))
+    _table(tab)
+    return 0
+
+
+def add_similar(sub) -> None:
+    from neuronmap.similar import TOP
+
+    p = sub.add_parser("similar", help="the vectors most aligned with one neuron's, per matrix (|cosine| over the weights)")
+    p.add_argument("atlas", help="atlas directory (its weights must be where meta.json says, or at --weights)")
+    p.add_argument("neuron", help="neuron id, e.g. L29N750")
+    p.add_argument("--matrices", default=None, help="comma list of gate,up,down (default: all the atlas has)")
+    p.add_argument("--top", type=int_at_least(1), default=TOP, help=f"hits per matrix (default {TOP})")
+    p.add_argument("--weights", default=None, metavar="PATH", help="where the mapped weights are now, if they moved")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_similar)
+
+
+def cmd_similar(args) -> int:
+    from neuronmap.atlas import open_files
+    from neuronmap.similar import similar
+
+    r = similar(open_files(args.atlas), args.neuron, args.matrices, args.top, args.weights)
+    if args.json:
+        _print_json(r.to_dict())
+        return 0
+    out.print(f"[bold]{r.id}[/bold]: most aligned vectors by |cosine| over {r.n_compared:,} per matrix; a negative cosine "
+              "pairs with the other neuron's - pole")
+    tab = Table(show_edge=False)
+    for col in ("matrix", "rank", "neuron", "cosine", "pole", "top token", "p"):
+        tab.add_column(col, justify="right" if col in ("rank", "cosine", "p") else "left")
+    for x in r.rows.to_dict("records"):
+        tab.add_row(x["matrix"], str(x["rank"]), x["id"], f"{x['cosine']:+.3f}", x["pole"], _tok(x["top_token"]), f"{x['top_prob']:.3f}")
+    _table(tab)
+    return 0
+
+
+def add_serve(sub) -> None:
+    from neuronmap.models import DEVICE, DTYPE
+    from neuronmap.viewer import HOST, PORT
+
+    p = sub.add_parser("serve", help="open atlases in a local browser viewer: search, inspect, compare, steer (offline)")
+    p.add_argument("atlases", nargs="+", metavar="ATLAS", help="atlas directories; only these are readable")
+    p.add_argument("--host", default=HOST, help=f"address to bind (default {HOST}: this machine only)")
+    p.add_argument("--port", type=int_at_least(0), default=PORT, help=f"port (default {PORT}; 0 picks a free one)")
+    p.add_argument("--open", action="store_true", help="open the viewer in the default browser")
+    p.add_argument("--device", default=DEVICE, help=f"where steering runs the model: cpu | cuda | auto (default {DEVICE})")
+    p.add_argument("--dtype", default=DTYPE, help=f"float32 | bfloat16 for steering (default {DTYPE})")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    import signal
+    import socket
+
+    import uvicorn
+
+    from neuronmap.viewer import LOCAL_HOSTS, create_app
+
+    if args.port > 65535:
+        raise NeuronmapError(f"--port {args.port} is out of range: expected 0 to 65535")
+    app = create_app(args.atlases, args.device, args.dtype, args.host)
+    try:  # bind first, so a busy port is one line, not a server traceback
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        raise NeuronmapError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}): "
+                             "pick another --port, or stop what is using it") from e
+    port = sock.getsockname()[1]
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{shown}:{port}/"
+    if args.host not in LOCAL_HOSTS:
+        err.print(f"warning: serving on {args.host}: anyone who can reach this address can browse these atlases and run "
+                  "the model (steering); use --host 127.0.0.1 to keep it to this machine", markup=False)
+    for name, files in app.state.served.atlases.items():
+        m = files.meta
+        out.print(f"  {escape(name)}: {escape(str(files.root))} ({escape(m['source']['spec'])}, {m['family']}, "
+                  f"{m['n_layers']} layers x {m['d_mlp']}, matrices {','.join(m['decode']['matrices'])})")
+    out.print(f"neuronmap viewer at [bold]{url}[/bold] (Ctrl-C to stop)", soft_wrap=True)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(url)
+    # uvicorn turns Ctrl-C and SIGTERM into a graceful shutdown, then re-raises the signal to the handler it found:
+    # a no-op here, so the command ends normally instead of as an interrupted write (nothing is being written).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    out.print("viewer stopped")
+    return 0

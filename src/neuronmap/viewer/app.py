@@ -1,0 +1,135 @@
+"""The viewer's routes: each page and its ``/api/...`` twin call the same API function and share its result.
+
+``/api/X`` answers ``result.to_dict()``, the payload ``neuronmap X --json`` prints;
+the page renders the same object. Bad input answers 4xx with the CLI's one-line
+message: an HTML page for a page, ``{"error": ...}`` for the API.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from neuronmap.errors import NeuronmapError
+from neuronmap.viewer import pages
+from neuronmap.viewer.render import CSP, error_box, layout
+from neuronmap.viewer.state import RequestError, Served
+from neuronmap.viewer.data import Data
+from neuronmap.viewer.steer import SteerRunner
+
+STATIC = Path(__file__).parent / "static"
+_NEURON = re.compile(r"^\s*L\d+N\d+\s*$")
+HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+           "Cache-Control": "no-store"}
+
+
+class JSON(JSONResponse):
+    def render(self, content) -> bytes:
+        # allow_nan=False: a nan that reached here is a bug in a to_dict(), not something to send as invalid JSON.
+        return json.dumps(content, ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def _html(served: Served, request: Request, title: str, body: str, status: int = 200, atlas: str | None = None) -> HTMLResponse:
+    text = layout(title, body, served.names, atlas, request.query_params.get("q", ""))
+    return HTMLResponse(text, status, headers=HEADERS)
+
+
+def build(served: Served, steer: SteerRunner) -> Starlette:
+    """The Starlette app for ``served`` (``create_app`` in neuronmap.viewer is the public entry)."""
+
+    def page(title_of, compute, render):
+        """A page route: ``compute(request) -> (atlas name, result)``, ``render(request, name, result) -> body``."""
+        def endpoint(request: Request) -> Response:
+            try:
+                name, result = compute(request)
+                if isinstance(result, Response):
+                    return result
+                return _html(served, request, title_of(request, name), render(request, name, result), atlas=name)
+            except NeuronmapError as e:
+                status = e.status if isinstance(e, RequestError) else 400
+                return _html(served, request, "error", error_box(str(e)), status, request.query_params.get("atlas"))
+        return endpoint
+
+    def api(compute):
+        def endpoint(request: Request) -> Response:
+            try:
+                _, result = compute(request)
+                return JSON(result if isinstance(result, dict) else result.to_dict(), headers=HEADERS)
+            except NeuronmapError as e:
+                return JSON({"error": str(e)}, e.status if isinstance(e, RequestError) else 400, headers=HEADERS)
+        return endpoint
+
+    first = served.names[0]
+    d = Data(served)
+
+    def search_compute(request: Request):
+        q = request.query_params.get("q", "")
+        if _NEURON.match(q):  # a neuron id typed into the search box opens that neuron
+            name, _ = served.get(request.query_params.get("atlas"))
+            target = f"/neuron/{q.strip()}" + (f"?atlas={name}" if name != first else "")
+            return name, RedirectResponse(target, 303)
+        if not q.strip():
+            name, _ = served.get(request.query_params.get("atlas"))
+            return name, None
+        return d.search(request)
+
+    def search_render(request: Request, name: str, r) -> str:
+        p = request.query_params
+        form = pages.search_form(name, first, p.get("q", ""), p.get("matrices", ""), p.get("layers", ""), p.get("pole", ""),
+                                 p.get("method", "auto"))
+        return form + (pages.search_results(name, first, *r) if r else "<p>type a concept, e.g. coffee</p>")
+
+    async def steer_endpoint(request: Request) -> Response:
+        try:
+            if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+                # A cross-site form cannot send JSON without a preflight, which this server never grants.
+                raise RequestError("POST /api/steer takes a JSON body (Content-Type: application/json)", 415)
+            try:
+                body = json.loads(await request.body() or b"{}")
+            except ValueError as e:
+                raise RequestError(f"the request body is not JSON ({e}): send an object such as "
+                                   '{"neuron": "L29N808", "value": "20x", "concept": "dog", "text": "..."}') from e
+            return JSON(steer.submit(body), 202, headers=HEADERS)
+        except NeuronmapError as e:
+            return JSON({"error": str(e)}, e.status if isinstance(e, RequestError) else 400, headers=HEADERS)
+
+    def job_compute(request: Request):
+        return None, steer.status(request.path_params["job"])
+
+    def not_found(request: Request, exc) -> Response:
+        msg = f"no page at {request.url.path}: the viewer has /, /search, /neuron/L{{layer}}N{{index}}, /layer/N and /compare"
+        if request.url.path.startswith("/api/"):
+            return JSON({"error": msg}, 404, headers=HEADERS)
+        return _html(served, request, "not found", error_box(msg), 404)
+
+    routes = [
+        Route("/", page(lambda r, n: n, d.overview, lambda r, n, x: pages.overview(n, first, *x))),
+        Route("/search", page(lambda r, n: f"search {r.query_params.get('q', '')}", search_compute, search_render)),
+        Route("/neuron/{neuron}", page(lambda r, n: r.path_params["neuron"], d.neuron, lambda r, n, x: pages.neuron(n, first, *x))),
+        Route("/layer/{layer}", page(lambda r, n: f"layer {r.path_params['layer']}", d.layer, lambda r, n, x: pages.layer(n, first, *x))),
+        Route("/compare", page(lambda r, n: "compare", d.compare, lambda r, n, x: pages.compare(*n[:2], first, x))),
+        Route("/api/atlases", api(d.atlases)),
+        Route("/api/atlas", api(d.atlas)),
+        Route("/api/stats", api(d.stats)),
+        Route("/api/search", api(lambda r: (None, d.search(r)[1][0]))),
+        Route("/api/neuron/{neuron}", api(lambda r: (None, d.neuron(r)[1][1]))),
+        Route("/api/similar/{neuron}", api(d.similar)),
+        Route("/api/layer/{layer}", api(lambda r: (None, d.layer(r)[1][1]))),
+        Route("/api/compare", api(lambda r: (None, d.compare(r)[1]))),
+        Route("/api/steer", steer_endpoint, methods=["POST"]),
+        Route("/api/jobs/{job}", api(job_compute)),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    app = Starlette(routes=routes, exception_handlers={404: not_found},
+                    middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=served.hosts)])
+    app.state.served, app.state.steer = served, steer
+    return app

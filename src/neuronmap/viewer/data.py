@@ -1,0 +1,143 @@
+"""What each page shows, from the request's query: the same API calls the CLI makes, with the same checks.
+
+Each method returns ``(atlas name, result)``; the routes render the result as a
+page or serialize it with its ``to_dict()``. Results that take long to compute
+and depend only on the atlas (stats, the confident words, comparisons) are kept.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from neuronmap import search as search_api
+from neuronmap.atlas import AtlasFiles
+from neuronmap.browse import PAGE, confident_words, layer_rows
+from neuronmap.errors import NeuronmapError
+from neuronmap.scoring import check_weights
+from neuronmap.search import records
+from neuronmap.similar import TOP as SIMILAR_TOP, similar
+from neuronmap.stats import stats
+from neuronmap.viewer.state import RequestError, Served
+
+METHODS = ("auto", "exact", "stored")
+
+
+def query_int(request: Request, key: str, default: int, lo: int, hi: int) -> int:
+    """An integer query parameter in ``[lo, hi]``.
+
+    Raises:
+        RequestError: not an integer, or out of range (the message names the parameter and the range).
+    """
+    text = request.query_params.get(key)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError as e:
+        raise RequestError(f"?{key}={text!r} is not an integer: expected a whole number from {lo} to {hi}") from e
+    if not lo <= value <= hi:
+        raise RequestError(f"?{key}={value} is out of range: expected a whole number from {lo} to {hi}")
+    return value
+
+
+def _opt(request: Request, key: str) -> str | None:
+    v = request.query_params.get(key)
+    return v if v not in (None, "", "both", "all") else None
+
+
+class Data:
+    """The viewer's data, one method per page."""
+
+    def __init__(self, served: Served):
+        self.served = served
+
+    def _atlas(self, request: Request, key: str = "atlas") -> tuple[str, AtlasFiles]:
+        return self.served.get(request.query_params.get(key))
+
+    def weights(self, files: AtlasFiles) -> tuple[bool, str | None]:
+        """Whether the atlas's weights are where meta.json says, unchanged (sha256, cached by file stat), and why not."""
+        try:
+            check_weights(files, fix="search uses the stored top-k meanwhile")
+            return True, None
+        except NeuronmapError as e:
+            return False, str(e)
+
+    def atlases(self, request: Request) -> tuple[None, dict]:
+        return None, {"atlases": [{"name": n, "path": str(f.root), "source": f.meta["source"]["spec"],
+                                   "family": f.meta["family"], "n_layers": f.meta["n_layers"], "d_mlp": f.meta["d_mlp"],
+                                   "matrices": f.meta["decode"]["matrices"]} for n, f in self.served.atlases.items()]}
+
+    def _words(self, name: str, files: AtlasFiles):
+        return self.served.cached(("words", name), lambda: confident_words(files))
+
+    def atlas(self, request: Request) -> tuple[str, dict]:
+        name, files = self._atlas(request)
+        return name, {"name": name, "path": str(files.root), "meta": files.meta,
+                      "confident": records(self._words(name, files))}
+
+    def stats(self, request: Request):
+        name, files = self._atlas(request)
+        m, lay, pole = _opt(request, "matrices"), _opt(request, "layers"), _opt(request, "pole")
+        return name, self.served.cached(("stats", name, m, lay, pole), lambda: stats(files, m, lay, pole))
+
+    def overview(self, request: Request):
+        name, files = self._atlas(request)
+        return name, (files.meta, self.stats(request)[1], self._words(name, files))
+
+    def search(self, request: Request):
+        """``(name, (SearchResult, note))``; ``note`` says why an ``auto`` search fell back to the stored top-k."""
+        name, files = self._atlas(request)
+        q = request.query_params.get("q", "")
+        concepts = [c for c in (q.split(",") if "," in q.strip(", ") else [q]) if c.strip()]
+        if not concepts:
+            raise RequestError("no concept given: pass at least one word, e.g. /search?q=coffee")
+        method = request.query_params.get("method") or "auto"
+        if method not in METHODS:
+            raise RequestError(f"unknown method {method!r}: expected auto, exact or stored")
+        top = query_int(request, "top", search_api.TOP, 1, 1000)
+        note = None
+        stored = method == "stored"
+        if method == "auto":
+            ok, why = self.weights(files)
+            stored, note = (False, None) if ok else (True, f"searched the stored top-k: {why}")
+        r = search_api.search(files, concepts, _opt(request, "matrices"), _opt(request, "layers"), _opt(request, "pole"),
+                              top, 0.0, stored, None, request.query_params.get("exact_token") not in ("1", "true", "on"))
+        return name, (r, note)
+
+    def neuron(self, request: Request):
+        """``(name, (meta, NeuronReport, weights_ok, note))``: ranks are exact when the weights are present."""
+        name, files = self._atlas(request)
+        ok, note = self.weights(files)
+        r = search_api.show(files, request.path_params["neuron"], stored=not ok)
+        return name, (files.meta, r, ok, note)
+
+    def similar(self, request: Request):
+        name, files = self._atlas(request)
+        top = query_int(request, "top", SIMILAR_TOP, 1, 100)
+        return name, similar(files, request.path_params["neuron"], _opt(request, "matrices"), top)
+
+    def layer(self, request: Request):
+        name, files = self._atlas(request)
+        text = request.path_params["layer"]
+        if not text.isdigit():
+            raise RequestError(f"layer {text!r} is not a layer number: expected e.g. /layer/{files.meta['decode']['layers'][-1]}")
+        page = query_int(request, "page", 0, 0, 10**7)
+        desc = request.query_params.get("desc")
+        lr = layer_rows(files, int(text), request.query_params.get("matrix") or "up", _opt(request, "pole"),
+                        request.query_params.get("sort") or "confidence", None if desc in (None, "") else desc in ("1", "true"),
+                        _opt(request, "class"), page * PAGE, PAGE)
+        return name, (files.meta, lr)
+
+    def compare(self, request: Request):
+        """``((a, b), Comparison)`` of two served atlases (default: the first two)."""
+        from neuronmap.compare import compare
+
+        names = self.served.names
+        if len(names) < 2:
+            raise RequestError("compare needs two atlases: serve both, e.g. `neuronmap serve base-atlas tuned-atlas`", 404)
+        a, fa = self.served.get(request.query_params.get("a") or names[0])
+        b, fb = self.served.get(request.query_params.get("b") or names[1])
+        level = request.query_params.get("level") or "auto"
+        top = query_int(request, "top", 15, 1, 1000)
+        c = self.served.cached(("compare", a, b, level, top), lambda: compare(str(fa.root), str(fb.root), level, top=top))
+        return (a, b), c

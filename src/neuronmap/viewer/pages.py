@@ -1,0 +1,228 @@
+"""The viewer's pages, each built from the same result object its ``/api/...`` twin serializes.
+
+Every function returns the page body (HTML); ``render.layout`` wraps it.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from neuronmap.ids import MATRICES
+from neuronmap.stats import TOKEN_CLASSES
+from neuronmap.viewer.render import bar, esc, json_block, link, num, table, tok, url
+
+
+def _a(name: str, first: str) -> str | None:
+    """The ``atlas`` query value: left out for the first atlas, so the common URLs stay short."""
+    return None if name == first else name
+
+
+def neuron_link(nid: str, name: str, first: str) -> str:
+    return link(url(f"/neuron/{nid}", atlas=_a(name, first)), esc(nid))
+
+
+def _depth_series(layers: pd.DataFrame | list[dict], value: str, by: str = "matrix") -> list[dict]:
+    df = pd.DataFrame(layers)
+    out = []
+    for key, g in df.groupby(by, sort=False):
+        g = g.sort_values("layer")
+        out.append({"name": str(key), "points": [[int(x), None if pd.isna(y) else float(y)] for x, y in zip(g["layer"], g[value])]})
+    return out
+
+
+# ------------------------------------------------------------------ /
+
+
+def overview(name: str, first: str, meta: dict, stats, words: pd.DataFrame) -> str:
+    dec = meta["decode"]
+    t = meta.get("timings") or {}
+    facts = [
+        ("model", esc(meta["source"]["spec"])), ("family", esc(meta["family"])),
+        ("shape", esc(f"{meta['n_layers']} layers × {meta['d_mlp']} neurons, d_model {meta['d_model']}, d_vocab {meta['d_vocab']}")),
+        ("rows", esc(f"{meta['n_rows']:,} ({meta['n_vectors']:,} vectors × 2 poles)")),
+        ("decode", esc(f"matrices {','.join(dec['matrices'])}; norm {dec['norm']} ({dec.get('final_norm')}); "
+                       f"top-k {dec['top_k']}; fold input norm {dec.get('fold_input_norm')}; softcap {dec.get('softcap')}")),
+        ("mapped", esc(f"{meta.get('created', '?')} on {meta.get('device', '?')}, {meta.get('dtype', '?')}"
+                       + (f", {t['total_s']:.1f} s ({t.get('vectors_per_s', 0):,.0f} vectors/s)" if "total_s" in t else ""))),
+    ]
+    s = stats.to_dict()
+    metrics = {"confident": "share of rows with top-1 p > 0.5", "entropy_p50": "median entropy (nats)",
+               **{c: f"share of top-1 tokens that are {c}" for c in TOKEN_CLASSES}}
+    charts = {k: {"label": v, "series": _depth_series(s["layers"], k)} for k, v in metrics.items()}
+    layer_links = " ".join(link(url(f"/layer/{x}", atlas=_a(name, first)), str(x)) for x in dec["layers"])
+    word_rows = [[neuron_link(r.id, name, first), esc(r.matrix), esc(r.pole), tok(r.token), bar(r.prob, 80) + " " + num(r.prob, ".3f")]
+                 for r in words.itertuples()]
+    top_rows = [[tok(r["token"]), esc(r["class"]), f"{r['rows']:,}", num(r["share"], ".2%")] for r in s["top_tokens"][:10]]
+    return f"""<h1>{esc(name)}</h1>
+<dl class="facts">{''.join(f'<dt>{k}</dt><dd>{v}</dd>' for k, v in facts)}</dl>
+<section><h2>Against depth</h2>
+<label>metric <select id="metric">{''.join(f'<option value="{esc(k)}">{esc(v)}</option>' for k, v in metrics.items())}</select></label>
+<div id="depth-chart" class="chart" data-source="depth-data" data-select="metric"></div>
+{json_block('depth-data', charts)}</section>
+<section><h2>Layers</h2><p class="layers">{layer_links}</p></section>
+<section><h2>Most confident content-word neurons</h2>
+{table(['neuron', 'matrix', 'pole', 'top token', 'p'], word_rows) if word_rows else '<p>none above p 0.3</p>'}</section>
+<section><h2>Most frequent top-1 tokens</h2>{table(['token', 'class', 'rows', 'share'], top_rows)}</section>"""
+
+
+# ------------------------------------------------------------------ /search
+
+
+def search_form(name: str, first: str, q: str, matrices: str, layers: str, pole: str, method: str) -> str:
+    def opt(v, cur, label=None):
+        return f'<option value="{esc(v)}"{" selected" if v == cur else ""}>{esc(label or v)}</option>'
+    hidden = f'<input type="hidden" name="atlas" value="{esc(name)}">' if name != first else ""
+    return f"""<form class="filters" action="/search" method="get">{hidden}
+<input name="q" value="{esc(q)}" aria-label="concept" placeholder="concept, e.g. coffee">
+<label>matrices <input name="matrices" value="{esc(matrices)}" placeholder="all" size="10"></label>
+<label>layers <input name="layers" value="{esc(layers)}" placeholder="all" size="8"></label>
+<label>pole <select name="pole">{opt('', pole, 'both')}{opt('+', pole)}{opt('-', pole)}</select></label>
+<label>method <select name="method">{opt('auto', method)}{opt('exact', method)}{opt('stored', method)}</select></label>
+<button type="submit">search</button></form>"""
+
+
+def search_results(name: str, first: str, r, note: str | None) -> str:
+    d = r.to_dict()
+    method = (f"exact: p over all {d['n_scored']:,} chosen rows, from the weights (sha256 checked)" if d["method"] == "exact"
+              else f"from the stored top-{d['top_k']}: only rows with a variant among their top {d['top_k']} are found; p is a lower bound")
+    parts = [f'<p class="method" data-method="{esc(d["method"])}">{esc(method)} · {d["seconds"]:.2f} s</p>']
+    if note:
+        parts.append(f'<p class="notice">{esc(note)}</p>')
+    for c in d["concepts"]:
+        variants = ", ".join(tok(t["token"]) for t in c["tokens"]) or "none"
+        extra = " (approximate: no variant is a single token)" if c["approximate"] else ""
+        hits = [h for h in d["results"] if h["concept"] == c["concept"]]
+        rows = [[str(h["rank"]), neuron_link(h["id"], name, first), esc(h["matrix"]), esc(h["pole"]),
+                 bar(h["prob"]) + " " + num(h["prob"]), tok(h["token"]),
+                 " ".join(tok(t) for t in h["top_tokens"][:3]), num(h["entropy"], ".2f")] for h in hits]
+        parts.append(f'<section class="concept"><h2>{esc(c["concept"])}</h2><p>variants: {variants}{esc(extra)}</p>'
+                     + (table(["#", "neuron", "matrix", "pole", "p(concept)", "best variant", "top tokens", "entropy"], rows, "hits")
+                        if rows else "<p>no row puts probability on it</p>") + "</section>")
+    return "".join(parts)
+
+
+# ------------------------------------------------------------------ /neuron
+
+
+def neuron(name: str, first: str, meta: dict, report, weights_ok: bool, weights_note: str | None) -> str:
+    d = report.to_dict()
+    n_layers, d_mlp = int(meta["n_layers"]), int(meta["d_mlp"])
+    L, N = d["layer"], d["neuron"]
+    prev = f"L{L}N{N - 1}" if N > 0 else (f"L{L - 1}N{d_mlp - 1}" if L > 0 else None)
+    nxt = f"L{L}N{N + 1}" if N + 1 < d_mlp else (f"L{L + 1}N0" if L + 1 < n_layers else None)
+    nav = " · ".join(x for x in [
+        neuron_link(prev, name, first).replace(">", ">← ", 1) if prev else "",
+        link(url(f"/layer/{L}", atlas=_a(name, first)), f"layer {L}"),
+        neuron_link(nxt, name, first).replace("</a>", " →</a>") if nxt else ""] if x)
+    cards = []
+    for r in d["rows"]:
+        rows = [[tok(t), bar(p) + " " + num(p), num(lg, ".2f")] for t, p, lg in zip(r["tokens"], r["probs"], r["logits"])]
+        rank = (f"rank {r['rank']:,} of {r['n_ranked']:,} for {tok(r['top_token'])} ({esc(r['rank_method'])})")
+        cards.append(f"""<section class="card" data-matrix="{esc(r['matrix'])}" data-pole="{esc(r['pole'])}">
+<h3>{esc(r['matrix'])} {esc(r['pole'])}</h3>
+<p class="sub">entropy {num(r['entropy'], '.3f')} nats · weight norm {num(r['weight_norm'], '.3f')} · {rank}</p>
+{table(['token', 'p', 'logit'], rows, 'tokens')}</section>""")
+    similar = ('<div id="similar" data-src="' + esc(url(f"/api/similar/{d['id']}", atlas=_a(name, first))) + '" data-atlas="'
+               + esc(_a(name, first) or "") + '"><p>computing cosines over the weights…</p></div>') if weights_ok else \
+        f'<p class="notice">{esc(weights_note or "the weights are not available")}</p>'
+    steer = _steer_form(name, d["id"]) if weights_ok else f'<p class="notice">steering needs the weights: {esc(weights_note)}</p>'
+    return f"""<h1>{esc(d['id'])} <small>{esc(name)}</small></h1><p class="nav">{nav}</p>
+<div class="cards">{''.join(cards)}</div>
+<section><h2>Most similar vectors</h2><p class="sub">|cosine| over the weights, same matrix, any layer; a negative cosine pairs with the other neuron's − pole</p>{similar}</section>
+<section><h2>Activation evidence</h2><p class="sub">this atlas holds no activation evidence</p></section>
+<section><h2>Steer</h2>{steer}</section>"""
+
+
+def _steer_form(name: str, nid: str) -> str:
+    return f"""<form id="steer" class="steer" data-atlas="{esc(name)}" data-neuron="{esc(nid)}">
+<label>value <input name="value" value="20x" size="6" aria-label="value"></label>
+<label>positions <select name="positions"><option>all</option><option>prompt</option><option>generated</option><option>last</option></select></label>
+<label>concept <input name="concept" placeholder="e.g. dog" size="12" aria-label="concept" required></label>
+<label class="wide">message <input name="text" value="What is your favourite animal?" size="40" aria-label="message"></label>
+<label><input type="checkbox" name="chat" checked> chat template</label>
+<label>samples <input name="n" value="3" size="3" aria-label="samples"></label>
+<button type="submit">run</button></form>
+<div id="steer-status" class="status" aria-live="polite"></div>
+<div id="steer-result"></div>"""
+
+
+# ------------------------------------------------------------------ /layer
+
+
+def layer(name: str, first: str, meta: dict, lr) -> str:
+    d = lr.to_dict()
+    here = dict(atlas=_a(name, first), matrix=d["matrix"], pole=d["pole"], **{"class": d["token_class"]})
+
+    def sort_link(key: str, label: str) -> str:
+        desc = not d["descending"] if key == d["sort"] else None
+        mark = (" ↓" if d["descending"] else " ↑") if key == d["sort"] else ""
+        return link(url(f"/layer/{d['layer']}", **here, sort=key, desc=None if desc is None else int(desc)), esc(label + mark))
+
+    rows = [[neuron_link(r["id"], name, first), esc(r["pole"]), tok(r["top_token"]), bar(r["top_prob"], 80) + " " + num(r["top_prob"], ".3f"),
+             esc(r["token_class"]), num(r["entropy"], ".3f"), num(r["weight_norm"], ".3f"),
+             " ".join(tok(t) for t in r["tokens"][1:4])] for r in d["rows"]]
+    mats = " ".join(link(url(f"/layer/{d['layer']}", **{**here, "matrix": m}), esc(m), "current" if m == d["matrix"] else "")
+                    for m in MATRICES if m in meta["decode"]["matrices"])
+    classes = " ".join(link(url(f"/layer/{d['layer']}", **{**here, "class": c}), esc(c or "all"),
+                            "current" if c == (d["token_class"] or "") else "") for c in ["", *TOKEN_CLASSES])
+    page = d["offset"] // d["limit"]
+    keep = dict(here, sort=d["sort"], desc=int(d["descending"]))
+    pager = " ".join(x for x in [
+        link(url(f"/layer/{d['layer']}", **keep, page=page - 1 or None), "← previous") if page > 0 else "",
+        esc(f"rows {d['offset'] + 1 if d['n_matching'] else 0}–{min(d['offset'] + d['limit'], d['n_matching'])} of {d['n_matching']:,}"),
+        link(url(f"/layer/{d['layer']}", **keep, page=page + 1), "next →") if d["offset"] + d["limit"] < d["n_matching"] else ""] if x)
+    layers = meta["decode"]["layers"]
+    i = layers.index(d["layer"])
+    around = " · ".join(x for x in [
+        link(url(f"/layer/{layers[i - 1]}", **here), f"← layer {layers[i - 1]}") if i > 0 else "",
+        link(url(f"/layer/{layers[i + 1]}", **here), f"layer {layers[i + 1]} →") if i + 1 < len(layers) else ""] if x)
+    return f"""<h1>Layer {d['layer']} · {esc(d['matrix'])} <small>{esc(name)}</small></h1><p class="nav">{around}</p>
+<p>matrix: {mats}</p><p>top-1 token class: {classes}</p><p class="pager">{pager}</p>
+{table(['neuron', 'pole', sort_link('confidence', 'top token · p'), 'p', 'class', sort_link('entropy', 'entropy'), sort_link('norm', 'weight norm'), 'next tokens'], rows, 'layer')}
+<p class="pager">{pager}</p>"""
+
+
+# ------------------------------------------------------------------ /compare
+
+
+def compare(a: str, b: str, first: str, c) -> str:
+    d = c.to_dict()
+    head = (f'<h1>{esc(a)} vs {esc(b)}</h1><p class="sub">{esc(d["level"])} level: {esc(d["reason"])}</p>'
+            + "".join(f'<p class="notice">{esc(w)}</p>' for w in d["warnings"]))
+    if d["level"] == "neuron":
+        n = d["neuron"]
+        layers = [dict(r, series=f"{r['matrix']} {r['pole']}") for r in n["layers"]]
+        charts = {k: {"label": v, "series": _depth_series(layers, k, "series")} for k, v in
+                  {"same_top1": "share of rows with the same top-1 token", "topk_overlap": f"top-{n['k']} overlap",
+                   "js": "Jensen-Shannon divergence (bits)"}.items()}
+        overall = [[esc(r["matrix"]), esc(r["pole"]), num(r["same_top1"], ".1%"), num(r["topk_overlap"], ".1%"), num(r["js"], ".3f")]
+                   for r in n["overall"]]
+        changed = [[link(url(f"/neuron/{r['id']}", atlas=_a(a, first)), esc(r["id"])) + " " +
+                    link(url(f"/neuron/{r['id']}", atlas=_a(b, first)), "(B)"), esc(r["matrix"]), esc(r["pole"]),
+                    tok(r["token_a"]) + " " + num(r["p_a"], ".2f"), tok(r["token_b"]) + " " + num(r["p_b"], ".2f"),
+                    num(r["js"], ".3f")] for r in n["changed"]]
+
+        def only(rows: list[dict], side: str) -> list[list[str]]:
+            return [[tok(r["token"]), f"{r['n_vectors']:,}", link(url(f"/neuron/{r['best']}", atlas=_a(side, first)), esc(r["best"]))
+                     + f" {esc(r['matrix'])} {esc(r['pole'])}", num(r["p"], ".2f")] for r in rows]
+        concepts, lost = only(n["gained"], b), only(n["lost"], a)
+        return head + f"""<section><h2>Agreement against depth</h2>
+<label>metric <select id="metric">{''.join(f'<option value="{esc(k)}">{esc(v["label"])}</option>' for k, v in charts.items())}</select></label>
+<div id="depth-chart" class="chart" data-source="depth-data" data-select="metric"></div>{json_block('depth-data', charts)}
+{table(['matrix', 'pole', 'same top-1', f'top-{n["k"]} overlap', 'JS'], overall)}</section>
+<section><h2>Changed most ({n['n_changed']:,} confident rows changed their top token)</h2>
+{table(['neuron (A, B)', 'matrix', 'pole', f'top in {esc(a)}', f'top in {esc(b)}', 'JS'], changed)}</section>
+<section class="two"><div><h2>Gained in {esc(b)} ({n['n_gained']:,})</h2>{table(['token', 'vectors', 'best', 'p'], concepts)}</div>
+<div><h2>Lost from {esc(a)} ({n['n_lost']:,})</h2>{table(['token', 'vectors', 'best', 'p'], lost)}</div></section>"""
+    k = d["concept"]
+
+    def concepts(rows: list[dict], side: str) -> list[list[str]]:
+        return [[esc(r["concept"]), tok(r["token"]), f"{r['n_vectors']:,}",
+                 link(url(f"/neuron/{r['best']}", atlas=_a(side, first)), esc(r["best"])), num(r["p"], ".2f")] for r in rows]
+    shared = [[esc(r["concept"]), link(url(f"/neuron/{r['a']['best']}", atlas=_a(a, first)), esc(r["a"]["best"])),
+               link(url(f"/neuron/{r['b']['best']}", atlas=_a(b, first)), esc(r["b"]["best"]))] for r in k["shared"]]
+    summary = (f"{k['n_a']:,} confident concepts in {a}, {k['n_b']:,} in {b}, {k['n_shared']:,} shared "
+               f"(Jaccard {k['jaccard']:.3f})")
+    return head + f"""<section><p>{esc(summary)}</p>{table(['shared concept', f'best in {esc(a)}', f'best in {esc(b)}'], shared)}</section>
+<section class="two"><div><h2>Only in {esc(b)} (gained)</h2>{table(['concept', 'token', 'vectors', 'best', 'p'], concepts(k['only_b'], b))}</div>
+<div><h2>Only in {esc(a)} (lost)</h2>{table(['concept', 'token', 'vectors', 'best', 'p'], concepts(k['only_a'], a))}</div></section>"""
