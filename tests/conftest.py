@@ -200,3 +200,42 @@ def ckpt(tiny_pair) -> Path:
 @pytest.fixture(scope="module")
 def atlas(tiny_pair) -> Path:
     return tiny_pair[1]
+
+
+WORDS = [" coffee", " about", " Paris", " dog", " dogs", " tea", "ing", " 42", ".", " castle", " which", " river"]
+NASTY = ["<script>window.__xss=1</script>", "</div>", "{{", '"', "\x07", b"\xe2\x80", "<img src=x onerror=window.__xss=2>",
+         "</script><script>window.__xss=3</script>", "&amp;", "\n\n", "'", "\\x9f"]
+
+
+def atlas_with_tokens(root: Path, tokens: list[str | bytes], seed: int) -> Path:
+    """A tiny llama whose tokenizer.json names ids 0.. by ``tokens`` (the rest ``x{i}``), mapped; returns the atlas.
+
+    A ``bytes`` token is raw bytes, e.g. the first two bytes of a three-byte UTF-8 character.
+    """
+    import json
+
+    from neuronmap.mapper import map_model
+
+    ck = make_tiny("llama", root / "ck", seed=seed)
+    # A byte-level vocabulary: the strings are stored with GPT-2's byte alphabet, as a real BPE tokenizer stores them.
+    from neuronmap.vocab import _byte_decoder
+
+    enc = {v: k for k, v in _byte_decoder().items()}
+    pieces = ["".join(enc[b] for b in (t if isinstance(t, bytes) else t.encode("utf-8"))) for t in tokens]
+    vocab = {p: i for i, p in enumerate(pieces + [f"x{i}" for i in range(len(tokens), 64)])}
+    (ck / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []},
+                                                   "decoder": {"type": "ByteLevel"}}))
+    map_model(str(ck), root / "atlas")
+    return root / "atlas"
+
+
+@pytest.fixture(scope="module")
+def worded(tmp_path_factory) -> Path:
+    """The atlas of a tiny llama whose tokens include words, function words, numbers and punctuation (``WORDS``)."""
+    return atlas_with_tokens(tmp_path_factory.mktemp("worded"), WORDS, seed=3)
+
+
+@pytest.fixture(scope="module")
+def nasty(tmp_path_factory) -> Path:
+    """The atlas of a tiny llama whose tokens are markup, quotes, control characters and partial UTF-8 (``NASTY``)."""
+    return atlas_with_tokens(tmp_path_factory.mktemp("nasty"), NASTY, seed=4)

@@ -147,5 +147,5 @@ def confident_words(files: AtlasFiles, n: int = WORDS, min_prob: float = WORD_MI
         "SELECT id, layer, neuron, matrix, pole, token_ids[1] AS token_id, probs[1]::DOUBLE AS prob "
         "FROM read_parquet(?) WHERE probs[1] >= ? AND token_ids[1] IN (SELECT token_id FROM words) "
         "ORDER BY prob DESC, layer, neuron, matrix, pole", [str(files.neurons), float(min_prob)]).df()
-    df.insert(6, "token", [tokens[i] for i in df.pop("token_id")])
+    df.insert(6, "token", pd.Series([tokens[i] for i in df.pop("token_id")], dtype=object))
     return df[~df["token"].str.strip().str.lower().duplicated()].head(n).reset_index(drop=True)

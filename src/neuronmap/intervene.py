@@ -363,18 +363,24 @@ def resolve(specs: list[Spec], m: Model, value: Value | None = None) -> list[Int
         if v.relative and s.mode != "scale":
             ranges = natural_range(m) if ranges is None else ranges
             amount *= float(ranges[s.layer, s.neuron])
-        if not math.isfinite(amount) or abs(amount) > _FLOAT32_MAX:
-            raise NeuronmapError(f"neuron spec {s.id}: {v} comes to {amount:g}, which the model's float32 activations cannot "
-                                 f"hold (at most {_FLOAT32_MAX:.3g}); choose a smaller value, e.g. {s.id}=20x")
+        _check_amount(s, v, amount)
         out.append(Intervention(s.layer, s.neuron, s.mode, amount))
     return out
 
 
+def _check_amount(s: Spec, v: Value, amount: float) -> None:
+    if not math.isfinite(amount) or abs(amount) > _FLOAT32_MAX:
+        raise NeuronmapError(f"neuron spec {s.id}: {v} comes to {amount:g}, which the model's float32 activations cannot "
+                             f"hold (at most {_FLOAT32_MAX:.3g}); choose a smaller value, e.g. {s.id}=20x")
+
+
 def check_values(specs: list[Spec], sweep: str | None) -> None:
-    """Check, before any model loads, that every spec has a value or a sweep supplies one.
+    """Check, before any model loads, that every spec has a value or a sweep supplies one, and absolute values fit.
+
+    A relative value (``20x``) is checked once the natural range is known (``resolve``).
 
     Raises:
-        NeuronmapError: a spec without a value and no sweep.
+        NeuronmapError: a spec without a value and no sweep, or an absolute value beyond float32.
 
     Example:
         >>> check_values([parse_spec("L29N808=20x")], None)
@@ -382,3 +388,6 @@ def check_values(specs: list[Spec], sweep: str | None) -> None:
     for s in specs:
         if s.value is None and not sweep:
             raise NeuronmapError(f"neuron spec {s.id!r} has no value: give one (e.g. {s.id}=20x) or a --sweep")
+        for v in [s.value] if s.value is not None else parse_sweep(sweep):
+            if not v.relative and s.mode != "scale":
+                _check_amount(s, v, v.amount)

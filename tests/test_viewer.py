@@ -1,0 +1,228 @@
+"""The viewer over HTTP (Starlette's TestClient, real atlases): every route, its JSON twin, errors, escaping, the job queue."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import threading
+
+import pytest
+from starlette.testclient import TestClient
+
+from neuronmap.cli import main
+from neuronmap.errors import NeuronmapError
+from neuronmap.synthetic import synthetic_atlas
+from neuronmap.viewer import create_app
+from neuronmap.viewer.jobs import JobQueue
+from tests.conftest import NASTY
+
+PAGES = ["/", "/search?q=coffee", "/neuron/L1N5", "/layer/1?matrix=gate&sort=entropy", "/layer/0?class=word&pole=-"]
+
+
+def client(*atlases, host: str = "127.0.0.1") -> TestClient:
+    return TestClient(create_app(list(atlases), host=host), base_url=f"http://{host}")
+
+
+def cli_json(capsys, *argv) -> dict:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def cli_error(capsys, *argv) -> str:
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err.removeprefix("error: ")
+
+
+def no_seconds(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k != "seconds"}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("viewer-pair")
+    a = synthetic_atlas(root / "base", 4, 64, 400, k=5, seed=1)
+    b = synthetic_atlas(root / "tuned", 4, 64, 400, k=5, seed=1, change_rate=0.2)
+    return a, b
+
+
+def test_every_page_and_its_api_twin_answer(worded):
+    c = client(worded)
+    for path in PAGES:
+        r = c.get(path)
+        assert r.status_code == 200, (path, r.text[:300])
+        assert r.headers["content-type"].startswith("text/html")
+        assert "script-src 'self'" in r.headers["content-security-policy"]
+        api = c.get("/api" + path if path != "/" else "/api/atlas")
+        assert api.status_code == 200 and api.headers["content-type"] == "application/json", path
+    assert c.get("/static/app.js").status_code == 200 and c.get("/static/style.css").status_code == 200
+    assert c.get("/api/atlases").json()["atlases"][0]["name"] == "atlas"
+
+
+def test_api_payloads_are_the_clis_json(worded, capsys):
+    c = client(worded)
+    a = str(worded)
+    assert no_seconds(c.get("/api/search?q=coffee,Paris&method=exact").json()) == no_seconds(
+        cli_json(capsys, "search", a, "coffee", "Paris"))
+    assert no_seconds(c.get("/api/search?q=coffee&method=stored&top=3&pole=-").json()) == no_seconds(
+        cli_json(capsys, "search", a, "coffee", "--stored", "--top", "3", "--pole", "-"))
+    assert c.get("/api/neuron/L1N5").json() == cli_json(capsys, "show", a, "L1N5")
+    assert c.get("/api/layer/1?matrix=down&sort=norm&page=1").json() == {
+        **cli_json(capsys, "layer", a, "1", "--matrix", "down", "--sort", "norm", "--offset", "50"), "limit": 50}
+    assert no_seconds(c.get("/api/similar/L0N2?top=3").json()) == no_seconds(cli_json(capsys, "similar", a, "L0N2", "--top", "3"))
+    assert c.get("/api/stats").json() == cli_json(capsys, "stats", a)
+
+
+def test_search_is_exact_with_weights_and_says_why_when_it_falls_back(worded, tmp_path):
+    r = client(worded).get("/search?q=coffee")
+    assert 'data-method="exact"' in r.text and "sha256 checked" in r.text
+    moved = tmp_path / "moved"
+    shutil.copytree(worded, moved)
+    meta = json.loads((moved / "meta.json").read_text())
+    meta["source"]["path"] = str(tmp_path / "gone")
+    (moved / "meta.json").write_text(json.dumps(meta))
+    c = client(moved)
+    r = c.get("/search?q=coffee")
+    assert 'data-method="stored"' in r.text and "searched the stored top-k: the weights moved or were deleted" in r.text
+    assert "steering needs the weights" in c.get("/neuron/L1N5").text
+    assert c.get("/api/neuron/L1N5").json()["rank_method"] == "stored"
+    assert c.get("/api/search?q=coffee&method=exact").status_code == 400
+
+
+def test_a_neuron_id_in_the_search_box_opens_the_neuron(worded, pair):
+    r = client(worded).get("/search?q=%20L1N7%20", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/neuron/L1N7"
+    r = client(*pair).get("/search?q=L2N3&atlas=tuned", follow_redirects=False)
+    assert r.headers["location"] == "/neuron/L2N3?atlas=tuned"
+
+
+@pytest.mark.parametrize("path, argv", [
+    ("/neuron/L9N1", ["show", "{a}", "L9N1"]),
+    ("/neuron/L1N999", ["show", "{a}", "L1N999"]),
+    ("/neuron/L1X5", ["show", "{a}", "L1X5"]),
+    ("/layer/5", ["layer", "{a}", "5"]),
+    ("/layer/1?matrix=mlp", ["layer", "{a}", "1", "--matrix", "mlp"]),
+    ("/search?q=coffee&layers=3-1", ["search", "{a}", "coffee", "--layers", "3-1"]),
+    ("/search?q=coffee&matrices=mlp", ["search", "{a}", "coffee", "--matrices", "mlp"]),
+    ("/api/similar/L1N5?matrices=gate,mlp", ["similar", "{a}", "L1N5", "--matrices", "gate,mlp"]),
+])
+def test_bad_input_gets_the_clis_message_as_a_4xx(worded, capsys, path, argv):
+    message = cli_error(capsys, *[x.format(a=worded) for x in argv])
+    c = client(worded)
+    page = c.get(path if not path.startswith("/api") else path[4:])
+    api = c.get(path if path.startswith("/api") else "/api" + path)
+    assert api.status_code == 400 and api.json() == {"error": message}
+    if not path.startswith("/api/similar"):
+        assert page.status_code == 400 and f"error: {message}".replace("'", "&#x27;") in page.text
+
+
+def test_only_the_named_atlases_are_readable(worded, pair):
+    c = client(*pair)
+    for path in ["/neuron/..%2F..%2Fetc%2Fpasswd", "/neuron/../../etc/passwd", "/layer/..%2F..%2F..%2Fetc",
+                 "/static/..%2F..%2F..%2Fpyproject.toml", "/static/../viewer/app.py", "/api/neuron/%2Fetc%2Fpasswd",
+                 "/%2Fetc%2Fpasswd"]:
+        r = c.get(path)
+        assert r.status_code in (400, 404), path
+        assert "root:" not in r.text and "[project]" not in r.text and "starlette" not in r.text, path
+    for path in ["/?atlas=/etc", f"/api/stats?atlas={worded}", "/compare?a=/etc&b=base", "/api/compare?a=base&b=..%2Fbase"]:
+        r = c.get(path)
+        assert r.status_code == 404, path
+        assert "this viewer serves base, tuned; pick one of those" in r.text, path
+
+
+def test_host_header_and_cross_site_posts_are_refused(worded):
+    c = client(worded)
+    assert c.get("/", headers={"host": "attacker.example"}).status_code == 400
+    r = c.post("/api/steer", data={"neuron": "L1N5"})  # a form post, as another site's page could send
+    assert r.status_code == 415 and "takes a JSON body" in r.json()["error"]
+    assert client(worded, host="0.0.0.0").get("/", headers={"host": "10.1.2.3:8765"}).status_code == 200
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"neuron": "L1X5", "value": "20x", "concept": "coffee"}, "neuron id 'L1X5'"),
+    ({"neuron": "L1N5", "value": "twenty", "concept": "coffee"}, "malformed value 'twenty'"),
+    ({"neuron": "L1N5", "value": "1e39", "concept": "coffee"}, "which the model's float32 activations cannot hold"),
+    ({"neuron": "L1N5", "value": "20x", "concept": "  "}, "empty --concept"),
+    ({"neuron": "L1N5", "value": "20x", "concept": "coffee", "positions": "middle"}, "positions"),
+    ({"neuron": "L1N5", "value": "20x", "concept": "coffee", "n": 0}, "n 0 is out of range"),
+    ({"neuron": "L1N5", "value": "20x", "concept": "coffee", "chat": "yes"}, "'chat' is 'yes': expected true or false"),
+    ({"neuron": "L1N5", "value": "20x", "concept": "coffee", "atlas": "../x"}, "unknown atlas '../x'"),
+])
+def test_steer_requests_are_checked_before_queueing(worded, body, message):
+    r = client(worded).post("/api/steer", json=body)
+    assert 400 <= r.status_code < 500 and message in r.json()["error"]
+
+
+def test_tokens_are_escaped_and_no_token_can_run_script(nasty):
+    c = client(nasty)
+    texts = [c.get(p).text for p in ["/", "/neuron/L1N5", "/neuron/L0N3", "/layer/1", "/layer/0?matrix=down",
+                                      "/search?q=%3Cscript%3E", "/search?q=" + "%22"]]
+    for text in texts:
+        tags = re.findall(r"<script\b[^>]*>", text)
+        assert all(t in ('<script src="/static/app.js">', '<script type="application/json" id="depth-data">') for t in tags), tags
+        assert "<img" not in text and "</div>{{" not in text and "window.__xss=1</script>" not in text
+    shown = "".join(texts)
+    assert "&lt;script&gt;window.__xss=1&lt;/script&gt;" in shown  # visible, as text
+    assert "&#x27;\\x07&#x27;" in shown and "&#x27;\\n\\n&#x27;" in shown  # control characters legible
+    data = re.search(r'<script type="application/json" id="depth-data">(.*?)</script>', texts[0], re.S).group(1)
+    assert "<" not in data and json.loads(data)  # the chart data cannot close its own element
+
+
+def test_compare_page_and_api(pair, capsys):
+    c = client(*pair)
+    page = c.get("/compare")
+    assert page.status_code == 200 and "Agreement against depth" in page.text and "/neuron/" in page.text
+    got = c.get("/api/compare?a=base&b=tuned").json()
+    want = cli_json(capsys, "compare", str(pair[0]), str(pair[1]))
+    assert no_seconds(got) == no_seconds(want) and got["neuron"]["n_changed"] > 0
+    assert client(pair[0]).get("/compare").status_code == 404
+
+
+def test_the_job_queue_runs_one_at_a_time_in_order_and_drops_nothing():
+    q = JobQueue()
+    gate, order = threading.Event(), []
+
+    def step(name, wait=False):
+        def fn(results):
+            if wait:
+                assert gate.wait(10)
+            order.append(name)
+            return {"name": name, "saw": sorted(results)}
+        return fn
+
+    first = q.submit({}, [("a", "first a", step("1a", wait=True)), ("b", "first b", step("1b"))])
+    second = q.submit({}, [("a", "second", step("2a"))])
+    failing = q.submit({}, [("a", "fails", lambda r: (_ for _ in ()).throw(NeuronmapError("bad thing: fix it")))])
+    third = q.submit({}, [("a", "third", step("3a"))])
+    s = q.status(second.id)
+    assert s["state"] == "queued" and s["position"] == 1 and q.status(third.id)["position"] == 3
+    assert q.status(first.id)["state"] == "running"
+    gate.set()
+    for job in (first, second, failing, third):
+        for _ in range(200):
+            if q.status(job.id)["state"] in ("done", "error"):
+                break
+            threading.Event().wait(0.05)
+    assert order == ["1a", "1b", "2a", "3a"]
+    assert q.status(first.id)["results"]["b"] == {"name": "1b", "saw": ["a"]}  # step 2 saw step 1's result
+    assert q.status(failing.id)["state"] == "error" and q.status(failing.id)["error"] == "bad thing: fix it"
+    assert q.status(third.id)["state"] == "done"
+    with pytest.raises(NeuronmapError, match="no job '99'"):
+        q.status("99")
+
+
+def test_serve_cli_errors_are_one_line(capsys, tmp_path, worded):
+    assert cli_error(capsys, "serve", str(tmp_path)) == (f"{tmp_path} is not a neuronmap atlas: it lacks meta.json or "
+                                                         "neurons.parquet; make one with `neuronmap map SOURCE -o ATLAS_DIR`")
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    try:
+        msg = cli_error(capsys, "serve", str(worded), "--port", str(s.getsockname()[1]))
+        assert f"cannot listen on 127.0.0.1:{s.getsockname()[1]}" in msg and "pick another --port" in msg
+    finally:
+        s.close()
