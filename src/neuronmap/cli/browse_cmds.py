@@ -114,6 +114,7 @@ def cmd_serve(args) -> int:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
+        sock.listen(2048)  # from here on, connections wait in the backlog until the server accepts them
     except OSError as e:
         raise NeuronmapError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}): "
                              "pick another --port, or stop what is using it") from e
