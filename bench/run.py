@@ -1,7 +1,8 @@
 """Benchmarks: neuronmap against the hardware's limit and against the naive way, each ratio measured in one run.
 
 Usage:
-    python bench/run.py                 # demo model, Llama-3.2-1B shape (layer 0 timed), 8B-sized atlases (search, compare)
+    python bench/run.py                 # demo model, Llama-3.2-1B shape (layer 0 timed), 8B-sized atlases (search, compare,
+                                        # viewer pages), steering in the viewer
     python bench/run.py --llama8b       # adds the whole Llama-3.1-8B up matrix, end to end (long)
     python bench/run.py --case NAME     # one case, in this process (used internally)
 
@@ -276,11 +277,67 @@ def case_atlas_8b(tmp: Path) -> dict:
     return res
 
 
+def _timed_get(client, path: str, warm: int = 5) -> dict:
+    t = time.perf_counter()
+    r = client.get(path)
+    cold = time.perf_counter() - t
+    assert r.status_code == 200, (path, r.status_code, r.text[:200])
+    times = []
+    for _ in range(warm):
+        t = time.perf_counter()
+        client.get(path)
+        times.append(time.perf_counter() - t)
+    return {"path": path, "cold_s": round(cold, 3), "warm_median_s": round(sorted(times)[len(times) // 2], 3),
+            "warm_max_s": round(max(times), 3)}
+
+
+def case_viewer(tmp: Path) -> dict:
+    """Viewer pages on 8B-sized synthetic atlases (in-process ASGI client), and steering on the demo model."""
+    from starlette.testclient import TestClient
+
+    from neuronmap.mapper import MapOptions, map_model
+    from neuronmap.synthetic import synthetic_atlas
+    from neuronmap.viewer import create_app
+
+    res: dict = {"case": "viewer", "machine": machine(),
+                 "note": "Starlette TestClient in the same process (server time, no network); 8B-sized synthetic atlases"}
+    synthetic_atlas(tmp / "a", 32, 14336, 128256, seed=0)
+    synthetic_atlas(tmp / "b", 32, 14336, 128256, seed=0, change_rate=0.25)
+    c = TestClient(create_app([tmp / "a", tmp / "b"]), base_url="http://127.0.0.1")
+    paths = ["/", "/search?q=tok123", "/search?q=tok4567&matrices=up&layers=20-31", "/neuron/L29N808", "/neuron/L0N0",
+             "/layer/29?matrix=up", "/layer/29?matrix=down&sort=entropy&page=3", "/api/search?q=tok99", "/api/neuron/L31N14335",
+             "/compare"]
+    res["pages"] = [_timed_get(c, p) for p in paths]
+    # Steering: the demo model, mapped at one layer (steering needs only the atlas's source and its sha256).
+    map_model(None, tmp / "demo", MapOptions(layers="29"))
+    c = TestClient(create_app([tmp / "demo"]), base_url="http://127.0.0.1")
+    steer = []
+    for attempt in ("cold (loads the model)", "warm"):
+        t = time.perf_counter()
+        job = c.post("/api/steer", json={"neuron": "L29N808", "value": "20x", "concept": "dog", "n": 3}).json()
+        first = None
+        while True:
+            s = c.get(f"/api/jobs/{job['id']}").json()
+            if first is None and "clamp" in s["results"]:
+                first = time.perf_counter() - t
+            if s["state"] in ("done", "error"):
+                break
+            time.sleep(0.05)
+        assert s["state"] == "done", s
+        steer.append({"run": attempt, "clamp_result_s": round(first, 2), "done_s": round(time.perf_counter() - t, 2),
+                      "ratio": s["results"]["clamp"]["settings"][0]["ratio"]})
+    res["steer"] = steer
+    res["peak_rss_mb"] = peak_rss_mb()
+    return res
+
+
 def run_case(name: str, device: str) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="nm-bench-"))
     try:
         if name == "atlas-8b":
             return case_atlas_8b(tmp)
+        if name == "viewer":
+            return case_viewer(tmp)
         if name in SHAPES:
             # Written by a separate process, so the generator's memory is not this case's.
             (tmp / "ckpt").mkdir()
@@ -301,7 +358,7 @@ def _fmt_s(x) -> str:
 
 def write_markdown() -> None:
     results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
-    order = [c for c in ("demo", "llama-3.2-1b", "llama-3.1-8b-up", "atlas-8b") if c in results]
+    order = [c for c in ("demo", "llama-3.2-1b", "llama-3.1-8b-up", "atlas-8b", "viewer") if c in results]
     lines = [START, ""]
     machines = {json.dumps({k: v for k, v in r["machine"].items() if k != "date"}, sort_keys=True) for r in results.values()}
     for m in map(json.loads, machines):
@@ -312,7 +369,7 @@ def write_markdown() -> None:
               "naive / map | read MB | peak RSS MB |", "|" + "---|" * 15]
     for c in order:
         r = results[c]
-        if c == "atlas-8b":
+        if c in ("atlas-8b", "viewer"):
             continue
         for dtype in ("bfloat16", "float32"):
             x = r[dtype]
@@ -334,6 +391,14 @@ def write_markdown() -> None:
                          + f" (the first query builds the token index). Compare, neuron level: {r['compare_neuron_s']} s "
                          f"(same top-1 {r['same_top1']:.3f}); concept level: {r['compare_concept_s']} s. "
                          f"Peak RSS {r['peak_rss_mb']} MB.")
+            continue
+        if c == "viewer":
+            pages = "; ".join(f"`{x['path']}` {x['warm_median_s'] * 1000:.0f} ms warm (max {x['warm_max_s'] * 1000:.0f}, "
+                              f"first {x['cold_s']:g} s)" for x in r["pages"])
+            st = "; ".join(f"{x['run']}: clamp result after {x['clamp_result_s']} s, generations done after {x['done_s']} s "
+                           f"(ratio {x['ratio']:.1f}x)" for x in r["steer"])
+            lines.append(f"- **viewer** ({r['machine']['date']}): {r['note']}. Pages: {pages}. Steering L29N808=20x, concept "
+                         f"dog, 3 samples a side, on the demo model: {st}. Peak RSS {r['peak_rss_mb']} MB.")
             continue
         extra = []
         if "compile_s" in r:
@@ -378,7 +443,7 @@ def main() -> int:
         print(json.dumps(run_case(args.case, args.device)))
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
-    cases = args.only.split(",") if args.only else ["demo", "llama-3.2-1b", "atlas-8b"] + (["llama-3.1-8b-up"] if args.llama8b else [])
+    cases = args.only.split(",") if args.only else ["demo", "llama-3.2-1b", "atlas-8b", "viewer"] + (["llama-3.1-8b-up"] if args.llama8b else [])
     for c in cases:
         print(f"bench: {c} ...", flush=True)
         t = time.perf_counter()

@@ -196,9 +196,13 @@ def test_the_job_queue_runs_one_at_a_time_in_order_and_drops_nothing():
     second = q.submit({}, [("a", "second", step("2a"))])
     failing = q.submit({}, [("a", "fails", lambda r: (_ for _ in ()).throw(NeuronmapError("bad thing: fix it")))])
     third = q.submit({}, [("a", "third", step("3a"))])
+    for _ in range(200):  # the worker picks the first job up
+        if q.status(first.id)["state"] == "running":
+            break
+        threading.Event().wait(0.05)
+    assert q.status(first.id)["state"] == "running" and q.status(first.id)["steps"] == ["first a", "first b"]
     s = q.status(second.id)
     assert s["state"] == "queued" and s["position"] == 1 and q.status(third.id)["position"] == 3
-    assert q.status(first.id)["state"] == "running"
     gate.set()
     for job in (first, second, failing, third):
         for _ in range(200):

@@ -127,6 +127,7 @@ def build(served: Served, steer: SteerRunner) -> Starlette:
         Route("/api/compare", api(lambda r: (None, d.compare(r)[1]))),
         Route("/api/steer", steer_endpoint, methods=["POST"]),
         Route("/api/jobs/{job}", api(job_compute)),
+        Route("/favicon.ico", lambda request: Response(status_code=204, headers=HEADERS)),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={404: not_found},
