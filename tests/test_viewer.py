@@ -180,6 +180,15 @@ def test_compare_page_and_api(pair, capsys):
     assert client(pair[0]).get("/compare").status_code == 404
 
 
+def test_compare_at_concept_level_when_shapes_differ(pair, tmp_path, capsys):
+    wide = synthetic_atlas(tmp_path / "wide", 3, 80, 400, k=5, seed=2)
+    c = client(pair[0], wide)
+    page = c.get("/compare")
+    assert page.status_code == 200 and "concept level" in page.text and "Only in wide (gained)" in page.text
+    want = cli_json(capsys, "compare", str(pair[0]), str(wide))
+    assert no_seconds(c.get("/api/compare").json()) == no_seconds(want) and want["level"] == "concept"
+
+
 def test_the_job_queue_runs_one_at_a_time_in_order_and_drops_nothing():
     q = JobQueue()
     gate, order = threading.Event(), []

@@ -192,7 +192,7 @@ def compare(a: str, b: str, first: str, c) -> str:
     if d["level"] == "neuron":
         n = d["neuron"]
         layers = [dict(r, series=f"{r['matrix']} {r['pole']}") for r in n["layers"]]
-        charts = {k: {"label": v, "series": _depth_series(layers, k, "series")} for k, v in
+        charts = {k: {"label": v, "series": _depth_series(layers, k, "series"), "zero": False} for k, v in
                   {"same_top1": "share of rows with the same top-1 token", "topk_overlap": f"top-{n['k']} overlap",
                    "js": "Jensen-Shannon divergence (bits)"}.items()}
         overall = [[esc(r["matrix"]), esc(r["pole"]), num(r["same_top1"], ".1%"), num(r["topk_overlap"], ".1%"), num(r["js"], ".3f")]

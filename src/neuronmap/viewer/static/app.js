@@ -39,7 +39,10 @@ function lineChart(box, spec) {
   const pts = spec.series.flatMap(s => s.points.filter(p => p[1] !== null));
   if (!pts.length) { box.append(el("p", {}, "no data")); return; }
   const xs = pts.map(p => p[0]), ys = pts.map(p => p[1]);
-  const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(0, ...ys), y1 = Math.max(...ys) || 1;
+  // Shares start at 0 unless the chart asks for a close-up (agreement near 1 would be a flat line at the top).
+  const lo = Math.min(...ys), hi = Math.max(...ys);
+  const y0 = spec.zero === false ? Math.max(0, lo - 0.1 * ((hi - lo) || 0.1)) : Math.min(0, lo), y1 = hi > y0 ? hi : y0 + 1;
+  const x0 = Math.min(...xs), x1 = Math.max(...xs);
   const X = x => m.l + (x1 === x0 ? 0.5 : (x - x0) / (x1 - x0)) * (W - m.l - m.r);
   const Y = y => H - m.b - (y - y0) / (y1 - y0 || 1) * (H - m.t - m.b);
   const axis = el("g", { class: "axis" }, null, SVG);
