@@ -119,7 +119,8 @@ def cmd_serve(args) -> int:
         raise NeuronmapError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}): "
                              "pick another --port, or stop what is using it") from e
     port = sock.getsockname()[1]
-    shown = f"[{args.host}]" if ":" in args.host else args.host
+    wildcard = args.host in ("0.0.0.0", "::", "")
+    shown = "127.0.0.1" if wildcard else f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{shown}:{port}/"
     if args.host not in LOCAL_HOSTS:
         err.print(f"warning: serving on {args.host}: anyone who can reach this address can browse these atlases and run "
@@ -128,7 +129,8 @@ def cmd_serve(args) -> int:
         m = files.meta
         out.print(f"  {escape(name)}: {escape(str(files.root))} ({escape(m['source']['spec'])}, {m['family']}, "
                   f"{m['n_layers']} layers x {m['d_mlp']}, matrices {','.join(m['decode']['matrices'])})")
-    out.print(f"neuronmap viewer at [bold]{url}[/bold] (Ctrl-C to stop)", soft_wrap=True)
+    out.print(f"neuronmap viewer at [bold]{url}[/bold]{' (and on every address of this machine)' if wildcard else ''} "
+              "(Ctrl-C to stop)", soft_wrap=True)
     if args.open:
         import webbrowser
 
