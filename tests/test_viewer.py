@@ -59,6 +59,11 @@ def test_every_page_and_its_api_twin_answer(worded):
         assert api.status_code == 200 and api.headers["content-type"] == "application/json", path
     assert c.get("/static/app.js").status_code == 200 and c.get("/static/style.css").status_code == 200
     assert c.get("/api/atlases").json()["atlases"][0]["name"] == "atlas"
+    r = c.get("/api/jobs/999")
+    assert r.status_code == 404 and r.json()["error"].startswith("no job '999': jobs are numbered from 1")
+    r = c.get("/api/nothing")
+    assert r.status_code == 404 and "no page at /api/nothing" in r.json()["error"]
+    assert c.get("/favicon.ico").status_code == 204
 
 
 def test_api_payloads_are_the_clis_json(worded, capsys):
@@ -130,6 +135,21 @@ def test_only_the_named_atlases_are_readable(worded, pair):
         r = c.get(path)
         assert r.status_code == 404, path
         assert "this viewer serves base, tuned; pick one of those" in r.text, path
+
+
+def test_a_damaged_atlas_answers_one_line_not_a_traceback(worded, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(worded, bad)
+    data = bytearray((bad / "neurons.parquet").read_bytes())
+    mid = len(data) // 3
+    data[mid: mid + 2000] = bytes(2000)  # a data page zeroed; the footer still checks out
+    (bad / "neurons.parquet").write_bytes(bytes(data))
+    c = client(bad)
+    r = c.get("/api/layer/0?matrix=gate")
+    assert r.status_code == 500 and r.json()["error"].startswith("cannot read the atlas's data (")
+    assert "rebuild the atlas with `neuronmap map SOURCE -o ATLAS --overwrite`" in r.json()["error"]
+    page = c.get("/layer/0?matrix=gate")
+    assert page.status_code == 500 and "error: cannot read the atlas&#x27;s data" in page.text
 
 
 def test_host_header_and_cross_site_posts_are_refused(worded):

@@ -14,7 +14,7 @@ from neuronmap.cli.browse_cmds import add_layer, add_serve, add_similar
 from neuronmap.cli.common import _tok, err  # noqa: F401 (_tok: tests render tokens as the tables do)
 from neuronmap.cli.compare_cmd import add_compare
 from neuronmap.cli.model_cmds import add_clamp, add_generate, add_verify
-from neuronmap.errors import NeuronmapError
+from neuronmap.errors import NeuronmapError, damaged_data
 from neuronmap.fsio import exit_on_signals, restore_signals
 
 COMMANDS = [add_map, add_search, add_show, add_layer, add_similar, add_stats, add_clamp, add_generate, add_verify, add_compare,
@@ -56,28 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         err.print("interrupted: nothing was written", markup=False)
         return 130
     except Exception as e:
-        damaged = _damaged_data(e)
+        damaged = damaged_data(e)
         if damaged is None:
             raise
         err.print(f"error: {damaged}", markup=False)
         return 2
     finally:
         restore_signals(previous)
-
-
-def _damaged_data(e: Exception) -> str | None:
-    """One line for a read error from DuckDB or Arrow: an atlas file that passed its footer checks but is damaged inside."""
-    import duckdb
-    import pyarrow as pa
-
-    # Errors in neuronmap's own SQL are bugs and keep their traceback; the rest come from the data.
-    bugs = (duckdb.ParserException, duckdb.SyntaxException, duckdb.BinderException, duckdb.CatalogException,
-            duckdb.InvalidTypeException)
-    if not isinstance(e, (duckdb.Error, pa.ArrowInvalid, pa.ArrowIOError)) or isinstance(e, bugs):
-        return None
-    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    return (f"cannot read the atlas's data ({first}): a file is damaged; rebuild the atlas with "
-            "`neuronmap map SOURCE -o ATLAS --overwrite`")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from neuronmap.errors import NeuronmapError
+from neuronmap.errors import NeuronmapError, damaged_data
 from neuronmap.viewer import pages
 from neuronmap.viewer.render import CSP, error_box, layout
 from neuronmap.viewer.state import RequestError, Served
@@ -43,6 +43,20 @@ def _html(served: Served, request: Request, title: str, body: str, status: int =
     return HTMLResponse(text, status, headers=HEADERS)
 
 
+def _status(e: NeuronmapError) -> int:
+    return e.status if isinstance(e, RequestError) else 400
+
+
+def _failure(e: Exception) -> tuple[str, int]:
+    """(message, status) for an exception a route cannot recover from; a bug is re-raised (a 500 with its traceback)."""
+    if isinstance(e, NeuronmapError):
+        return str(e), _status(e)
+    damaged = damaged_data(e)
+    if damaged is None:
+        raise e
+    return damaged, 500
+
+
 def build(served: Served, steer: SteerRunner) -> Starlette:
     """The Starlette app for ``served`` (``create_app`` in neuronmap.viewer is the public entry)."""
 
@@ -54,9 +68,9 @@ def build(served: Served, steer: SteerRunner) -> Starlette:
                 if isinstance(result, Response):
                     return result
                 return _html(served, request, title_of(request, name), render(request, name, result), atlas=name)
-            except NeuronmapError as e:
-                status = e.status if isinstance(e, RequestError) else 400
-                return _html(served, request, "error", error_box(str(e)), status, request.query_params.get("atlas"))
+            except Exception as e:
+                message, status = _failure(e)
+                return _html(served, request, "error", error_box(message), status, request.query_params.get("atlas"))
         return endpoint
 
     def api(compute):
@@ -64,8 +78,9 @@ def build(served: Served, steer: SteerRunner) -> Starlette:
             try:
                 _, result = compute(request)
                 return JSON(result if isinstance(result, dict) else result.to_dict(), headers=HEADERS)
-            except NeuronmapError as e:
-                return JSON({"error": str(e)}, e.status if isinstance(e, RequestError) else 400, headers=HEADERS)
+            except Exception as e:
+                message, status = _failure(e)
+                return JSON({"error": message}, status, headers=HEADERS)
         return endpoint
 
     first = served.names[0]
@@ -100,7 +115,7 @@ def build(served: Served, steer: SteerRunner) -> Starlette:
                                    '{"neuron": "L29N808", "value": "20x", "concept": "dog", "text": "..."}') from e
             return JSON(steer.submit(body), 202, headers=HEADERS)
         except NeuronmapError as e:
-            return JSON({"error": str(e)}, e.status if isinstance(e, RequestError) else 400, headers=HEADERS)
+            return JSON({"error": str(e)}, _status(e), headers=HEADERS)
 
     def job_compute(request: Request):
         return None, steer.status(request.path_params["job"])
