@@ -169,7 +169,8 @@ def layer(name: str, first: str, meta: dict, lr) -> str:
     keep = dict(here, sort=d["sort"], desc=int(d["descending"]))
     pager = " ".join(x for x in [
         link(url(f"/layer/{d['layer']}", **keep, page=page - 1 or None), "← previous") if page > 0 else "",
-        esc(f"rows {d['offset'] + 1 if d['n_matching'] else 0}–{min(d['offset'] + d['limit'], d['n_matching'])} of {d['n_matching']:,}"),
+        esc(f"rows {d['offset'] + 1}–{min(d['offset'] + d['limit'], d['n_matching'])} of {d['n_matching']:,}"
+            if d["offset"] < d["n_matching"] else f"no rows on this page ({d['n_matching']:,} in all)"),
         link(url(f"/layer/{d['layer']}", **keep, page=page + 1), "next →") if d["offset"] + d["limit"] < d["n_matching"] else ""] if x)
     layers = meta["decode"]["layers"]
     i = layers.index(d["layer"])
