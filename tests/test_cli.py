@@ -92,7 +92,9 @@ def test_file_size_limit_while_writing(ckpt, tmp_path):
 
     r = _run("map", str(ckpt), "-o", str(tmp_path / "a"), cwd=tmp_path, preexec_fn=limit)
     assert r.returncode == 2, r.stderr
-    _one_line(r.stderr, f"cannot write {tmp_path / 'a'}: ", "File too large", "raise the file-size limit")
+    # The first part it writes hits the limit; with no part finished there is nothing to resume, so nothing is kept.
+    _one_line(r.stderr, f"cannot write {tmp_path / '.a.parts' / 'gate-L0.parquet'}: ", "File too large",
+              "raise the file-size limit")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -109,20 +111,25 @@ def _wait_for_tmp(parent: Path, proc: subprocess.Popen, timeout: float = 120) ->
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code, says", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
-def test_signal_during_map_leaves_nothing(sig, code, says, tmp_path):
-    """Mapping the real demo model takes minutes: a signal once the temporary atlas exists must remove it."""
+def test_signal_during_map_keeps_the_finished_parts_and_says_how_to_resume(sig, code, says, tmp_path):
+    """The real demo model: a signal once a part is finished leaves no atlas, keeps the parts and names --resume."""
     work = tmp_path / "w"
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "neuronmap", "map", "-o", str(work / "a")], stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env)
-    _wait_for_tmp(work, proc)
-    time.sleep(1.0)
+    argv = [sys.executable, "-m", "neuronmap", "map", "-o", str(work / "a"), "--layers", "0-9"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    t0 = time.monotonic()
+    while not list((work / ".a.parts").glob("*.parquet")) if (work / ".a.parts").is_dir() else True:
+        assert proc.poll() is None and time.monotonic() - t0 < 300, proc.communicate()
+        time.sleep(0.05)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
-    assert err.strip() == f"{says}: nothing was written"
-    assert list(work.iterdir()) == []
+    kept = sorted(p.name for p in (work / ".a.parts").glob("*.parquet"))
+    assert 1 <= len(kept) < 30
+    assert err.strip() == (f"{says}: {len(kept)} of 30 parts are kept in {work / '.a.parts'}; run the same command with "
+                           "--resume to continue")
+    assert sorted(p.name for p in work.iterdir()) == [".a.parts"]  # no atlas, no temporary beside it
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.05, 0.15, 0.3, 0.6])

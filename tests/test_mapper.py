@@ -106,7 +106,7 @@ def test_cuda_device(tiny_models, tmp_path, capsys):
         assert list(tmp_path.iterdir()) == []
 
 
-def test_interrupted_run_leaves_nothing(tiny_models, tmp_path):
+def test_interrupted_run_leaves_no_atlas_only_its_finished_parts(tiny_models, tmp_path):
     path = tiny_models("llama")
     calls = []
 
@@ -117,4 +117,7 @@ def test_interrupted_run_leaves_nothing(tiny_models, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         map_model(str(path), tmp_path / "out", MapOptions(), progress=boom)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".out.parts"]  # no atlas, nothing half-written
+    assert sorted(p.name for p in (tmp_path / ".out.parts").iterdir()) == ["gate-L0.parquet", "manifest.json", "up-L0.parquet"]
+
+

@@ -81,12 +81,13 @@ def assert_records(rows: list[dict], table: pd.DataFrame) -> None:
 
 def test_map_to_dict(mapped, capsys, checkpoint, tmp_path):
     d = round_trip(mapped.to_dict())
-    assert list(d) == ["path", "n_vectors", "n_rows", "seconds", "vectors_per_s", "family", "dtype", "device", "highlights"]
+    assert list(d) == ["path", "n_vectors", "n_rows", "seconds", "vectors_per_s", "family", "dtype", "device", "highlights",
+                       "notes"]
     m = mapped.meta
     assert d["path"] == str(mapped.path) and d["n_vectors"] == mapped.n_vectors == 2 * 3 * 24
     assert d["n_rows"] == m["n_rows"] == 2 * mapped.n_vectors and d["seconds"] == round(mapped.seconds, 3)
     assert (d["family"], d["dtype"], d["device"]) == ("llama", m["dtype"], m["device"])
-    assert d["vectors_per_s"] == m["timings"]["vectors_per_s"] and d["highlights"] == mapped.highlights
+    assert d["vectors_per_s"] == m["timings"]["vectors_per_s"] and d["highlights"] == mapped.highlights and d["notes"] == []
     out = tmp_path / "cli"
     c = cli_json(capsys, "map", checkpoint, "-o", out, "--json")
     again = map_model(str(checkpoint), out, MapOptions(), overwrite=True).to_dict()

@@ -23,6 +23,59 @@ from neuronmap.errors import NeuronmapError
 
 # Temporary outputs not yet renamed into place: what a signal handler removes before the process exits.
 _PENDING: set[Path] = set()
+# What an interrupted command says instead of "nothing was written" (a map that keeps its finished parts).
+_NOTE: list = []
+
+
+def _prefix(out: Path) -> str:
+    # The writer's pid is in every temporary name, so a later run can tell a dead run's leftover from a live one's.
+    return f".{out.name}.{os.getpid()}-"
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Remove the temporaries beside ``out`` (``.NAME.PID-xxxx.tmp``) left by runs that were killed (their PID is gone).
+
+    A SIGKILL gives no process the chance to clean up; the next run writing the same output does it instead.
+    Temporaries of a process that is still running are left alone.
+
+    Returns:
+        The paths removed, for the caller to report.
+    """
+    removed = []
+    try:
+        siblings = list(out.parent.glob(f".{out.name}.*-*.tmp")) if out.parent.is_dir() else []
+    except OSError:
+        return removed
+    for p in siblings:
+        pid = p.name[len(out.name) + 2:].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextmanager
+def interrupt_note(note) -> Iterator[None]:
+    """While the block runs, Ctrl-C and SIGTERM print ``note()`` (a callable, evaluated then) instead of "nothing was written"."""
+    _NOTE.append(note)
+    try:
+        yield
+    finally:
+        _NOTE.remove(note)
 
 
 def _umask() -> int:
@@ -53,7 +106,7 @@ def write_error(out: Path | str, e: OSError, what: str = "output") -> NeuronmapE
     return NeuronmapError(f"cannot write {out}: {reason}; {fix}")
 
 
-def _parent(out: Path, what: str) -> Path:
+def ensure_parent(out: Path, what: str) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -83,9 +136,9 @@ def atomic_file(out: Path | str, what: str = "output") -> Iterator[Path]:
         ...     fig.savefig(tmp, format="png")
     """
     out = Path(out)
-    parent = _parent(out, what)
+    parent = ensure_parent(out, what)
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+        fd, name = tempfile.mkstemp(prefix=_prefix(out), suffix=".tmp", dir=parent)
     except OSError as e:
         raise write_error(out, e, what) from e
     os.close(fd)
@@ -124,14 +177,14 @@ def check_png(out: Path | str) -> Path:
 
 
 def temp_dir_beside(out: Path, what: str = "output") -> Path:
-    """A new empty directory ``.NAME.xxxx.tmp`` beside ``out``, with an ordinary directory's mode.
+    """A new empty directory ``.NAME.PID-xxxx.tmp`` beside ``out``, with an ordinary directory's mode.
 
     Raises:
         NeuronmapError: the parent cannot be created or written.
     """
-    parent = _parent(out, what)
+    parent = ensure_parent(out, what)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_prefix(out), suffix=".tmp", dir=parent))
         _PENDING.add(tmp)
         make_readable(tmp, directory=True)
     except OSError as e:
@@ -160,7 +213,13 @@ def _exit_on_signal(signum, frame) -> None:
     _remove_pending()
     what = "terminated" if signum == signal.SIGTERM else "interrupted"
     try:
-        sys.stderr.write(f"{what}: nothing was written\n")
+        note = "nothing was written"
+        if _NOTE:
+            try:
+                note = _NOTE[-1]()
+            except Exception:  # the note is a courtesy; the exit must happen whatever it does
+                pass
+        sys.stderr.write(f"{what}: {note}\n")
         sys.stderr.flush()
     finally:
         os._exit(128 + signum)

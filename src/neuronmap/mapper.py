@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
@@ -14,9 +15,11 @@ import torch
 
 import neuronmap
 from neuronmap import atlas as atlas_io
+from neuronmap import fsio
 from neuronmap.decode import block_rows, build_head, choose_reducer, decode_block, kernel_used, resolve_device, resolve_dtype
 from neuronmap.errors import NeuronmapError
 from neuronmap.ids import neuron_id, parse_layers, parse_matrices
+from neuronmap.parts import assemble, open_parts, read_best, write_part
 from neuronmap.sources import Source, Weights, file_sha256, open_weights, resolve_source
 
 # A content word for the summary: a whole word (leading space), not a function word.
@@ -55,6 +58,7 @@ class MapResult:
         n_vectors: vectors decoded (each gives two rows, one per pole).
         seconds: wall time, end to end.
         highlights: confident content-word rows, best first (dicts with id, matrix, pole, token, prob).
+        notes: one line each about what the run found and did besides mapping (parts resumed, leftovers removed).
     """
 
     path: Path
@@ -62,13 +66,14 @@ class MapResult:
     n_vectors: int
     seconds: float
     highlights: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """The serialized form (``--json``, the viewer's API), JSON types only.
 
         Returns:
             ``{"path", "n_vectors", "n_rows", "seconds", "vectors_per_s", "family", "dtype", "device",
-            "highlights"}``; each highlight ``{"id", "matrix", "pole", "token", "prob"}``.
+            "highlights", "notes"}``; each highlight ``{"id", "matrix", "pole", "token", "prob"}``.
 
         Example:
             >>> map_model(None, "demo-atlas", MapOptions(layers="29")).to_dict()["n_rows"]  # doctest: +SKIP
@@ -78,7 +83,7 @@ class MapResult:
         return {"path": str(self.path), "n_vectors": self.n_vectors, "n_rows": m["n_rows"],
                 "seconds": round(self.seconds, 3), "vectors_per_s": m["timings"]["vectors_per_s"],
                 "family": m["family"], "dtype": m["dtype"], "device": m["device"],
-                "highlights": [dict(h) for h in self.highlights]}
+                "highlights": [dict(h) for h in self.highlights], "notes": list(self.notes)}
 
 
 def _highlights(best: dict[str, dict], n: int = 12) -> list[dict]:
@@ -91,21 +96,27 @@ def map_model(
     options: MapOptions = MapOptions(),
     overwrite: bool = False,
     progress: Callable[[int, int, int], None] | None = None,
+    resume: bool = False,
 ) -> MapResult:
     """Decode every neuron vector of a model into an atlas.
+
+    Each finished (matrix, layer) is kept as a part in ``.NAME.parts`` beside ``out``
+    (neuronmap.parts) until the atlas is assembled, so a map that is stopped can resume.
 
     Args:
         source: anything ``resolve_source`` takes (None: the demo model).
         out: atlas directory to create.
         options: matrices, layers, top-k, device, dtype, norm options.
         overwrite: replace an existing ``out``.
-        progress: called as ``progress(layers_done, n_layers_chosen, vectors_done)``.
+        progress: called as ``progress(parts_done, n_parts, vectors_done)``.
+        resume: reuse the parts an interrupted map with the same weights and options left.
 
     Returns:
         MapResult.
 
     Raises:
-        NeuronmapError: bad source, options or output; nothing is left behind.
+        NeuronmapError: bad source, options or output; ``resume`` with other weights or options. No atlas is left
+            half-written; the finished parts stay for ``resume``.
 
     Example:
         >>> r = map_model(None, "demo-atlas", MapOptions(layers="29", matrices="up"))  # doctest: +SKIP
@@ -117,6 +128,7 @@ def map_model(
     # The model's own files are never written over, whatever -o and --overwrite say.
     protect = (src.path, *src.files)
     out = atlas_io.check_output(Path(out), overwrite, protect)  # fail before reading any weights
+    notes = [f"removed {p.name}, left beside {out.name} by a run that was killed" for p in fsio.remove_stale(out)]
     weights = open_weights(src)
     matrices = parse_matrices(options.matrices, weights.family.matrices)
     layers = parse_layers(options.layers, weights.n_layers)
@@ -124,56 +136,99 @@ def map_model(
         raise NeuronmapError(f"--top-k {options.top_k} is out of range: expected 1 to {weights.d_vocab} (the vocabulary size)")
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
+    order = [(m, layer) for layer in layers for m in matrices]  # the order a single pass writes rows in
+    manifest = {"weights": [{"name": f.name, "sha256": file_sha256(f)} for f in src.files],
+                "options": dataclasses.asdict(options), "matrices": matrices, "layers": layers, "dtype": dtype,
+                "device": str(device), "format": atlas_io.VERSION}
     reduce = choose_reducer(options.kernel, len(layers) * len(matrices) * weights.d_mlp * weights.d_vocab)
     t_head = time.perf_counter()
     head = build_head(weights, options.norm, device, dtype)
     vocab = pa.array(list(weights.tokens), pa.string())
-    rows = block_rows(weights.d_vocab)
     timings = {"read_s": time.perf_counter() - t_head, "decode_s": 0.0, "write_s": 0.0}
-    best: dict[str, dict] = {}
-    n_vectors = 0
+    parts = open_parts(out, manifest, resume)  # after every option is checked: a refused map leaves nothing
+    if parts.removed:
+        notes.append(f"removed {parts.removed} parts of an earlier interrupted map into {out} (--resume continues one instead)")
+    if parts.reused:
+        notes.append(f"resuming: reusing {parts.reused} of {len(order)} parts from {parts.path}")
+    done = set(parts.done)
 
-    with atlas_io.atlas_writer(out, overwrite, protect) as tmp:
-        writer = atlas_io.RowsWriter(tmp / "neurons.parquet")
+    def note() -> str:
+        return (f"{len(done)} of {len(order)} parts are kept in {parts.path}; run the same command with --resume "
+                "to continue")
+
+    with fsio.interrupt_note(note):
+        n_vectors = 0
         try:
-            for li, layer in enumerate(layers):
-                for matrix in matrices:
-                    t = time.perf_counter()
-                    vecs = weights.vectors(matrix, layer)  # [d_mlp, d_model]
-                    if options.fold_input_norm and matrix != "down":
-                        vecs = vecs * weights.mlp_norm_gain(layer)
-                    norms = vecs.norm(dim=-1).numpy()
-                    vecs = vecs.to(device)
-                    timings["read_s"] += time.perf_counter() - t
-                    for start in range(0, weights.d_mlp, rows):
-                        t = time.perf_counter()
-                        with torch.inference_mode():
-                            dec = decode_block(head, vecs[start:start + rows], options.top_k, options.n_candidates,
-                                               reduce=reduce)
-                        dec = {p: (d.token_ids.cpu().numpy(), d.logits.cpu().numpy(), d.logsumexp.cpu().numpy(),
-                                   d.entropy.cpu().numpy()) for p, d in dec.items()}
-                        t2 = time.perf_counter()
-                        timings["decode_s"] += t2 - t
-                        neurons = np.arange(start, start + len(norms[start:start + rows]))
-                        for pole, (ids, lg, lse, ent) in dec.items():
-                            writer.write(atlas_io.rows_table(matrix, layer, pole, neurons, ids, lg, lse, ent,
-                                                             norms[start:start + rows], vocab))
-                            _track_best(best, weights.tokens, matrix, layer, pole, neurons, ids, lg, lse)
-                        timings["write_s"] += time.perf_counter() - t2
-                        n_vectors += len(neurons)
-                        if progress:
-                            progress(li, len(layers), n_vectors)
+            for matrix, layer in order:
+                if (matrix, layer) in done:
+                    n_vectors += weights.d_mlp
+                    continue
+                tables, best = _map_part(weights, head, matrix, layer, options, reduce, vocab, timings)
+                t = time.perf_counter()
+                write_part(parts.path, matrix, layer, tables, best)
+                timings["write_s"] += time.perf_counter() - t
+                done.add((matrix, layer))
+                n_vectors += weights.d_mlp
                 if progress:
-                    progress(li + 1, len(layers), n_vectors)
-        finally:
-            writer.close()
-        atlas_io.write_vocab(tmp / "vocab.parquet", weights.tokens)
-        seconds = time.perf_counter() - t0
-        meta = _meta(weights, src, options, matrices, layers, dtype, device, timings, seconds, n_vectors)
-        # Which kernel ran (a failed compile falls back to eager): the numbers agree to ~1e-6.
-        meta["kernel"] = kernel_used(reduce, weights.d_vocab)
-        atlas_io.write_json(tmp / "meta.json", meta)
-    return MapResult(out, meta, n_vectors, seconds, _highlights(best))
+                    progress(len(done), len(order), n_vectors)
+        except NeuronmapError as e:
+            # A write that failed (disk full) can go on once fixed; a model that cannot be read would fail again.
+            if done and isinstance(e.__cause__, OSError):
+                raise NeuronmapError(f"{e}; the {len(done)} finished parts are kept in {parts.path}: add --resume "
+                                     "when you run it again") from e
+            fsio.remove_tree(parts.path)
+            raise
+        except BaseException:
+            if not done:  # nothing to resume from
+                fsio.remove_tree(parts.path)
+            raise
+        best: dict[str, dict] = {}
+        for matrix, layer in order:
+            for key, row in read_best(parts.path, matrix, layer).items():
+                if key not in best or best[key]["prob"] < row["prob"]:  # first seen wins ties, as in one pass
+                    best[key] = row
+        with atlas_io.atlas_writer(out, overwrite, protect) as tmp:
+            t = time.perf_counter()
+            assemble(parts.path, order, tmp / "neurons.parquet")
+            atlas_io.write_vocab(tmp / "vocab.parquet", weights.tokens)
+            timings["write_s"] += time.perf_counter() - t
+            seconds = time.perf_counter() - t0
+            meta = _meta(weights, src, options, matrices, layers, dtype, device, timings, seconds, n_vectors)
+            # Which kernel ran (a failed compile falls back to eager): the numbers agree to ~1e-6.
+            meta["kernel"] = kernel_used(reduce, weights.d_vocab)
+            if parts.reused:
+                meta["resumed_parts"] = parts.reused  # their decode time is not in `timings`
+            atlas_io.write_json(tmp / "meta.json", meta)
+        fsio.remove_tree(parts.path)
+    return MapResult(out, meta, n_vectors, seconds, _highlights(best), notes)
+
+
+def _map_part(weights: Weights, head, matrix: str, layer: int, options: MapOptions, reduce, vocab: pa.Array,
+              timings: dict) -> tuple[list[pa.Table], dict]:
+    """Decode one (matrix, layer): its atlas rows, in the order a single pass writes them, and its highlights."""
+    t = time.perf_counter()
+    vecs = weights.vectors(matrix, layer)  # [d_mlp, d_model]
+    if options.fold_input_norm and matrix != "down":
+        vecs = vecs * weights.mlp_norm_gain(layer)
+    norms = vecs.norm(dim=-1).numpy()
+    vecs = vecs.to(head.W_U.device)
+    timings["read_s"] += time.perf_counter() - t
+    rows = block_rows(weights.d_vocab)
+    tables, best = [], {}
+    for start in range(0, weights.d_mlp, rows):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            dec = decode_block(head, vecs[start:start + rows], options.top_k, options.n_candidates, reduce=reduce)
+        dec = {p: (d.token_ids.cpu().numpy(), d.logits.cpu().numpy(), d.logsumexp.cpu().numpy(),
+                   d.entropy.cpu().numpy()) for p, d in dec.items()}
+        t2 = time.perf_counter()
+        timings["decode_s"] += t2 - t
+        neurons = np.arange(start, start + len(norms[start:start + rows]))
+        for pole, (ids, lg, lse, ent) in dec.items():
+            tables.append(atlas_io.rows_table(matrix, layer, pole, neurons, ids, lg, lse, ent, norms[start:start + rows], vocab))
+            _track_best(best, weights.tokens, matrix, layer, pole, neurons, ids, lg, lse)
+        timings["write_s"] += time.perf_counter() - t2
+    return tables, best
 
 
 def _track_best(best, tokens, matrix, layer, pole, neurons, ids, lg, lse) -> None:

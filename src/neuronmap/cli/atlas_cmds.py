@@ -32,6 +32,8 @@ def add_map(sub) -> None:
                    help="auto | eager | compiled: the vocabulary reductions fused by torch.compile (auto: for big models)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing atlas (never a directory that is not an atlas, nor the model's own files)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted map into the same -o from its finished parts (same weights and options)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_map)
 
@@ -44,7 +46,7 @@ def cmd_map(args) -> int:
     opts = MapOptions(matrices=args.matrices, layers=args.layers, top_k=args.top_k, device=args.device,
                       dtype=args.dtype, norm=args.norm, fold_input_norm=args.fold_input_norm, kernel=args.kernel)
     show = not args.json and err.is_terminal or os.environ.get("NEURONMAP_PROGRESS") == "1"
-    with Progress(TextColumn("[bold]mapping"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
+    with Progress(TextColumn("[bold]mapping"), BarColumn(), MofNCompleteColumn(), TextColumn("parts (matrix x layer)"),
                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                   console=err, disable=not show, transient=True) as bar:
         task = bar.add_task("map", total=None, rate="")
@@ -55,7 +57,9 @@ def cmd_map(args) -> int:
             rate = vectors / max(time.perf_counter() - t0, 1e-9)
             bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} neurons/s")
 
-        result = map_model(args.source, args.out, opts, overwrite=args.overwrite, progress=progress)
+        result = map_model(args.source, args.out, opts, overwrite=args.overwrite, progress=progress, resume=args.resume)
+    for line in result.notes:
+        err.print(f"note: {line}", markup=False)
     if args.json:
         _print_json(result.to_dict())
         return 0
