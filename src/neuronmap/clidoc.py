@@ -27,7 +27,7 @@ README_END = "<!-- cli:end -->"
 # The narrative page for each command; a command missing here is listed without one.
 GUIDES = {
     "map": "docs/method.md", "search": "docs/search.md", "show": "docs/search.md", "stats": "docs/search.md",
-    "clamp": "docs/intervene.md", "generate": "docs/intervene.md", "verify": "docs/intervene.md",
+    "clamp": "docs/intervene.md", "generate": "docs/intervene.md", "verify": "docs/intervene.md", "remove": "docs/remove.md",
     "compare": "docs/compare.md",
 }
 

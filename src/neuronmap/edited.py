@@ -35,7 +35,7 @@ from neuronmap.errors import NeuronmapError
 from neuronmap.models import DEVICE, Model, load_model, require_tokenizer
 from neuronmap.removal import ConceptSpec, Removal, RemoveOptions, Step, concept_specs, remove_concepts, resolve_spec
 from neuronmap.safetensors_io import ITEMSIZE, TORCH_DTYPES, Entry, safetensors_reader
-from neuronmap.sources import Source, hash_file, resolve_source
+from neuronmap.sources import Source, hash_file, open_weights, resolve_source
 
 FORMAT = "neuronmap-edits"
 EDITS_JSON = "edits.json"
@@ -123,14 +123,14 @@ def _entries(d: Path):
     return safetensors_reader(checkpoint_files(d))[1]
 
 
-def stored_dtypes(src: Source, m: Model, tensors: list[str]) -> dict[str, torch.dtype]:
-    """The dtype each tensor will have in the edited checkpoint (a GGUF is exported in the model's dtype).
+def stored_dtypes(src: Source, tensors: list[str]) -> dict[str, torch.dtype]:
+    """The dtype each tensor will have in the edited checkpoint (a GGUF is exported in float32).
 
     Raises:
         NeuronmapError: a tensor stored in a type neuronmap cannot write (quantized or integer).
     """
     if src.kind == "gguf":
-        return {t: m.dtype for t in tensors}
+        return {t: torch.float32 for t in tensors}
     entry = safetensors_reader(src.files)[1]
     out = {}
     for t in tensors:
@@ -254,10 +254,10 @@ def remove(source: str | None, concepts: list[str], out: Path | str, prompts: li
     specs_all = concept_specs(prompts_file)
     specs = [resolve_spec(w, specs_all, p) for w, p in zip(concepts, [*prompts, *[None] * len(concepts)])]
     ctrl = _control(control, specs, specs_all)
+    w = open_weights(src)  # the header only: what the edits would be written into, checked before the model loads
+    matrices = options.check(w.family.matrices)
+    stored = stored_dtypes(src, sorted({w.family.vector_slot(x, i, 0, w.d_mlp)[0] for x in matrices for i in range(w.n_layers)}))
     m = load_model(src, device)
-    matrices = options.check(m.family.matrices)
-    tensors = sorted({m.family.vector_slot(x, i, 0, m.d_mlp)[0] for x in matrices for i in range(m.n_layers)})
-    stored = stored_dtypes(src, m, tensors)
     removal = remove_concepts(m, specs, ctrl, options, stored)
     report = RemoveReport(src.spec, str(out), options, ctrl.word if ctrl else None, "", removal.steps, {})
     base, files = write_checkpoint(src, m, removal, out, report.to_dict())

@@ -13,10 +13,11 @@ from neuronmap.cli.atlas_cmds import add_map, add_search, add_show, add_stats
 from neuronmap.cli.common import _tok, err  # noqa: F401 (_tok: tests render tokens as the tables do)
 from neuronmap.cli.compare_cmd import add_compare
 from neuronmap.cli.model_cmds import add_clamp, add_generate, add_verify
+from neuronmap.cli.remove_cmd import add_remove
 from neuronmap.errors import NeuronmapError
 from neuronmap.fsio import exit_on_signals, restore_signals
 
-COMMANDS = [add_map, add_search, add_show, add_stats, add_clamp, add_generate, add_verify, add_compare]
+COMMANDS = [add_map, add_search, add_show, add_stats, add_clamp, add_generate, add_verify, add_compare, add_remove]
 
 
 class _Parser(argparse.ArgumentParser):
