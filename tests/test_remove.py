@@ -184,6 +184,18 @@ def test_cli_bad_input(tiny_with_tokenizer, prompts_file, tmp_path, argv, messag
     assert not (tmp_path / "o").exists() and [p.name for p in tmp_path.iterdir()] == []
 
 
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "error: cannot read --prompts"),
+    ('{"dog": {"prompt": "the dog", "eliciting": [["guess", "a", "dog"]]}}', "has eliciting kind 'guess': expected one of"),
+    ('{"dog": {"eliciting": []}}', "entry 'dog' must be an object with \"prompt\""),
+])
+def test_cli_malformed_prompts_file(tiny_with_tokenizer, tmp_path, content, message, capsys):
+    (tmp_path / "p.json").write_text(content)
+    rc, _, err = run_cli(["remove", str(tiny_with_tokenizer), "--concept", "dog", "--prompts", str(tmp_path / "p.json"),
+                          "-o", str(tmp_path / "o")], capsys)
+    assert rc == 2 and message in err and err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
 def test_cli_never_writes_over_user_files_or_the_source(tiny_with_tokenizer, prompts_file, tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -33,7 +33,8 @@ from neuronmap import fsio
 from neuronmap.checkpoint import checkpoint_files
 from neuronmap.errors import NeuronmapError
 from neuronmap.models import DEVICE, Model, load_model, require_tokenizer
-from neuronmap.removal import ConceptSpec, Removal, RemoveOptions, Step, concept_specs, remove_concepts, resolve_spec
+from neuronmap.elicit import ConceptSpec, concept_specs, resolve_spec
+from neuronmap.removal import Removal, RemoveOptions, Step, remove_concepts
 from neuronmap.safetensors_io import ITEMSIZE, TORCH_DTYPES, Entry, safetensors_reader
 from neuronmap.sources import Source, hash_file, open_weights, resolve_source
 

@@ -25,16 +25,15 @@ Nothing here writes files: neuronmap.edits writes the edited checkpoint and undo
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from neuronmap.decode import build_head, logits
+from neuronmap.elicit import ConceptSpec
 from neuronmap.effects import concept_tokens, kl_rows, next_token_logprobs, reference_logprobs
 from neuronmap.errors import NeuronmapError
 from neuronmap.ids import neuron_id, parse_matrices
@@ -42,7 +41,6 @@ from neuronmap.intervene import bundled_text, encode, recording
 from neuronmap.models import Model, find_module
 from neuronmap.sources import open_weights
 
-BUNDLED = "remove_prompts.json"
 EDITS = 5
 MATRICES = "down"
 SELECTS = ("cosine", "contribution")
@@ -51,7 +49,6 @@ NOISE = 0.5
 CANDIDATES = 1024
 ROUNDS = 3
 SEED = 0
-KINDS = ("direct", "descriptive", "reverse", "other-language")
 
 
 @dataclass(frozen=True)
@@ -83,66 +80,6 @@ class RemoveOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class ConceptSpec:
-    """What removing one concept needs: its detailed prompt, its eliciting prompts, its default control."""
-
-    word: str
-    prompt: str
-    control: str | None
-    eliciting: tuple[tuple[str, str, str], ...]  # (kind, prompt, answer)
-
-
-def _spec(word: str, entry, where: str) -> ConceptSpec:
-    bad = f"{where}: entry {word!r} must be an object with \"prompt\" (text), optional \"control\" (a word) and " \
-          "\"eliciting\" (a list of [kind, prompt, answer]); fix it"
-    if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
-        raise NeuronmapError(bad)
-    rows = entry.get("eliciting", [])
-    if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == 3 and all(isinstance(x, str) and x.strip() for x in r)
-                                             for r in rows):
-        raise NeuronmapError(bad)
-    control = entry.get("control")
-    if control is not None and not isinstance(control, str):
-        raise NeuronmapError(bad)
-    return ConceptSpec(word, entry["prompt"], control, tuple(tuple(r) for r in rows))
-
-
-def concept_specs(path: str | Path | None = None) -> dict[str, ConceptSpec]:
-    """The bundled concepts (``data/remove_prompts.json``), updated by a file of the same form, by lower-case word.
-
-    Raises:
-        NeuronmapError: the file is unreadable, not JSON, or an entry is malformed.
-    """
-    out = {k.lower(): _spec(k, v, BUNDLED) for k, v in json.loads(bundled_text(BUNDLED)).items()}
-    if path is not None:
-        try:
-            user = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise NeuronmapError(f"cannot read --prompts {path} ({type(e).__name__}): pass a JSON file shaped like "
-                                 f"neuronmap/data/{BUNDLED}") from e
-        if not isinstance(user, dict):
-            raise NeuronmapError(f"--prompts {path} holds a JSON {type(user).__name__}: expected an object of concepts, "
-                                 f"shaped like neuronmap/data/{BUNDLED}")
-        out.update({k.lower(): _spec(k, v, str(path)) for k, v in user.items()})
-    return out
-
-
-def resolve_spec(word: str, specs: dict[str, ConceptSpec], prompt: str | None) -> ConceptSpec:
-    """The spec of ``word``, its prompt replaced by ``prompt`` where given; unbundled words measure on that prompt alone.
-
-    Raises:
-        NeuronmapError: a word with neither a spec nor a prompt.
-    """
-    spec = specs.get(word.strip().lower())
-    if spec is None:
-        if prompt is None:
-            raise NeuronmapError(f"no bundled prompts for {word!r} (bundled: {', '.join(sorted(specs))}): pass --prompt "
-                                 "TEXT, a detailed description ending where its name comes next, or --prompts FILE")
-        return ConceptSpec(word, prompt, None, (("descriptive", prompt, word),))
-    return ConceptSpec(word, prompt or spec.prompt, spec.control, spec.eliciting or (("descriptive", prompt or spec.prompt, word),))
 
 
 @dataclass(frozen=True)
@@ -405,7 +342,8 @@ def remove_concepts(m: Model, specs: list[ConceptSpec], control: ConceptSpec | N
         NeuronmapError: bad options, a concept that is no single token, a model without a tokenizer.
 
     Example:
-        >>> r = remove_concepts(load_model(None), [resolve_spec("paris", concept_specs(), None)], None, RemoveOptions())  # doctest: +SKIP
+        >>> spec = resolve_spec("paris", concept_specs(), None)  # neuronmap.elicit  # doctest: +SKIP
+        >>> r = remove_concepts(load_model(None), [spec], None, RemoveOptions())  # doctest: +SKIP
         >>> r.steps[0].measures[0].ratio < 1  # doctest: +SKIP
         True
     """
