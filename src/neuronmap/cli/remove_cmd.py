@@ -24,7 +24,7 @@ def add_remove(sub) -> None:
                    help="detailed prompt for a concept, ending where its name comes next; one per --concept, in order "
                         "(default: the bundled one)")
     p.add_argument("--prompts", default=None, metavar="FILE",
-                   help="JSON of concepts, prompts and eliciting prompts, shaped like neuronmap/data/remove_prompts.json")
+                   help="JSON of concepts: detailed prompt, control and eliciting prompts, as bundled (see docs/remove.md)")
     p.add_argument("--control", default=None, metavar="WORD",
                    help="a concept that should stay, measured after every step (default: the first concept's bundled "
                         "control; '' for none)")
