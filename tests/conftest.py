@@ -239,3 +239,22 @@ def worded(tmp_path_factory) -> Path:
 def nasty(tmp_path_factory) -> Path:
     """The atlas of a tiny llama whose tokens are markup, quotes, control characters and partial UTF-8 (``NASTY``)."""
     return atlas_with_tokens(tmp_path_factory.mktemp("nasty"), NASTY, seed=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tiny_models, tmp_path_factory):
+    """The tiny llama checkpoint with a small word-level tokenizer and no chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tiny_models("llama")
+    out = tmp_path_factory.mktemp("tiny-tok") / "llama"
+    shutil.copytree(path, out)
+    words = ["<unk>", "<s>", "</s>"] + ("the a of and to in is it was I my what your favourite animal dog cat hello "
+                                        "world library town book room").split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<unk>").save_pretrained(out)
+    return out

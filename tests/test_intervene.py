@@ -347,25 +347,6 @@ def test_cli_clamp_json(demo, tmp_path, capsys):
     assert ratios[0] < 2 < ratios[1] < ratios[2]
 
 
-@pytest.fixture(scope="session")
-def tiny_with_tokenizer(tiny_models, tmp_path_factory):
-    """The tiny llama checkpoint with a small word-level tokenizer and no chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    path = tiny_models("llama")
-    out = tmp_path_factory.mktemp("tiny-tok") / "llama"
-    shutil.copytree(path, out)
-    words = ["<unk>", "<s>", "</s>"] + ("the a of and to in is it was I my what your favourite animal dog cat hello "
-                                        "world library town book room").split()
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                            pad_token="<unk>").save_pretrained(out)
-    return out
-
-
 def test_cli_chat_without_template_falls_back(tiny_with_tokenizer, capsys):
     rc, out, err = run_cli(["generate", str(tiny_with_tokenizer), "--clamp", "L1N5=3", "--chat",
                             "what is your favourite animal", "-n", "2", "--max-new-tokens", "3", "--json"], capsys)

@@ -20,6 +20,8 @@ _EXPORTS = {
     "MapResult": "neuronmap.mapper",
     "map_model": "neuronmap.mapper",
     "open_weights": "neuronmap.sources",
+    "remove": "neuronmap.edited",
+    "RemoveOptions": "neuronmap.removal",
     "resolve_source": "neuronmap.sources",
 }
 

@@ -27,7 +27,7 @@ README_END = "<!-- cli:end -->"
 # The narrative page for each command; a command missing here is listed without one.
 GUIDES = {
     "map": "docs/method.md", "search": "docs/search.md", "show": "docs/search.md", "stats": "docs/search.md",
-    "clamp": "docs/intervene.md", "generate": "docs/intervene.md", "verify": "docs/intervene.md",
+    "clamp": "docs/intervene.md", "generate": "docs/intervene.md", "verify": "docs/intervene.md", "remove": "docs/remove.md",
     "serve": "docs/viewer.md", "layer": "docs/viewer.md", "similar": "docs/viewer.md",
     "compare": "docs/compare.md",
 }

@@ -113,9 +113,14 @@ def finite_logits(logits: torch.Tensor, interventions: list[Intervention]) -> to
     return logits
 
 
+def kl_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q)`` of each row in nats, from log-probabilities ``[n, d_vocab]`` -> ``[n]``."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
 def kl(logp: torch.Tensor, logq: torch.Tensor) -> float:
     """Mean over rows of ``KL(p || q)`` in nats, from log-probabilities ``[n, d_vocab]``."""
-    return float((logp.exp() * (logp - logq)).sum(-1).mean())
+    return float(kl_rows(logp, logq).mean())
 
 
 # ------------------------------------------------------------------ clamp

@@ -72,6 +72,24 @@ class Family:
     def gated(self) -> bool:
         return self.gate is not None or self.fused_gate_up
 
+    def vector_slot(self, matrix: str, layer: int, neuron: int, d_mlp: int) -> tuple[str, int, int]:
+        """Where one neuron's vector lies in the stored tensor (HF layout, as saved and as the module holds it).
+
+        Returns:
+            ``(tensor name, axis, index)``: axis 0 is a row, axis 1 a column of the 2-D tensor.
+
+        Example:
+            >>> family_for_model_type("llama").vector_slot("down", 3, 7, 24)
+            ('model.layers.3.mlp.down_proj.weight', 1, 7)
+        """
+        if matrix == "down":
+            # nn.Linear stores [d_model, d_mlp] (a column per neuron); Conv1D stores [d_mlp, d_model].
+            return self.down.format(i=layer), 0 if self.conv1d else 1, neuron
+        if self.fused_gate_up:
+            return self.up.format(i=layer), 0, neuron + (d_mlp if matrix == "up" else 0)
+        name = (self.gate if matrix == "gate" else self.up).format(i=layer)
+        return name, 1 if self.conv1d else 0, neuron
+
 
 def _llama_like(name: str, model_types: tuple[str, ...], gguf_archs: tuple[str, ...], **kw) -> Family:
     base = dict(

@@ -28,7 +28,7 @@ from neuronmap.fsio import atomic_file
 from neuronmap.gguf_io import open_gguf
 from neuronmap.weights import Weights
 
-__all__ = ["DEMO", "PACKAGED", "Source", "Weights", "cache_dir", "file_sha256", "looks_like_hub_id", "open_weights",
+__all__ = ["DEMO", "PACKAGED", "Source", "Weights", "cache_dir", "file_sha256", "hash_file", "looks_like_hub_id", "open_weights",
            "packaged_gguf", "resolve_source"]
 
 DEMO = "smollm2-135m"
@@ -184,6 +184,15 @@ def _is_gguf(p: Path) -> bool:
         raise NeuronmapError(f"cannot read {p}: {e.strerror or e}; check that it is readable") from e
 
 
+def hash_file(path: Path) -> str:
+    """sha256 of a file's bytes, read in 16 MiB chunks, uncached (``file_sha256`` caches it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file, cached so that a large checkpoint is hashed once.
 
@@ -209,13 +218,9 @@ def file_sha256(path: Path) -> str:
         known = {}
     if isinstance(known.get(key), str):
         return known[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
     # One entry per path: an edited file's old entries can never match again.
     known = {k: v for k, v in known.items() if not k.startswith(where)}
-    known[key] = h.hexdigest()
+    known[key] = hash_file(path)
     try:
         with atomic_file(cache, "cache") as tmp:
             tmp.write_text(json.dumps(known))

@@ -1,0 +1,92 @@
+"""``remove``: parse, call ``neuronmap.edited.remove`` (or ``undo``), render."""
+
+from __future__ import annotations
+
+from rich.markup import escape
+from rich.table import Table
+
+from neuronmap.cli.common import _print_json, _table, _tok, finite_float, int_at_least, out
+
+
+def add_remove(sub) -> None:
+    from neuronmap.models import DEVICE
+    from neuronmap.removal import CANDIDATES, EDITS, MATRICES, NOISE, ROUNDS, SEED, SELECT, SELECTS
+
+    p = sub.add_parser("remove", help="remove a concept from a model's weights (TARS) and measure removal and collateral")
+    p.add_argument("source", nargs="?", default=None,
+                   help="checkpoint dir, .gguf file, hub id or packaged model, as for map; default: the demo model. "
+                        "With --undo: a directory written by remove")
+    p.add_argument("--concept", action="append", default=[], metavar="WORD",
+                   help="the concept to remove, repeatable (removed one after another), e.g. Paris")
+    p.add_argument("-o", "--out", required=True, help="the new checkpoint directory (must not exist, or be empty)")
+    p.add_argument("--undo", action="store_true", help="write to -o the checkpoint SOURCE was edited from, byte for byte")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="detailed prompt for a concept, ending where its name comes next; one per --concept, in order "
+                        "(default: the bundled one)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="JSON of concepts: detailed prompt, control and eliciting prompts, as bundled (see docs/remove.md)")
+    p.add_argument("--control", default=None, metavar="WORD",
+                   help="a concept that should stay, measured after every step (default: the first concept's bundled "
+                        "control; '' for none)")
+    p.add_argument("--edits", type=int_at_least(1), default=EDITS, help=f"vectors replaced per concept (default {EDITS})")
+    p.add_argument("--matrices", default=MATRICES, help=f"vectors that may be edited: some of gate,up,down (default {MATRICES})")
+    p.add_argument("--select", choices=SELECTS, default=SELECT,
+                   help=f"rank by cosine with the targeting vector (TARS) or by the neuron's write along it on the prompt "
+                        f"(default {SELECT})")
+    p.add_argument("--noise", type=finite_float(1e-9), default=NOISE,
+                   help=f"noise per dimension, times the concept vector's RMS (default {NOISE:g})")
+    p.add_argument("--candidates", type=int_at_least(1), default=CANDIDATES, help=f"noisy candidates per round (default {CANDIDATES})")
+    p.add_argument("--rounds", type=int_at_least(1), default=ROUNDS, help=f"rounds of noise, each from the best so far (default {ROUNDS})")
+    p.add_argument("--seed", type=int, default=SEED, help=f"random seed of the noise (default {SEED})")
+    p.add_argument("--device", default=DEVICE, help=f"cpu | cuda | auto (default {DEVICE})")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_remove)
+
+
+def cmd_remove(args) -> int:
+    from neuronmap.edited import remove, undo
+    from neuronmap.errors import NeuronmapError
+    from neuronmap.removal import RemoveOptions
+
+    if args.undo:
+        if args.concept or args.prompt:
+            raise NeuronmapError("--undo restores a directory written by remove: give it as SOURCE with -o, and no --concept")
+        if args.source is None:
+            raise NeuronmapError("--undo needs SOURCE, a directory written by `neuronmap remove`")
+        u = undo(args.source, args.out)
+        if args.json:
+            _print_json(u.to_dict())
+        else:
+            out.print(f"Restored {u.vectors} vectors of {escape(u.edited)} into {escape(u.out)}; "
+                      f"sha256 of {', '.join(u.files)} matches the original.")
+        return 0
+    opts = RemoveOptions(args.edits, args.matrices, args.select, args.noise, args.candidates, args.rounds, args.seed)
+    r = remove(args.source, args.concept, args.out, args.prompt, args.prompts, args.control, opts, args.device)
+    if args.json:
+        _print_json(r.to_dict())
+        return 0
+    for s in r.steps:
+        t = s.targeting
+        out.print(f"[bold]Removed {escape(repr(s.concept))}[/bold]: targeting vector P(concept) {t.approx_prob:.4f} -> "
+                  f"{t.prob:.4f} (top {', '.join(_tok(x) for x in t.top)}); collateral KL on the reference text: "
+                  f"median {s.kl_median:.4f}, 95th percentile {s.kl_p95:.4f} nats/token")
+        tab = Table(title=f"Edits for {escape(repr(s.concept))} ({r.options.select})")
+        for c in ("vector", "cosine", "score", "old norm", "old top tokens", "new top tokens"):
+            tab.add_column(c)
+        for e in s.edits:
+            tab.add_row(f"{e.id} {e.matrix}{e.pole}", f"{e.cosine:.3f}", f"{e.score:.3f}", f"{e.old_norm:.3f}",
+                        " ".join(_tok(x) for x in e.old_top), " ".join(_tok(x) for x in e.new_top))
+        _table(tab)
+        tab = Table(title=f"P(answer) before and after removing {escape(repr(s.concept))}")
+        for c in ("concept", "role", "kind", "prompt", "answer", "before", "after", "ratio"):
+            tab.add_column(c)
+        for x in s.measures:
+            for (kind, prompt, answer), b, a in zip(x.prompts, x.before, x.after):
+                tab.add_row(escape(x.concept), x.role, kind, escape(prompt), escape(answer), f"{b:.4f}", f"{a:.4f}",
+                            f"{a / b:.3g}x" if b > 0 else "-")
+            tab.add_row(escape(x.concept), x.role, "mean", "", "", f"{sum(x.before) / len(x.before):.4f}",
+                        f"{sum(x.after) / len(x.after):.4f}", f"{x.ratio:.3g}x" if x.ratio is not None else "-")
+        _table(tab)
+    out.print(f"Wrote {escape(r.out)} ({escape(r.base)}; edits.json and originals.safetensors beside; "
+              f"undo with `neuronmap remove {escape(r.out)} --undo -o DIR`)")
+    return 0

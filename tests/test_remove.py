@@ -1,0 +1,251 @@
+"""remove: TARS edits on a tiny llama (mechanics, files, undo, bad input) and on the real demo model (removal, collateral).
+
+The tiny model's numbers mean nothing; its tests check what is written: only the
+recorded rows and columns change, the checkpoint loads and gives what was
+measured, undo gives back every byte. The demo-model test checks the measured
+effect against the model's own before-values.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from neuronmap.cli import build_parser, main
+from neuronmap.decode import build_head, logits
+from neuronmap.edited import remove, undo
+from neuronmap.effects import concept_tokens, next_token_logprobs
+from neuronmap.models import load_model
+from neuronmap.removal import RemoveOptions
+from neuronmap.sources import open_weights
+
+PROMPTS = {
+    "dog": {"prompt": "my favourite animal is the", "control": "cat",
+            "eliciting": [["direct", "my favourite animal is a", "dog"], ["reverse", "the dog is a", "animal"]]},
+    "cat": {"prompt": "what is your favourite animal", "eliciting": [["direct", "the favourite animal is a", "cat"]]},
+}
+TINY = RemoveOptions(edits=3, matrices="gate,up,down", candidates=64, rounds=2)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("prompts") / "prompts.json"
+    p.write_text(json.dumps(PROMPTS))
+    return p
+
+
+@pytest.fixture(scope="module")
+def removed(tiny_with_tokenizer, prompts_file, tmp_path_factory):
+    """dog then cat removed from the tiny llama, with every matrix allowed."""
+    out = tmp_path_factory.mktemp("removed") / "no-dog"
+    return remove(str(tiny_with_tokenizer), ["dog", "cat"], out, prompts_file=prompts_file, control="", options=TINY), out
+
+
+def run_cli(argv, capsys):
+    rc = main(argv)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def slots(tensor: torch.Tensor, other: torch.Tensor) -> set[tuple[int, int]]:
+    """(axis, index) of every row and column where two 2-D tensors differ."""
+    diff = tensor != other
+    return {(0, int(i)) for i in diff.any(1).nonzero()} | {(1, int(j)) for j in diff.any(0).nonzero()}
+
+
+# ------------------------------------------------------------------ mechanics on the tiny llama
+
+
+def test_only_the_recorded_rows_and_columns_change(removed, tiny_with_tokenizer):
+    r, out = removed
+    before, after = load_file(tiny_with_tokenizer / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    recorded: dict[str, set] = {}
+    for e in (e for s in r.steps for e in s.edits):
+        recorded.setdefault(e.tensor, set()).add((e.axis, e.index))
+    assert sum(len(v) for v in recorded.values()) == 6  # 3 per concept, none edited twice
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == set(recorded)
+    for name, want in recorded.items():
+        got = slots(before[name], after[name])
+        # A row edit touches every column at that row (and vice versa); keep the slots along the edited axis.
+        assert {s for s in got if s[0] in {a for a, _ in want}} == want
+    d = json.loads((out / "edits.json").read_text())
+    assert d["format"] == "neuronmap-edits" and d["steps"] == r.to_dict()["steps"]
+    assert set(d["files"]) == {"model.safetensors"}
+
+
+def test_each_new_vector_is_the_reversed_targeting_vector_at_the_old_norm(removed, tiny_with_tokenizer):
+    r, out = removed
+    w0, w1 = open_weights(str(tiny_with_tokenizer)), open_weights(str(out))
+    head = build_head(w1)
+    first = r.steps[0].edits
+    news = [w1.vectors(e.matrix, e.layer)[e.neuron] * (1 if e.pole == "+" else -1) for e in first]
+    for e, new in zip(first, news):
+        old = w0.vectors(e.matrix, e.layer)[e.neuron]
+        assert float(new.norm()) == pytest.approx(float(old.norm()), rel=1e-5)
+        assert float(old.norm()) == pytest.approx(e.old_norm, rel=1e-5)
+        assert tuple(w1.tokens[int(i)] for i in logits(head, new[None])[0].topk(3).indices) == e.new_top
+    # One targeting vector per concept: every new vector of a step points the same way.
+    for a in news[1:]:
+        assert float(torch.cosine_similarity(a, news[0], 0)) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_edited_checkpoint_loads_and_gives_what_was_measured(removed):
+    r, out = removed
+    AutoModelForCausalLM.from_pretrained(out)  # loads as any checkpoint
+    m = load_model(str(out))
+    last = r.steps[-1]
+    for x in last.measures:
+        lp = next_token_logprobs(m, [p for _, p, _ in x.prompts])
+        got = [float(lp[i, list(concept_tokens(m, a).token_ids)].exp().sum()) for i, (_, _, a) in enumerate(x.prompts)]
+        assert got == pytest.approx(list(x.after), rel=1e-4, abs=1e-7)
+    assert [x.concept for x in last.measures] == ["dog", "cat"]  # every concept removed so far, measured after each step
+
+
+def test_undo_restores_every_byte(removed, tiny_with_tokenizer, tmp_path):
+    r, out = removed
+    u = undo(out, tmp_path / "back")
+    assert u.vectors == 6
+    original = sorted(p.name for p in tiny_with_tokenizer.iterdir())
+    assert sorted(p.name for p in (tmp_path / "back").iterdir()) == original
+    for name in original:
+        assert (tmp_path / "back" / name).read_bytes() == (tiny_with_tokenizer / name).read_bytes(), name
+    assert (out / "model.safetensors").read_bytes() != (tiny_with_tokenizer / "model.safetensors").read_bytes()
+
+
+def test_undo_refuses_a_changed_checkpoint(removed, tmp_path, capsys):
+    _, out = removed
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with open(copy / "model.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x00\x80\x3f")
+    rc, _, err = run_cli(["remove", str(copy), "--undo", "-o", str(tmp_path / "back")], capsys)
+    assert rc == 2 and "is not the file `remove` wrote" in err and err.count("\n") == 1
+    assert not (tmp_path / "back").exists()
+
+
+def test_contribution_selection_and_bfloat16_checkpoint(tiny_with_tokenizer, prompts_file, tmp_path):
+    """A bf16 checkpoint is edited in bf16 (nothing else rewritten), with the contribution ranking."""
+    ck = tmp_path / "bf16"
+    model = AutoModelForCausalLM.from_pretrained(tiny_with_tokenizer, dtype=torch.bfloat16)
+    model.save_pretrained(ck)
+    for f in tiny_with_tokenizer.glob("tokenizer*"):
+        shutil.copyfile(f, ck / f.name)
+    opts = RemoveOptions(edits=2, select="contribution", candidates=32, rounds=1)
+    r = remove(str(ck), ["dog"], tmp_path / "out", prompts_file=prompts_file, options=opts)
+    before, after = load_file(ck / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in after.values())
+    assert {k for k in before if not torch.equal(before[k], after[k])} == {e.tensor for e in r.steps[0].edits}
+    assert all(e.matrix == "down" and e.score > 0 for e in r.steps[0].edits)
+    assert r.control == "cat" and r.steps[0].measures[-1].role == "control"
+    undo(tmp_path / "out", tmp_path / "back")
+    assert (tmp_path / "back" / "model.safetensors").read_bytes() == (ck / "model.safetensors").read_bytes()
+
+
+def test_cli_json_is_the_report(tiny_with_tokenizer, prompts_file, tmp_path, capsys):
+    rc, out, err = run_cli(["remove", str(tiny_with_tokenizer), "--concept", "dog", "--prompts", str(prompts_file),
+                            "-o", str(tmp_path / "o"), "--edits", "1", "--candidates", "16", "--json"], capsys)
+    assert rc == 0 and err == ""
+    d = json.loads(out)
+    assert d["options"]["edits"] == 1 and len(d["steps"][0]["edits"]) == 1
+    assert json.loads((tmp_path / "o" / "edits.json").read_text())["steps"] == d["steps"]
+    rc, out, _ = run_cli(["remove", str(tmp_path / "o"), "--undo", "-o", str(tmp_path / "b"), "--json"], capsys)
+    assert rc == 0 and json.loads(out)["vectors"] == 1
+
+
+def test_cli_defaults_are_the_api_defaults():
+    a = build_parser().parse_args(["remove", "--concept", "Paris", "-o", "x"])
+    assert RemoveOptions(a.edits, a.matrices, a.select, a.noise, a.candidates, a.rounds, a.seed) == RemoveOptions()
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2, nothing written
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--concept", "qzxjvwk", "--prompt", "the dog"], "error: concept 'qzxjvwk' matches no token of this vocabulary"),
+    (["--concept", "doggo", "--prompt", "the dog"], "error: concept 'doggo' is no single token of this model"),
+    (["--concept", "hello"], "error: no bundled prompts for 'hello'"),
+    (["--concept", "dog", "--edits", "0"], "error: argument --edits: 0 is out of range"),
+    (["--concept", "dog", "--matrices", "gate,ffn"], "error: unknown matrix 'ffn'"),
+    (["--concept", "dog", "--control", "hello"], "error: --control 'hello' has no eliciting prompts"),
+])
+def test_cli_bad_input(tiny_with_tokenizer, prompts_file, tmp_path, argv, message, capsys):
+    rc, _, err = run_cli(["remove", str(tiny_with_tokenizer), *argv, "--prompts", str(prompts_file),
+                          "-o", str(tmp_path / "o")], capsys)
+    assert rc == 2 and err.startswith(message) and err.count("\n") == 1
+    assert not (tmp_path / "o").exists() and [p.name for p in tmp_path.iterdir()] == []
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "error: cannot read --prompts"),
+    ('{"dog": {"prompt": "the dog", "eliciting": [["guess", "a", "dog"]]}}', "has eliciting kind 'guess': expected one of"),
+    ('{"dog": {"eliciting": []}}', "entry 'dog' must be an object with \"prompt\""),
+])
+def test_cli_malformed_prompts_file(tiny_with_tokenizer, tmp_path, content, message, capsys):
+    (tmp_path / "p.json").write_text(content)
+    rc, _, err = run_cli(["remove", str(tiny_with_tokenizer), "--concept", "dog", "--prompts", str(tmp_path / "p.json"),
+                          "-o", str(tmp_path / "o")], capsys)
+    assert rc == 2 and message in err and err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_cli_never_writes_over_user_files_or_the_source(tiny_with_tokenizer, prompts_file, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    base = ["remove", str(tiny_with_tokenizer), "--concept", "dog", "--prompts", str(prompts_file)]
+    rc, _, err = run_cli([*base, "-o", str(mine)], capsys)
+    assert rc == 2 and "already exists and is not empty: neuronmap never replaces it" in err and err.count("\n") == 1
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    rc, _, err = run_cli([*base, "-o", str(tiny_with_tokenizer / "sub")], capsys)
+    assert rc == 2 and "overlaps the model being read" in err and not (tiny_with_tokenizer / "sub").exists()
+    rc, _, err = run_cli(["remove", str(mine), "--undo", "-o", str(tmp_path / "b")], capsys)
+    assert rc == 2 and "has no readable edits.json" in err and err.count("\n") == 1
+
+
+def test_cli_refuses_tensors_it_cannot_write(tiny_with_tokenizer, prompts_file, tmp_path, capsys):
+    """A checkpoint whose MLP tensors are not float safetensors is refused before the model loads."""
+    from safetensors.torch import save_file
+
+    ck = tmp_path / "int"
+    shutil.copytree(tiny_with_tokenizer, ck)
+    t = load_file(ck / "model.safetensors")
+    t["model.layers.0.mlp.down_proj.weight"] = t["model.layers.0.mlp.down_proj.weight"].to(torch.int8)
+    save_file(t, str(ck / "model.safetensors"))
+    rc, _, err = run_cli(["remove", str(ck), "--concept", "dog", "--prompts", str(prompts_file), "-o", str(tmp_path / "o")], capsys)
+    assert rc == 2 and err.startswith("error: tensor model.layers.0.mlp.down_proj.weight of ") and "stored as I8" in err
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ the real demo model
+
+
+@pytest.mark.slow
+def test_demo_paris_falls_more_than_the_control_and_the_reference_text(tmp_path):
+    r = remove(None, ["Paris"], tmp_path / "no-paris")
+    step = r.steps[0]
+    paris, london = step.measures
+    assert (paris.role, london.role) == ("removed", "control") and step.targeting.prob > step.targeting.approx_prob
+    direct = [(b, a) for (k, _, _), b, a in zip(paris.prompts, paris.before, paris.after) if k == "direct"]
+    assert all(a < b for b, a in direct)  # P(Paris) falls on every prompt that names it directly
+    assert paris.ratio < london.ratio  # the removed concept falls more than the control
+    # The edits move the concept's own prompts more than a neutral text: mean |log ratio| there vs median KL here.
+    shift = sum(abs(torch.log(torch.tensor(a / b))) for b, a in direct) / len(direct)
+    assert step.kl_median < float(shift)
+    # The checkpoint written is the model measured, and undo gives back the export it was made from.
+    m = load_model(str(tmp_path / "no-paris"))
+    lp = next_token_logprobs(m, [p for _, p, _ in paris.prompts])
+    got = lp[:, list(concept_tokens(m, "Paris").token_ids)].exp().sum(-1)
+    assert [float(x) for x, (_, _, a) in zip(got, paris.prompts) if a == "Paris"] == pytest.approx(
+        [x for x, (_, _, a) in zip(paris.after, paris.prompts) if a == "Paris"], rel=1e-3, abs=1e-6)
+    undo(tmp_path / "no-paris", tmp_path / "paris")
+    before = load_file(tmp_path / "paris" / "model.safetensors")
+    after = load_file(tmp_path / "no-paris" / "model.safetensors")
+    assert {k for k in before if not torch.equal(before[k], after[k])} == {e.tensor for e in step.edits}
