@@ -34,6 +34,9 @@ def add_map(sub) -> None:
                    help="replace an existing atlas (never a directory that is not an atlas, nor the model's own files)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted map into the same -o from its finished parts (same weights and options)")
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="decode the (matrix, layer) parts as tasks on a Ray cluster: local (start one here), auto (the "
+                        "default: the running cluster Ray finds), HOST:PORT or ray://HOST:PORT; pip install 'neuronmap[ray]'")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_map)
 
@@ -57,7 +60,8 @@ def cmd_map(args) -> int:
             rate = vectors / max(time.perf_counter() - t0, 1e-9)
             bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} neurons/s")
 
-        result = map_model(args.source, args.out, opts, overwrite=args.overwrite, progress=progress, resume=args.resume)
+        result = map_model(args.source, args.out, opts, overwrite=args.overwrite, progress=progress, resume=args.resume,
+                           ray=args.ray)
     for line in result.notes:
         err.print(f"note: {line}", markup=False)
     if args.json:
