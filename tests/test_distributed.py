@@ -41,6 +41,17 @@ def test_tiny_model_on_ray_gives_the_single_process_atlas(cluster, ckpt, atlas, 
     assert [h["id"] for h in r.highlights] == [h["id"] for h in map_model(str(ckpt), tmp_path / "b").highlights]
 
 
+def test_map_many_on_ray(cluster, tiny_models, tmp_path):
+    from neuronmap.trajectory import map_many
+
+    run = [str(tiny_models("llama", seed=1)), str(tiny_models("llama", seed=0))]
+    here = map_many(run, tmp_path / "here", MapOptions(layers="1"))
+    there = map_many(run, tmp_path / "there", MapOptions(layers="1"), ray="local")
+    assert there.notes[0] == "--ray: using the Ray cluster this process is already connected to"
+    for a, b in zip(here.atlases, there.atlases):
+        assert a["name"] == b["name"] and rows(Path(a["path"])).equals(rows(Path(b["path"])))
+
+
 def _kill_first_task(killed: list[int], stop: threading.Event) -> None:
     """SIGKILL the first worker process of this cluster seen running a map task (its title names the task)."""
     me = psutil.Process()
