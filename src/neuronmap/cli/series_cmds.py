@@ -12,7 +12,7 @@ from neuronmap.fsio import check_png
 
 def add_map_many(sub) -> None:
     p = sub.add_parser("map-many", help="map many sources (e.g. the checkpoints of a training run) into one directory")
-    p.add_argument("sources", nargs="*", metavar="SOURCE", help="model sources, first to last (or --from FILE)")
+    p.add_argument("sources", nargs="*", default=[], metavar="SOURCE", help="model sources, first to last (or --from FILE)")
     p.add_argument("--from", dest="from_file", default=None, metavar="FILE",
                    help="a text file with one source a line (blank lines and # comments skipped)")
     p.add_argument("-o", "--out", required=True, help="directory for the atlases (NNN-NAME each) and series.json")
