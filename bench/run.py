@@ -331,6 +331,37 @@ def case_viewer(tmp: Path) -> dict:
     return res
 
 
+def case_ray_overhead(tmp: Path) -> dict:
+    """The same map (4 layers of the demo model, 12 parts) in one process and as tasks on a 2-worker local Ray cluster.
+
+    The cluster's start is timed apart; the Ray map reuses it, as a long map would (a one-time cost).
+    """
+    import pyarrow.parquet as pq
+    import ray
+
+    from neuronmap.mapper import MapOptions, map_model
+
+    opts = MapOptions(layers="0-3", kernel="eager")
+    map_model(None, tmp / "warm", MapOptions(layers="0", matrices="up"))  # imports and the GGUF's page cache
+    t = time.perf_counter()
+    single = map_model(None, tmp / "single", opts)
+    single_s = time.perf_counter() - t
+    t = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    start_s = time.perf_counter() - t
+    try:
+        t = time.perf_counter()
+        on_ray = map_model(None, tmp / "ray", opts, ray="local")
+        ray_s = time.perf_counter() - t
+    finally:
+        ray.shutdown()
+    same = pq.read_table(single.path / "neurons.parquet").equals(pq.read_table(on_ray.path / "neurons.parquet"))
+    return {"case": "ray-overhead", "machine": machine(), "layers": "0-3", "parts": 12, "n_vectors": single.n_vectors,
+            "single_s": round(single_s, 2), "single_threads": __import__("torch").get_num_threads(),
+            "ray_s": round(ray_s, 2), "ray_start_s": round(start_s, 2), "ray_over_single": round(ray_s / single_s, 2),
+            "tasks": on_ray.meta["ray"]["tasks"], "identical": same, "peak_rss_mb": peak_rss_mb()}
+
+
 def run_case(name: str, device: str) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="nm-bench-"))
     try:
@@ -338,6 +369,8 @@ def run_case(name: str, device: str) -> dict:
             return case_atlas_8b(tmp)
         if name == "viewer":
             return case_viewer(tmp)
+        if name == "ray-overhead":
+            return case_ray_overhead(tmp)
         if name in SHAPES:
             # Written by a separate process, so the generator's memory is not this case's.
             (tmp / "ckpt").mkdir()
@@ -358,7 +391,7 @@ def _fmt_s(x) -> str:
 
 def write_markdown() -> None:
     results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
-    order = [c for c in ("demo", "llama-3.2-1b", "llama-3.1-8b-up", "atlas-8b", "viewer") if c in results]
+    order = [c for c in ("demo", "llama-3.2-1b", "llama-3.1-8b-up", "atlas-8b", "viewer", "ray-overhead") if c in results]
     lines = [START, ""]
     machines = {json.dumps({k: v for k, v in r["machine"].items() if k != "date"}, sort_keys=True) for r in results.values()}
     for m in map(json.loads, machines):
@@ -369,7 +402,7 @@ def write_markdown() -> None:
               "naive / map | read MB | peak RSS MB |", "|" + "---|" * 15]
     for c in order:
         r = results[c]
-        if c in ("atlas-8b", "viewer"):
+        if c in ("atlas-8b", "viewer", "ray-overhead"):
             continue
         for dtype in ("bfloat16", "float32"):
             x = r[dtype]
@@ -391,6 +424,13 @@ def write_markdown() -> None:
                          + f" (the first query builds the token index). Compare, neuron level: {r['compare_neuron_s']} s "
                          f"(same top-1 {r['same_top1']:.3f}); concept level: {r['compare_concept_s']} s. "
                          f"Peak RSS {r['peak_rss_mb']} MB.")
+            continue
+        if c == "ray-overhead":
+            lines.append(f"- **ray-overhead** ({r['machine']['date']}): the demo model, layers {r['layers']} ({r['parts']} "
+                         f"parts, {r['n_vectors']:,} vectors), exact fp32: one process ({r['single_threads']} torch threads) "
+                         f"{r['single_s']} s; `--ray` on a 2-worker local cluster (one CPU, one torch thread per task, "
+                         f"{r['tasks']} tasks) {r['ray_s']} s = **{r['ray_over_single']}x** (starting the cluster, once: "
+                         f"{r['ray_start_s']} s more); atlases identical: {r['identical']}.")
             continue
         if c == "viewer":
             pages = "; ".join(f"`{x['path']}` {x['warm_median_s'] * 1000:.0f} ms warm (max {x['warm_max_s'] * 1000:.0f}, "
@@ -443,7 +483,7 @@ def main() -> int:
         print(json.dumps(run_case(args.case, args.device)))
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
-    cases = args.only.split(",") if args.only else ["demo", "llama-3.2-1b", "atlas-8b", "viewer"] + (["llama-3.1-8b-up"] if args.llama8b else [])
+    cases = args.only.split(",") if args.only else ["demo", "llama-3.2-1b", "atlas-8b", "viewer", "ray-overhead"] + (["llama-3.1-8b-up"] if args.llama8b else [])
     for c in cases:
         print(f"bench: {c} ...", flush=True)
         t = time.perf_counter()

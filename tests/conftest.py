@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # that uses any of them, directly or through another fixture, is marked slow. `demo` is the real demo model in
 # tests/test_intervene.py (load_model) and tests/test_decode.py (open_weights).
 SLOW_FIXTURES = frozenset({"demo_atlas", "demo_checkpoint", "gemma_checkpoint", "gemma_gguf", "demo_gguf",
-                           "demo_finetuned", "demo"})
+                           "demo_finetuned", "demo_series", "demo"})
 
 
 def pytest_collection_modifyitems(config, items):
@@ -174,6 +174,22 @@ def demo_finetuned(demo_checkpoint) -> Path:
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     return finetune(demo_checkpoint, out, steps=FINETUNE_STEPS, lr=FINETUNE_LR)
+
+
+SERIES_STEPS = (10, 20)
+
+
+@pytest.fixture(scope="session")
+def demo_series(demo_checkpoint) -> list[Path]:
+    """A training run's checkpoints: the demo model, then after 10, 20 and 30 steps of the demo_finetuned fine-tune
+    (same settings; layers 20-29 train), made once into .cache/test-models."""
+    from neuronmap.finetune import finetune
+
+    out = MODEL_CACHE / f"smollm2-135m-bees-series-s{FINETUNE_STEPS}-lr{FINETUNE_LR:g}"
+    steps = [out.with_name(f"{out.name}-step{n}") for n in SERIES_STEPS] + [out]
+    if not all((p / "model.safetensors").is_file() for p in steps):
+        finetune(demo_checkpoint, out, steps=FINETUNE_STEPS, lr=FINETUNE_LR, save_at=SERIES_STEPS)
+    return [demo_checkpoint, *steps]
 
 
 def tiny_llama(tmp_path_factory) -> tuple[Path, Path]:

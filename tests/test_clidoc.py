@@ -62,6 +62,7 @@ def test_every_command_argument_and_default_of_the_parser_is_listed():
             if isinstance(action, argparse._HelpAction):
                 continue
             line = row(sec, action.option_strings[0] if action.option_strings else
+                       f"[{action.metavar or action.dest.upper()}" if action.nargs == "*" else  # [SOURCE ...]
                        (action.metavar or action.dest.upper()) if action.nargs != "?" else f"[{action.dest.upper()}]")
             said = parser._get_formatter()._expand_help(action)  # the text `--help` prints
             assert line.endswith(f" | {said.replace('|', chr(92) + '|').replace('*', chr(92) + '*')} |"), line

@@ -111,12 +111,13 @@ def test_interrupted_run_leaves_no_atlas_only_its_finished_parts(tiny_models, tm
     calls = []
 
     def boom(done, total, vectors):
-        calls.append(vectors)
-        if len(calls) == 2:
+        calls.append(done)
+        if done == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         map_model(str(path), tmp_path / "out", MapOptions(), progress=boom)
+    assert calls == [0, 1, 2]  # first the parts already done (none), then one call per finished part
     assert [p.name for p in tmp_path.iterdir()] == [".out.parts"]  # no atlas, nothing half-written
     assert sorted(p.name for p in (tmp_path / ".out.parts").iterdir()) == ["gate-L0.parquet", "manifest.json", "up-L0.parquet"]
 

@@ -5,6 +5,10 @@ class NeuronmapError(Exception):
     """Bad input or state. The CLI prints ``error: <message>`` and exits 2, with no traceback."""
 
 
+class ResumableError(NeuronmapError):
+    """A failure of the machinery, not of the input (a Ray cluster that lost workers): a map keeps its finished parts."""
+
+
 def damaged_data(e: Exception) -> str | None:
     """One line for a read error from DuckDB or Arrow: an atlas file that passed its footer checks but is damaged inside.
 

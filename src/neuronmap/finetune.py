@@ -34,6 +34,7 @@ def finetune(
     seed: int = 0,
     layers: str | None = None,
     text: str | None = None,
+    save_at: tuple[int, ...] = (),
 ) -> Path:
     """Fine-tune a safetensors checkpoint with next-token loss and save it as a new checkpoint.
 
@@ -47,12 +48,15 @@ def finetune(
         steps, lr, seq_len, batch, seed: the training run.
         layers: the layers whose MLP matrices train, e.g. ``"20-29"``; None: the last third.
         text: training text; None: the bundled ``data/beekeeping.txt``.
+        save_at: steps after which to save the model too, each as ``{out}-step{n}`` beside ``out`` (the checkpoints
+            of a training run, for ``map-many`` and ``trajectory``); ``out`` itself is the model after ``steps``.
 
     Returns:
         ``out``.
 
     Raises:
-        NeuronmapError: the checkpoint has no tokenizer, or the text is shorter than one window.
+        NeuronmapError: the checkpoint has no tokenizer, the text is shorter than one window, or a ``save_at`` step
+            is not within 1..steps-1.
 
     Example:
         >>> finetune(".cache/test-models/smollm2-135m", "/tmp/smollm2-bees")  # doctest: +SKIP
@@ -61,6 +65,9 @@ def finetune(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     checkpoint, out = Path(checkpoint), Path(out)
+    bad = [n for n in save_at if not 0 < n < steps]
+    if bad:
+        raise NeuronmapError(f"save_at step {bad[0]} is out of range: expected 1 to {steps - 1} (the last step saves as out)")
     try:
         tok = AutoTokenizer.from_pretrained(str(checkpoint))
     except (OSError, ValueError) as e:
@@ -86,7 +93,9 @@ def finetune(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in range(steps):
+    settings = {"base": str(checkpoint), "trained": f"MLP gate/up/down of layers {trained[0]}-{trained[-1]}" if trained == list(range(trained[0], trained[-1] + 1)) else f"MLP of layers {trained}",
+                "lr": lr, "seq_len": seq_len, "batch": batch, "seed": seed, "text": TEXT if text is None else "custom"}
+    for step in range(1, steps + 1):
         starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=gen)
         x = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])  # [batch, seq_len]
         loss = model(input_ids=x, labels=x).loss
@@ -94,17 +103,20 @@ def finetune(
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 4))
+        if step in save_at:
+            _save(model, tok, out.with_name(f"{out.name}-step{step}"), {**settings, "steps": step}, losses)
+    _save(model, tok, out, {**settings, "steps": steps}, losses)
+    return out
 
+
+def _save(model, tok, out: Path, settings: dict, losses: list[float]) -> None:
+    """Save a checkpoint with ``finetune.json`` beside ``out`` and rename it into place (replacing ``out``)."""
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "finetune.json").write_text(json.dumps(
-        {"base": str(checkpoint), "trained": f"MLP gate/up/down of layers {trained[0]}-{trained[-1]}" if trained == list(range(trained[0], trained[-1] + 1)) else f"MLP of layers {trained}",
-         "steps": steps, "lr": lr, "seq_len": seq_len, "batch": batch, "seed": seed,
-         "text": TEXT if text is None else "custom", "loss_first": losses[0], "loss_last": losses[-1], "losses": losses},
-        indent=2) + "\n")
+        {**settings, "loss_first": losses[0], "loss_last": losses[-1], "losses": losses}, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    return out

@@ -1,4 +1,4 @@
-"""``map``: stream every chosen (matrix, layer) through decode and into an atlas."""
+"""``map``: decode every chosen (matrix, layer) into a part, here or on Ray (neuronmap.distributed), then the atlas."""
 
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ import torch
 import neuronmap
 from neuronmap import atlas as atlas_io
 from neuronmap import fsio
-from neuronmap.decode import block_rows, build_head, choose_reducer, decode_block, kernel_used, resolve_device, resolve_dtype
-from neuronmap.errors import NeuronmapError
+from neuronmap.decode import (
+    NORM_MODES, block_rows, build_head, choose_reducer, compiled_reduce, decode_block, kernel_used, resolve_device,
+    resolve_dtype,
+)
+from neuronmap.errors import NeuronmapError, ResumableError
 from neuronmap.ids import neuron_id, parse_layers, parse_matrices
 from neuronmap.parts import assemble, open_parts, read_best, write_part
 from neuronmap.sources import Source, Weights, file_sha256, open_weights, resolve_source
@@ -97,6 +100,7 @@ def map_model(
     overwrite: bool = False,
     progress: Callable[[int, int, int], None] | None = None,
     resume: bool = False,
+    ray: str | None = None,
 ) -> MapResult:
     """Decode every neuron vector of a model into an atlas.
 
@@ -110,13 +114,15 @@ def map_model(
         overwrite: replace an existing ``out``.
         progress: called as ``progress(parts_done, n_parts, vectors_done)``.
         resume: reuse the parts an interrupted map with the same weights and options left.
+        ray: decode the parts as tasks on a Ray cluster (neuronmap.distributed): ``local`` (start one here),
+            ``auto`` (the running one, or ``$RAY_ADDRESS``), ``HOST:PORT`` or ``ray://HOST:PORT``; None: here.
 
     Returns:
         MapResult.
 
     Raises:
-        NeuronmapError: bad source, options or output; ``resume`` with other weights or options. No atlas is left
-            half-written; the finished parts stay for ``resume``.
+        NeuronmapError: bad source, options or output; ``resume`` with other weights or options; Ray missing,
+            unreachable, or a task failing. No atlas is left half-written; the finished parts stay for ``resume``.
 
     Example:
         >>> r = map_model(None, "demo-atlas", MapOptions(layers="29", matrices="up"))  # doctest: +SKIP
@@ -128,13 +134,21 @@ def map_model(
     # The model's own files are never written over, whatever -o and --overwrite say.
     protect = (src.path, *src.files)
     out = atlas_io.check_output(Path(out), overwrite, protect)  # fail before reading any weights
+    if ray is not None:  # before minutes of hashing: Ray missing or a bad address is one line at once
+        from neuronmap.distributed import check_address, import_ray
+
+        import_ray()
+        check_address(ray)
     notes = [f"removed {p.name}, left beside {out.name} by a run that was killed" for p in fsio.remove_stale(out)]
     weights = open_weights(src)
     matrices = parse_matrices(options.matrices, weights.family.matrices)
     layers = parse_layers(options.layers, weights.n_layers)
     if not 1 <= options.top_k <= weights.d_vocab:
         raise NeuronmapError(f"--top-k {options.top_k} is out of range: expected 1 to {weights.d_vocab} (the vocabulary size)")
-    device = resolve_device(options.device)
+    if options.norm not in NORM_MODES:
+        raise NeuronmapError(f"unknown --norm {options.norm!r}: expected final or none")
+    # On Ray the workers resolve the device: a driver without a GPU may drive GPU workers.
+    device = resolve_device(options.device) if ray is None else options.device
     dtype = resolve_dtype(options.dtype, device)
     order = [(m, layer) for layer in layers for m in matrices]  # the order a single pass writes rows in
     manifest = {"weights": [{"name": f.name, "sha256": file_sha256(f)} for f in src.files],
@@ -142,9 +156,11 @@ def map_model(
                 "device": str(device), "format": atlas_io.VERSION}
     reduce = choose_reducer(options.kernel, len(layers) * len(matrices) * weights.d_mlp * weights.d_vocab)
     t_head = time.perf_counter()
-    head = build_head(weights, options.norm, device, dtype)
-    vocab = pa.array(list(weights.tokens), pa.string())
+    if ray is None:
+        head = build_head(weights, options.norm, device, dtype)
+        vocab = pa.array(list(weights.tokens), pa.string())
     timings = {"read_s": time.perf_counter() - t_head, "decode_s": 0.0, "write_s": 0.0}
+    kernel, cluster = kernel_used(reduce, weights.d_vocab), None
     parts = open_parts(out, manifest, resume)  # after every option is checked: a refused map leaves nothing
     if parts.removed:
         notes.append(f"removed {parts.removed} parts of an earlier interrupted map into {out} (--resume continues one instead)")
@@ -157,23 +173,33 @@ def map_model(
                 "to continue")
 
     with fsio.interrupt_note(note):
-        n_vectors = 0
+        def finished(matrix: str, layer: int, tables: list[pa.Table], best: dict) -> None:
+            t = time.perf_counter()
+            write_part(parts.path, matrix, layer, tables, best)
+            timings["write_s"] += time.perf_counter() - t
+            done.add((matrix, layer))
+            if progress:
+                progress(len(done), len(order), len(done) * weights.d_mlp)
+
+        n_vectors = len(order) * weights.d_mlp
+        todo = [(m, layer) for m, layer in order if (m, layer) not in done]
+        if progress:
+            progress(len(done), len(order), len(done) * weights.d_mlp)  # parts reused, before any work
         try:
-            for matrix, layer in order:
-                if (matrix, layer) in done:
-                    n_vectors += weights.d_mlp
-                    continue
-                tables, best = _map_part(weights, head, matrix, layer, options, reduce, vocab, timings)
-                t = time.perf_counter()
-                write_part(parts.path, matrix, layer, tables, best)
-                timings["write_s"] += time.perf_counter() - t
-                done.add((matrix, layer))
-                n_vectors += weights.d_mlp
-                if progress:
-                    progress(len(done), len(order), n_vectors)
+            if ray is None:
+                for matrix, layer in todo:
+                    finished(matrix, layer, *_map_part(weights, head, matrix, layer, options, reduce, vocab, timings))
+            else:
+                from neuronmap.distributed import run
+
+                device, kernel, worked, cluster = run(src, options, dtype, reduce is compiled_reduce, todo, finished, ray,
+                                                      notes)
+                for k, v in worked.items():
+                    timings[k] += v
         except NeuronmapError as e:
-            # A write that failed (disk full) can go on once fixed; a model that cannot be read would fail again.
-            if done and isinstance(e.__cause__, OSError):
+            # A write that failed (disk full) or a cluster that failed can go on once fixed; a model that cannot be
+            # read would fail again.
+            if done and (isinstance(e.__cause__, OSError) or isinstance(e, ResumableError)):
                 raise NeuronmapError(f"{e}; the {len(done)} finished parts are kept in {parts.path}: add --resume "
                                      "when you run it again") from e
             fsio.remove_tree(parts.path)
@@ -195,7 +221,9 @@ def map_model(
             seconds = time.perf_counter() - t0
             meta = _meta(weights, src, options, matrices, layers, dtype, device, timings, seconds, n_vectors)
             # Which kernel ran (a failed compile falls back to eager): the numbers agree to ~1e-6.
-            meta["kernel"] = kernel_used(reduce, weights.d_vocab)
+            meta["kernel"] = kernel
+            if cluster is not None:
+                meta["ray"] = cluster  # timings are summed over the workers
             if parts.reused:
                 meta["resumed_parts"] = parts.reused  # their decode time is not in `timings`
             atlas_io.write_json(tmp / "meta.json", meta)

@@ -13,14 +13,11 @@ from neuronmap.cli.common import _print_json, _table, _tok, err, finite_float, i
 from neuronmap.fsio import check_png
 
 
-def add_map(sub) -> None:
+def map_arguments(p) -> None:
+    """What to map and how, where to run it, and --overwrite/--resume: shared by ``map`` and ``map-many``."""
     from neuronmap.mapper import MapOptions
 
     d = MapOptions()
-    p = sub.add_parser("map", help="decode every MLP neuron of a model into an atlas")
-    p.add_argument("source", nargs="?", default=None,
-                   help="checkpoint dir, .gguf file, hub id (org/name) or packaged model (smollm2-135m, gemma3-270m); default: the demo model")
-    p.add_argument("-o", "--out", required=True, help="atlas directory to create")
     p.add_argument("--matrices", default=None, help="comma list of gate,up,down (default: all the model has)")
     p.add_argument("--layers", default=None, help="layers and ranges, e.g. 0-5,9 (default: all)")
     p.add_argument("--top-k", type=int_at_least(1), default=d.top_k, help=f"tokens kept per vector (default {d.top_k})")
@@ -34,6 +31,25 @@ def add_map(sub) -> None:
                    help="replace an existing atlas (never a directory that is not an atlas, nor the model's own files)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted map into the same -o from its finished parts (same weights and options)")
+    p.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="decode the (matrix, layer) parts as tasks on a Ray cluster: local (start one here), auto (the "
+                        "default: the running cluster Ray finds), HOST:PORT or ray://HOST:PORT; pip install 'neuronmap[ray]'")
+
+
+def map_options(args):
+    """The ``MapOptions`` that ``map_arguments`` parsed."""
+    from neuronmap.mapper import MapOptions
+
+    return MapOptions(matrices=args.matrices, layers=args.layers, top_k=args.top_k, device=args.device,
+                      dtype=args.dtype, norm=args.norm, fold_input_norm=args.fold_input_norm, kernel=args.kernel)
+
+
+def add_map(sub) -> None:
+    p = sub.add_parser("map", help="decode every MLP neuron of a model into an atlas")
+    p.add_argument("source", nargs="?", default=None,
+                   help="checkpoint dir, .gguf file, hub id (org/name) or packaged model (smollm2-135m, gemma3-270m); default: the demo model")
+    p.add_argument("-o", "--out", required=True, help="atlas directory to create")
+    map_arguments(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_map)
 
@@ -41,10 +57,9 @@ def add_map(sub) -> None:
 def cmd_map(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from neuronmap.mapper import MapOptions, map_model
+    from neuronmap.mapper import map_model
 
-    opts = MapOptions(matrices=args.matrices, layers=args.layers, top_k=args.top_k, device=args.device,
-                      dtype=args.dtype, norm=args.norm, fold_input_norm=args.fold_input_norm, kernel=args.kernel)
+    opts = map_options(args)
     show = not args.json and err.is_terminal or os.environ.get("NEURONMAP_PROGRESS") == "1"
     with Progress(TextColumn("[bold]mapping"), BarColumn(), MofNCompleteColumn(), TextColumn("parts (matrix x layer)"),
                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
@@ -57,7 +72,8 @@ def cmd_map(args) -> int:
             rate = vectors / max(time.perf_counter() - t0, 1e-9)
             bar.update(task, completed=done, total=total, rate=f"{rate:,.0f} neurons/s")
 
-        result = map_model(args.source, args.out, opts, overwrite=args.overwrite, progress=progress, resume=args.resume)
+        result = map_model(args.source, args.out, opts, overwrite=args.overwrite, progress=progress, resume=args.resume,
+                           ray=args.ray)
     for line in result.notes:
         err.print(f"note: {line}", markup=False)
     if args.json:
