@@ -1,0 +1,371 @@
+"""Record activation evidence: what every neuron fires on in a corpus, streamed with bounded memory.
+
+The activation is the input of the down projection (``neuronmap.intervene``: the
+quantity ``clamp`` sets), recorded for every layer from one forward pass per batch.
+Per neuron the recorder keeps, whatever the corpus size:
+
+- the top-N and bottom-N activations with their token's index in the token store
+  (``[d_mlp, N]`` tensors per layer, merged with each batch by ``torch.topk``);
+- a histogram over fixed bins shared by every neuron: ``BINS_PER_DECADE`` bins per
+  decade of |activation| from 1e-3 to 1e3 on each side of 0, plus a bin on each
+  side of 0 below 1e-3 and one beyond each end. Quantiles are read from it (the
+  bin holding the rank, reported at its geometric middle: within 1.8 % of the
+  exact value for |a| in 1e-3..1e3, within 5e-4 below); density and the shown
+  histogram (every ``COARSE`` bins merged) are exact counts over its edges;
+- the sum, for the mean.
+
+Token ids go to a scratch file (4 bytes a token, on disk, not in memory) so that
+examples' windows are cut at the end. Everything is written into a temporary
+directory inside the atlas and renamed into place only when complete
+(``neuronmap.evidence.publish``): an interrupted run leaves the atlas as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from neuronmap import fsio
+from neuronmap.atlas import open_files
+from neuronmap.corpus import Corpus, Sequence, open_corpus, sequences
+from neuronmap.errors import NeuronmapError
+from neuronmap.intervene import recording
+from neuronmap.models import DEVICE, load_model, require_tokenizer
+
+QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99, 0.999)
+BINS_PER_DECADE = 64
+DECADES = 3  # |activation| from 10^-DECADES to 10^DECADES in log bins
+COARSE = 8  # fine bins per shown histogram bin
+CONTEXT = 32
+EXAMPLES = 20
+BATCH_TOKENS = 2048
+MAX_TOKENS = 2**31 - 1  # token indices and counts stay exact far beyond this; it bounds the scratch file at 8 GB
+
+
+def fine_edges() -> np.ndarray:
+    """The recorder's bin edges, float32, ascending: ``-1e3 .. -1e-3, 0, 1e-3 .. 1e3`` (771 edges, 772 bins).
+
+    Bin ``i`` holds ``edges[i-1] < a <= edges[i]`` (``torch.bucketize`` / ``np.searchsorted(side="left")``);
+    bin 0 is ``a <= -1e3`` and the last ``a > 1e3``.
+
+    Example:
+        >>> len(fine_edges()), float(fine_edges()[385])
+        (771, 0.0)
+    """
+    k = np.arange(-DECADES * BINS_PER_DECADE, DECADES * BINS_PER_DECADE + 1)
+    pos = 10.0 ** (k / BINS_PER_DECADE)
+    return np.concatenate([-pos[::-1], [0.0], pos]).astype(np.float32)
+
+
+def coarse_index() -> np.ndarray:
+    """Indices in ``fine_edges()`` of the stored histogram's edges: every ``COARSE``-th on each side, and 0."""
+    z = len(fine_edges()) // 2  # the edge 0
+    return np.concatenate([np.arange(0, z, COARSE), [z], np.arange(z + 1, 2 * z + 1, COARSE)])
+
+
+def hist_edges() -> np.ndarray:
+    """The stored histogram's edges: ``-1e3 .. -1e-3, 0, 1e-3 .. 1e3``, 99 edges, 100 bins (end bins included).
+
+    Example:
+        >>> len(hist_edges()), float(hist_edges()[49]), float(hist_edges()[-1])
+        (99, 0.0, 1000.0)
+    """
+    return fine_edges()[coarse_index()]
+
+
+def coarse_counts(counts: np.ndarray) -> np.ndarray:
+    """Fine histograms ``[n, 772]`` merged into the stored bins ``[n, 100]`` (the edges nest, so the counts are exact)."""
+    return np.add.reduceat(counts, np.concatenate([[0], coarse_index() + 1]), axis=1)
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One layer's finished statistics (numpy), ``N`` the examples kept.
+
+    Attributes:
+        top_v, top_i: ``[d_mlp, N]`` activations (descending) and token-store indices; -inf / -1 where unfilled.
+        bot_v, bot_i: the same for the lowest activations (ascending); +inf / -1 where unfilled.
+        counts: ``[d_mlp, n_fine_bins]`` int64 histogram over ``fine_edges()``.
+        total: ``[d_mlp]`` float64 sum of activations.
+    """
+
+    top_v: np.ndarray
+    top_i: np.ndarray
+    bot_v: np.ndarray
+    bot_i: np.ndarray
+    counts: np.ndarray
+    total: np.ndarray
+
+
+class _Layer:
+    """Running top-N, bottom-N, histogram and sum of one layer, on the model's device."""
+
+    def __init__(self, d_mlp: int, n: int, edges: torch.Tensor):
+        dev = edges.device
+        self.edges, self.nb = edges, len(edges) + 1
+        self.top_v = torch.full((d_mlp, n), -torch.inf, device=dev)  # [d_mlp, N]
+        self.bot_v = torch.full((d_mlp, n), torch.inf, device=dev)
+        self.top_i = torch.full((d_mlp, n), -1, dtype=torch.long, device=dev)
+        self.bot_i = self.top_i.clone()
+        self.counts = torch.zeros(d_mlp * self.nb, dtype=torch.long, device=dev)
+        self.total = torch.zeros(d_mlp, dtype=torch.float64, device=dev)
+        self.offsets = torch.arange(d_mlp, device=dev) * self.nb  # [d_mlp]
+
+    def add(self, acts: torch.Tensor, first: int) -> None:
+        """``acts`` ``[T, d_mlp]`` fp32 of tokens ``first .. first+T-1`` of the token store."""
+        n = min(self.top_v.shape[1], len(acts))
+        # The batch's own top-N first (one pass over [T, d_mlp]), then a merge of two [d_mlp, N] lists.
+        for largest in (True, False):
+            v, j = acts.topk(n, 0, largest=largest)  # [n, d_mlp]
+            keep_v, keep_i = (self.top_v, self.top_i) if largest else (self.bot_v, self.bot_i)
+            both_v = torch.cat([keep_v, v.T], 1)  # [d_mlp, N + n]
+            both_i = torch.cat([keep_i, j.T + first], 1)
+            mv, mj = both_v.topk(keep_v.shape[1], 1, largest=largest)
+            if largest:
+                self.top_v, self.top_i = mv, both_i.gather(1, mj)
+            else:
+                self.bot_v, self.bot_i = mv, both_i.gather(1, mj)
+        bins = torch.bucketize(acts, self.edges) + self.offsets  # [T, d_mlp]
+        self.counts += torch.bincount(bins.reshape(-1), minlength=self.counts.numel())
+        self.total += acts.sum(0).double()  # fp32 within a batch, fp64 across batches
+
+    def finish(self) -> LayerStats:
+        c = lambda x: x.cpu().numpy()  # noqa: E731
+        return LayerStats(c(self.top_v), c(self.top_i), c(self.bot_v), c(self.bot_i),
+                          c(self.counts).reshape(-1, self.nb), c(self.total))
+
+
+def quantiles(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, qs: tuple[float, ...] = QUANTILES) -> np.ndarray:
+    """Quantiles read from fine histograms: for each ``q`` the bin holding the ``ceil(q n)``-th smallest value.
+
+    The value reported is the bin's geometric middle (arithmetic next to 0), clamped to the exact ``[lo, hi]``;
+    in the end bins (beyond 1e3) it is ``lo`` or ``hi``. The exact quantile (numpy's ``inverted_cdf``) lies in
+    the same bin.
+
+    Args:
+        counts: ``[n_neurons, n_fine_bins]``.
+        lo, hi: ``[n_neurons]`` exact minimum and maximum.
+
+    Returns:
+        ``[n_neurons, len(qs)]`` float32.
+    """
+    e = fine_edges().astype(np.float64)
+    left, right = np.concatenate([[-np.inf], e]), np.concatenate([e, [np.inf]])  # bin i: (left[i], right[i]]
+    mid = np.where(left * right > 0, np.sign(right) * np.sqrt(np.abs(left * right)), (left + right) / 2)
+    cum = counts.cumsum(1)  # [n_neurons, n_bins]
+    n = cum[:, -1:]
+    out = np.empty((len(counts), len(qs)), np.float64)
+    for j, q in enumerate(qs):
+        rank = np.maximum(np.ceil(q * n - 1e-9), 1)  # [n_neurons, 1]
+        b = (cum < rank).sum(1)  # first bin whose cumulative count reaches the rank
+        v = mid[np.minimum(b, len(mid) - 1)]
+        v = np.where(b == 0, lo, np.where(b == len(mid) - 1, hi, v))
+        out[:, j] = np.clip(v, lo, hi)
+    return out.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """What the forward passes leave: per-layer statistics and the token store's layout.
+
+    Attributes:
+        layers: ``LayerStats`` per layer.
+        n_tokens: tokens recorded.
+        row_start: ``[n_rows + 1]`` int64 token-store index where each sequence starts (last: the end).
+        row_doc: ``[n_rows]`` document index into ``docs``; row_pos: ``[n_rows]`` the sequence's first token in its document.
+        docs: document names.
+        store: the token store (int32 token ids, one per recorded token).
+    """
+
+    layers: list[LayerStats]
+    n_tokens: int
+    row_start: np.ndarray
+    row_doc: np.ndarray
+    row_pos: np.ndarray
+    docs: list[str]
+    store: Path
+
+
+def bos_token(tok) -> int | None:
+    """The id put before each sequence: the tokenizer's BOS where it adds one to plain text itself, else None."""
+    bos = getattr(tok, "bos_token_id", None)
+    ids = tok("a")["input_ids"]
+    return bos if bos is not None and ids and ids[0] == bos else None
+
+
+def _batches(seqs, batch_tokens: int, limit: int | None):
+    """Lists of sequences of about ``batch_tokens`` tokens; the corpus cut at ``limit`` tokens."""
+    batch, size, seen = [], 0, 0
+    for s in seqs:
+        if limit is not None and seen + len(s.token_ids) > limit:
+            s = Sequence(s.doc, s.start, s.token_ids[:limit - seen])
+        seen += len(s.token_ids)
+        if s.token_ids:
+            batch.append(s)
+            size += len(s.token_ids)
+        if size >= batch_tokens:
+            yield batch
+            batch, size = [], 0
+        if limit is not None and seen >= limit:
+            break
+    if batch:
+        yield batch
+
+
+def stream(m, corpus: Corpus, store: Path, context: int = CONTEXT, examples: int = EXAMPLES,
+           batch_tokens: int = BATCH_TOKENS, tokens: int | None = None,
+           progress: Callable[[int], None] | None = None) -> Stream:
+    """Run the model over the corpus, one forward pass per batch with every layer's activations recorded.
+
+    Args:
+        m: a loaded ``neuronmap.models.Model`` with a tokenizer.
+        corpus: from ``open_corpus``.
+        store: where to write the token store (a new file).
+        context: tokens per sequence (BOS not counted).
+        examples: top-N and bottom-N kept per neuron.
+        batch_tokens: tokens per forward pass (rounded up to whole sequences).
+        tokens: stop after this many tokens (None: the whole corpus, at most ``MAX_TOKENS``).
+        progress: called with the tokens recorded so far after each batch.
+
+    Returns:
+        Stream.
+
+    Raises:
+        NeuronmapError: the corpus is empty, binary or malformed (``neuronmap.corpus``), or has no tokenizer.
+    """
+    tok = require_tokenizer(m)
+    bos = bos_token(tok)
+    pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else 0
+    lead = 1 if bos is not None else 0
+    edges = torch.from_numpy(fine_edges()).to(m.device)
+    layers = [_Layer(m.d_mlp, examples, edges) for _ in range(m.n_layers)]
+    base = getattr(m.model, "base_model", m.model)  # the decoder alone: the LM head's logits are not needed
+    starts, row_doc, row_pos, docs, doc_index = [0], [], [], [], {}
+    n = 0
+    limit = min(tokens, MAX_TOKENS) if tokens is not None else MAX_TOKENS
+    with open(store, "wb") as f, torch.no_grad(), recording(m) as seen:
+        for batch in _batches(sequences(corpus, tok, context), batch_tokens, limit):
+            width = lead + max(len(s.token_ids) for s in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)  # [batch, seq]
+            valid = torch.zeros((len(batch), width), dtype=torch.bool)
+            for r, s in enumerate(batch):
+                if lead:
+                    ids[r, 0] = bos
+                ids[r, lead:lead + len(s.token_ids)] = torch.tensor(s.token_ids)
+                valid[r, lead:lead + len(s.token_ids)] = True
+                f.write(np.asarray(s.token_ids, np.int32).tobytes())
+                if s.doc not in doc_index:
+                    doc_index[s.doc] = len(docs)
+                    docs.append(s.doc)
+                row_doc.append(doc_index[s.doc])
+                row_pos.append(s.start)
+                starts.append(starts[-1] + len(s.token_ids))
+            mask = (valid | (torch.arange(width) < lead)).long()
+            base(input_ids=ids.to(m.device), attention_mask=mask.to(m.device), use_cache=False)
+            sel = valid.to(m.device)
+            for layer, acts in zip(layers, seen):
+                layer.add(acts[sel].float(), n)  # [T, d_mlp], rows in store order
+            n = starts[-1]
+            if progress:
+                progress(n)
+    if n == 0:
+        raise NeuronmapError(f"--corpus {corpus.path} holds no text (0 tokens): give a corpus with some text")
+    return Stream([x.finish() for x in layers], n, np.asarray(starts, np.int64), np.asarray(row_doc, np.int32),
+                  np.asarray(row_pos, np.int64), docs, store)
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    """What ``record`` added to an atlas.
+
+    Attributes:
+        path: the atlas.
+        evidence: the ``evidence`` entry now in its meta.json.
+    """
+
+    path: Path
+    evidence: dict
+
+    def to_dict(self) -> dict:
+        """JSON types only: the atlas path and its meta.json ``evidence`` entry."""
+        return {"atlas": str(self.path), **self.evidence}
+
+
+def check_args(tokens: int | None, context: int, examples: int, batch_tokens: int) -> None:
+    """Check the numbers before any model loads.
+
+    Raises:
+        NeuronmapError: one out of range.
+    """
+    for name, v, lo in (("--tokens", tokens, 1), ("--context", context, 1), ("--examples", examples, 1),
+                        ("--batch-tokens", batch_tokens, 1)):
+        if v is not None and v < lo:
+            raise NeuronmapError(f"{name} {v} is out of range: expected a whole number >= {lo}")
+
+
+def record(atlas: Path | str, corpus: Path | str, text_column: str | None = None, tokens: int | None = None,
+           context: int = CONTEXT, examples: int = EXAMPLES, batch_tokens: int = BATCH_TOKENS,
+           source: str | None = None, device: str = DEVICE, overwrite: bool = False,
+           progress: Callable[[int], None] | None = None) -> RecordResult:
+    """Add activation evidence (examples, quantiles, density, histogram, agreement) to an atlas.
+
+    Args:
+        atlas: an atlas directory made by ``neuronmap map``.
+        corpus: anything ``neuronmap.corpus.open_corpus`` takes.
+        text_column: the text column of a JSONL or Parquet corpus.
+        tokens: record at most this many tokens.
+        context: tokens per sequence the model reads.
+        examples: top-N and bottom-N examples kept per neuron.
+        batch_tokens: tokens per forward pass.
+        source: the model, if it moved since mapping (sha256 checked against meta.json).
+        device: ``cpu`` | ``cuda`` | ``auto``.
+        overwrite: replace evidence the atlas already holds.
+        progress: called with the tokens recorded so far.
+
+    Returns:
+        RecordResult.
+
+    Raises:
+        NeuronmapError: a bad atlas, corpus or number; evidence present without ``overwrite``; weights whose
+            sha256 differs from the atlas's (another model); a model without a tokenizer.
+
+    Example:
+        >>> record("demo-atlas", "texts/", tokens=200_000).evidence["tokens"]  # doctest: +SKIP
+        200000
+    """
+    from neuronmap.agreement import agreement
+    from neuronmap.evidence import publish, tables
+    from neuronmap.scoring import check_weights
+
+    check_args(tokens, context, examples, batch_tokens)
+    files = open_files(atlas)
+    if "evidence" in files.meta and not overwrite:
+        raise NeuronmapError(f"{files.root} already holds activation evidence (from "
+                             f"{files.meta['evidence'].get('corpus', {}).get('name', '?')}): pass --overwrite to replace it")
+    c = open_corpus(corpus, text_column)
+    src = check_weights(files, source, fix="pass --source PATH if they only moved")
+    m = load_model(src, device, "float32")
+    t0 = time.perf_counter()
+    tmp = fsio.temp_dir_beside(files.root / "evidence", "atlas")
+    try:
+        s = stream(m, c, tmp / "tokens.bin", context, examples, batch_tokens, tokens, progress)
+        seconds = time.perf_counter() - t0
+        built = tables(files, s)
+        agree, summary = agreement(files, src, s)
+        entry = {"corpus": c.to_dict(), "tokens": s.n_tokens, "documents": len(s.docs), "sequences": len(s.row_doc),
+                 "context": context, "examples": examples, "batch_tokens": batch_tokens,
+                 "bos": bos_token(m.tokenizer), "device": str(m.device),
+                 "record_s": round(seconds, 3), "tokens_per_s": round(s.n_tokens / max(seconds, 1e-9), 1),
+                 "quantiles": list(QUANTILES), "hist_edges": [float(x) for x in hist_edges()],
+                 "rows": {k: v.num_rows for k, v in {**built, "agreement": agree}.items()}, "agreement": summary,
+                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        publish(files, tmp, {**built, "agreement": agree}, entry)
+    finally:
+        fsio.remove_tree(tmp)
+    return RecordResult(files.root, entry)
+
