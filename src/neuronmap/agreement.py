@@ -1,8 +1,11 @@
 """Agreement between what a neuron's weights decode to and what it does in text, per neuron, matrix and pole.
 
-docs/method.md defines the scores; in short, with pole ``+`` standing for the
-neuron's top examples whose activation is > 0 and pole ``-`` for its bottom
-examples whose activation is < 0:
+docs/method.md defines the scores; in short, a (matrix, pole) is scored at the
+neuron's examples where that pole is the side the residual stream lies on: for
+``up`` and ``down`` pole ``+`` at the top examples whose activation is > 0 and
+pole ``-`` at the bottom examples whose activation is < 0; for ``gate`` (SiLU or
+GELU, bounded below: a large |activation| needs gate . x > 0) pole ``+`` at both,
+pole ``-`` at none. At those examples:
 
 - ``next_hit``: the share of those examples where the model's actual next token
   (the corpus's next token in the same sequence) is among the decoded top-k of
@@ -131,6 +134,7 @@ def agreement(files: AtlasFiles, source, s) -> tuple[pa.Table, list[dict]]:
             sets = {f"{p}{kind}": topk[("down", layer, p)][other] if kind == "base" else topk[("down", layer, p)]
                     for p in "+-" if ("down", layer, p) in topk for kind in ("own", "base")}
             effect = effect_shares(head, weights.vectors("down", layer), sets)
+        side = {}
         for pole, v, g in (("+", st.top_v, st.top_i), ("-", st.bot_v, st.bot_i)):
             ok = (v > 0) if pole == "+" else (v < 0)  # [d_mlp, N]
             gi = np.where(ok, g, 0)
@@ -138,10 +142,13 @@ def agreement(files: AtlasFiles, source, s) -> tuple[pa.Table, list[dict]]:
             has_next = ok & (gi + 1 < s.row_start[np.minimum(row + 1, len(s.row_start) - 1)])
             cur = store[gi].astype(np.int64)
             nxt = store[np.minimum(gi + 1, max(s.n_tokens - 1, 0))].astype(np.int64)
-            n = ok.sum(1).astype(np.int32)
+            side[pole] = (ok, has_next, cur, nxt)
+        for pole in "+-":
             for matrix in meta["decode"]["matrices"]:
                 if (matrix, layer, pole) not in topk:
                     continue
+                ok, has_next, cur, nxt = _examples(side, matrix, pole)
+                n = ok.sum(1).astype(np.int32)
                 K = topk[(matrix, layer, pole)]
                 cols = {"next_hit": _hits(nxt, has_next, K), "current_hit": _hits(cur, ok, K),
                         "next_base": _hits(nxt, has_next, K[other]), "current_base": _hits(cur, ok, K[other])}
@@ -156,6 +163,20 @@ def agreement(files: AtlasFiles, source, s) -> tuple[pa.Table, list[dict]]:
                 summary.append({"layer": layer, "matrix": matrix, "pole": pole, "neurons": int((n > 0).sum()),
                                 **{k: _mean(cols[k][n > 0]) for k in SCORES}})
     return pa.concat_tables(parts), summary
+
+
+def _examples(side: dict, matrix: str, pole: str) -> tuple[np.ndarray, ...]:
+    """The examples at which (matrix, pole) is the side the residual stream lies on: ``(ok, has_next, cur, nxt)``.
+
+    up, down (and a non-gated MLP's input): the pole of the activation's sign. gate: its activation function (SiLU,
+    GELU) is bounded below, so a large |activation| of either sign needs gate . x > 0: the + pole, at the top and
+    the bottom examples both; the - pole at none.
+    """
+    if matrix != "gate":
+        return side[pole]
+    if pole == "-":
+        return tuple(np.zeros_like(x, dtype=bool) if i < 2 else x for i, x in enumerate(side["+"]))
+    return tuple(np.concatenate([a, b], 1) for a, b in zip(side["+"], side["-"]))
 
 
 def _mean(x: np.ndarray) -> float | None:
