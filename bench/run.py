@@ -331,6 +331,39 @@ def case_viewer(tmp: Path) -> dict:
     return res
 
 
+def case_record(tmp: Path) -> dict:
+    """``record`` on the demo model against a plain forward pass of the same batches, in this one process."""
+    import torch
+
+    from neuronmap.corpus import open_corpus, sequences
+    from neuronmap.models import load_model
+    from neuronmap.record import BATCH_TOKENS, CONTEXT, batches, stream
+
+    m = load_model(None)
+    (tmp / "c.txt").write_text((ROOT / "tests" / "data" / "concepts.txt").read_text() * 40)
+    c = open_corpus(tmp / "c.txt")
+    base = m.model.base_model
+    res: dict = {"case": "record", "machine": machine(), "batch_tokens": BATCH_TOKENS, "context": CONTEXT,
+                 "note": "demo model, fp32; tests/data/concepts.txt repeated; a plain decoder forward of the same batches "
+                         "(no hooks) against record's stream (hooks on every layer, top-N, histograms)", "runs": []}
+    for n in (4096, 16384):
+        t = time.perf_counter()
+        with torch.no_grad():
+            for b in batches(sequences(c, m.tokenizer, CONTEXT), BATCH_TOKENS, n):
+                width = max(len(s.token_ids) for s in b)
+                ids = torch.tensor([s.token_ids + [0] * (width - len(s.token_ids)) for s in b])
+                base(input_ids=ids, attention_mask=(torch.arange(width) < torch.tensor([[len(s.token_ids)] for s in b])).long(),
+                     use_cache=False)
+        plain = time.perf_counter() - t
+        t = time.perf_counter()
+        st = stream(m, c, tmp / f"store-{n}", tokens=n)
+        rec = time.perf_counter() - t
+        res["runs"].append({"tokens": st.n_tokens, "plain_s": round(plain, 2), "record_s": round(rec, 2),
+                            "record_tokens_per_s": round(st.n_tokens / rec, 1), "plain_tokens_per_s": round(st.n_tokens / plain, 1),
+                            "record_over_plain": round(rec / plain, 2), "peak_rss_mb_so_far": peak_rss_mb()})
+    return res
+
+
 def run_case(name: str, device: str) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="nm-bench-"))
     try:
@@ -338,6 +371,8 @@ def run_case(name: str, device: str) -> dict:
             return case_atlas_8b(tmp)
         if name == "viewer":
             return case_viewer(tmp)
+        if name == "record":
+            return case_record(tmp)
         if name in SHAPES:
             # Written by a separate process, so the generator's memory is not this case's.
             (tmp / "ckpt").mkdir()
@@ -358,7 +393,7 @@ def _fmt_s(x) -> str:
 
 def write_markdown() -> None:
     results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
-    order = [c for c in ("demo", "llama-3.2-1b", "llama-3.1-8b-up", "atlas-8b", "viewer") if c in results]
+    order = [c for c in ("demo", "llama-3.2-1b", "llama-3.1-8b-up", "atlas-8b", "viewer", "record") if c in results]
     lines = [START, ""]
     machines = {json.dumps({k: v for k, v in r["machine"].items() if k != "date"}, sort_keys=True) for r in results.values()}
     for m in map(json.loads, machines):
@@ -369,7 +404,7 @@ def write_markdown() -> None:
               "naive / map | read MB | peak RSS MB |", "|" + "---|" * 15]
     for c in order:
         r = results[c]
-        if c in ("atlas-8b", "viewer"):
+        if c in ("atlas-8b", "viewer", "record"):
             continue
         for dtype in ("bfloat16", "float32"):
             x = r[dtype]
@@ -399,6 +434,13 @@ def write_markdown() -> None:
                            f"(ratio {x['ratio']:.1f}x)" for x in r["steer"])
             lines.append(f"- **viewer** ({r['machine']['date']}): {r['note']}. Pages: {pages}. Steering L29N808=20x, concept "
                          f"dog, 3 samples a side, on the demo model: {st}. Peak RSS {r['peak_rss_mb']} MB.")
+            continue
+        if c == "record":
+            runs = "; ".join(f"{x['tokens']:,} tokens: record {x['record_s']} s ({x['record_tokens_per_s']:,} tokens/s), plain "
+                             f"forward {x['plain_s']} s ({x['plain_tokens_per_s']:,} tokens/s), record / plain "
+                             f"{x['record_over_plain']}, peak RSS so far {x['peak_rss_mb_so_far']} MB" for x in r["runs"])
+            lines.append(f"- **record** ({r['machine']['date']}): {r['note']}; batches of {r['batch_tokens']} tokens, sequences of "
+                         f"{r['context']}. {runs}.")
             continue
         extra = []
         if "compile_s" in r:
@@ -443,7 +485,7 @@ def main() -> int:
         print(json.dumps(run_case(args.case, args.device)))
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
-    cases = args.only.split(",") if args.only else ["demo", "llama-3.2-1b", "atlas-8b", "viewer"] + (["llama-3.1-8b-up"] if args.llama8b else [])
+    cases = args.only.split(",") if args.only else ["demo", "llama-3.2-1b", "atlas-8b", "viewer", "record"] + (["llama-3.1-8b-up"] if args.llama8b else [])
     for c in cases:
         print(f"bench: {c} ...", flush=True)
         t = time.perf_counter()

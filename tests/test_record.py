@@ -302,3 +302,36 @@ def test_interrupted_record_leaves_the_atlas_byte_identical(recorded, tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 128 + signal.SIGTERM and err.strip().endswith("terminated: nothing was written")
     assert _snapshot(atlas) == before
+
+
+def _window(x: dict) -> str:
+    return "".join(x["before"] + [x["token"]] + x["after"]).lower()
+
+
+def test_demo_dog_and_coffee_neurons_fire_on_their_concepts(demo_atlas, tmp_path):
+    """The real demo model over tests/data/concepts.txt: three paragraphs on dogs, three on coffee, four on neither.
+
+    L29N808 decodes to ' dog' on gate + and up -: where the text is about dogs it goes strongly negative (its
+    min-activating examples); L29N750 decodes to ' coffee' on up + and fires positive in coffee paragraphs.
+    """
+    atlas = tmp_path / "demo"
+    atlas.mkdir()
+    for name in ("meta.json", "neurons.parquet", "vocab.parquet"):
+        shutil.copy(demo_atlas / name, atlas)
+    r = record(atlas, ROOT / "tests" / "data" / "concepts.txt", examples=10)
+    assert r.evidence["tokens"] > 500 and r.evidence["bos"] is None  # SmolLM2's tokenizer adds no BOS to plain text
+    files = open_files(atlas)
+    dog, coffee = neuron_evidence(files, "L29N808"), neuron_evidence(files, "L29N750")
+    assert sum(any(w in _window(x) for w in ("dog", "pupp", "terrier", "beagle")) for x in dog.examples["-"]) >= 8
+    assert dog.examples["-"][0]["activation"] == dog.stats["min"] < -10
+    assert sum(any(w in _window(x) for w in ("coffee", "espresso", "cappuccino", "beans")) for x in coffee.examples["+"]) >= 8
+    assert coffee.examples["+"][0]["activation"] > 20
+    # Agreement beats the random baseline where the weights decode to the concept.
+    ag = {(a["matrix"], a["pole"]): a for a in dog.agreement}
+    assert ag[("up", "-")]["next_hit"] > ag[("up", "-")]["next_base"] and ag[("gate", "+")]["next_hit"] > ag[("gate", "+")]["next_base"]
+    ag = {(a["matrix"], a["pole"]): a for a in coffee.agreement}
+    assert ag[("up", "+")]["current_hit"] > ag[("up", "+")]["current_base"]
+    for ev in (dog, coffee):
+        for a in ev.agreement:
+            if a["matrix"] == "down":
+                assert a["effect_share"] > 5 * a["effect_base"]

@@ -29,7 +29,7 @@ GUIDES = {
     "map": "docs/method.md", "search": "docs/search.md", "show": "docs/search.md", "stats": "docs/search.md",
     "clamp": "docs/intervene.md", "generate": "docs/intervene.md", "verify": "docs/intervene.md",
     "serve": "docs/viewer.md", "layer": "docs/viewer.md", "similar": "docs/viewer.md",
-    "compare": "docs/compare.md",
+    "compare": "docs/compare.md", "record": "docs/method.md#activation-evidence", "examples": "docs/method.md#activation-evidence",
 }
 
 

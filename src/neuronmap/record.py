@@ -198,7 +198,7 @@ def bos_token(tok) -> int | None:
     return bos if bos is not None and ids and ids[0] == bos else None
 
 
-def _batches(seqs, batch_tokens: int, limit: int | None):
+def batches(seqs, batch_tokens: int, limit: int | None):
     """Lists of sequences of about ``batch_tokens`` tokens; the corpus cut at ``limit`` tokens."""
     batch, size, seen = [], 0, 0
     for s in seqs:
@@ -249,7 +249,7 @@ def stream(m, corpus: Corpus, store: Path, context: int = CONTEXT, examples: int
     n = 0
     limit = min(tokens, MAX_TOKENS) if tokens is not None else MAX_TOKENS
     with open(store, "wb") as f, torch.no_grad(), recording(m) as seen:
-        for batch in _batches(sequences(corpus, tok, context), batch_tokens, limit):
+        for batch in batches(sequences(corpus, tok, context), batch_tokens, limit):
             width = lead + max(len(s.token_ids) for s in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)  # [batch, seq]
             valid = torch.zeros((len(batch), width), dtype=torch.bool)
