@@ -29,11 +29,20 @@ from neuronmap.atlas import open_files
 from neuronmap.cli import main
 from neuronmap.errors import NeuronmapError
 from neuronmap.evidence import neuron_evidence
-from neuronmap.record import QUANTILES, fine_edges, hist_edges, record
+from neuronmap.bins import N_BINS, hist_edges, positive_edges
+from neuronmap.record import QUANTILES, record
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT, EXAMPLES = 16, 5
-REL = 10 ** (1 / 128) - 1  # half a fine bin, relative (docs/method.md)
+REL = np.sqrt(33 / 32) - 1  # half a fine bin, relative (docs/method.md)
+NEAR_ZERO = 2.0 ** -11
+
+
+def bins_of(a: np.ndarray, per_octave: int) -> np.ndarray:
+    """The bins of neuronmap.bins computed another way: a search among the edge values, by sign and magnitude."""
+    j = np.searchsorted(positive_edges(per_octave), np.abs(a), side="right")
+    side = len(positive_edges(per_octave))
+    return np.where(np.signbit(a), side - j, side + 1 + j)
 
 
 def run_cli(argv, capsys):
@@ -132,19 +141,16 @@ def test_quantiles_histogram_density_mean_equal_brute_force(recorded, brute):
     for j, row in enumerate(ev.itertuples()):
         a = acts[:, j]
         exact = np.quantile(a, QUANTILES, method="inverted_cdf")
-        # Within half a fine bin (1.8 % relative) inside 1e-3..1e3, 5e-4 absolute next to 0: docs/method.md.
-        assert np.all(np.abs(np.array(row.quantiles) - exact) <= REL * np.abs(exact) + 5e-4 + 1e-5 * np.abs(exact)), (j, row.quantiles, exact)
-        want = np.bincount(np.searchsorted(hist_edges(), a.astype(np.float32), side="left"), minlength=100)
+        # Within half a fine bin (1.55 % relative) for |q| in 2^-10..2^10, 2^-11 absolute next to 0: docs/method.md.
+        assert np.all(np.abs(np.array(row.quantiles) - exact) <= REL * np.abs(exact) + NEAR_ZERO + 1e-5 * np.abs(exact)), (j, row.quantiles, exact)
+        # The estimate lies in the fine bin of the exact value (the reading rule, bin by bin).
+        assert (bins_of(np.array(row.quantiles, np.float32), 32) == bins_of(exact.astype(np.float32), 32)).all()
+        want = np.bincount(bins_of(a.astype(np.float32), 4), minlength=164)
         assert list(row.hist) == want.tolist()
         assert row.density == pytest.approx((a > 0).mean(), abs=1e-6)
         assert row.mean == pytest.approx(a.mean(), rel=1e-4, abs=1e-5)
         assert (row.min, row.max) == pytest.approx((a.min(), a.max()), rel=1e-4, abs=1e-5)
-    # The quantile estimate lies in the fine bin of the exact value (the reading rule, bin by bin).
-    edges = fine_edges()
-    a = acts[:, 7]
-    est = ev.iloc[7].quantiles
-    ex = np.quantile(a, QUANTILES, method="inverted_cdf")
-    assert (np.searchsorted(edges, est, side="left") == np.searchsorted(edges, ex.astype(np.float32), side="left")).all()
+    assert N_BINS == 1284 and len(hist_edges()) == 163
 
 
 def _topk(atlas: Path) -> dict:
@@ -199,6 +205,14 @@ def test_examples_cli_json_is_the_api_payload(recorded, capsys):
     assert rc == 0 and "max-activating" in out and "min-activating" in out and "quantiles: 1% " in out
     d = json.loads(run_cli(["examples", str(recorded), "L1N3", "-n", "2", "--json"], capsys)[1])
     assert [len(d["examples"][p]) for p in "+-"] == [2, 2]
+
+
+def test_examples_of_an_atlas_without_evidence_says_how_to_add_it(worded, capsys):
+    rc, _, err = run_cli(["examples", str(worded), "L1N3"], capsys)
+    assert rc == 2 and err == (f"error: {worded} holds no activation evidence: add it with "
+                               f"`neuronmap record {worded} --corpus CORPUS`\n")
+    rc, _, err = run_cli(["examples", str(worded), "L7N3"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "L7N3" in err
 
 
 def test_record_cli_refuses_to_replace_evidence_without_overwrite(recorded, corpus, capsys):

@@ -48,7 +48,8 @@ ROW_GROUP = 65536
 
 def tables(files: AtlasFiles, s) -> dict[str, pa.Table]:
     """The evidence, examples and contexts tables of a recorded stream (``neuronmap.record.Stream``)."""
-    from neuronmap.record import coarse_counts, quantiles
+    from neuronmap.bins import coarse_counts, quantiles
+    from neuronmap.record import QUANTILES
 
     d_mlp = int(files.meta["d_mlp"])
     store = np.memmap(s.store, np.int32, "r")
@@ -56,14 +57,13 @@ def tables(files: AtlasFiles, s) -> dict[str, pa.Table]:
     for layer, st in enumerate(s.layers):
         ids = [neuron_id(layer, i) for i in range(d_mlp)]
         lo, hi = st.bot_v[:, 0].astype(np.float64), st.top_v[:, 0].astype(np.float64)
-        q = quantiles(st.counts, lo, hi)
-        z = st.counts.shape[1] // 2  # bins above this one hold a > 0
+        q = quantiles(st.counts, lo, hi, QUANTILES)
         coarse = coarse_counts(st.counts)
         n = st.counts.sum(1)
         ev.append(pa.table({
             "layer": pa.array(np.full(d_mlp, layer, np.int32)), "neuron": pa.array(np.arange(d_mlp, dtype=np.int32)),
             "id": pa.array(ids), "mean": pa.array((st.total / n).astype(np.float32)), "min": pa.array(lo.astype(np.float32)),
-            "max": pa.array(hi.astype(np.float32)), "density": pa.array((st.counts[:, z:].sum(1) / n).astype(np.float32)),
+            "max": pa.array(hi.astype(np.float32)), "density": pa.array((st.positive / n).astype(np.float32)),
             "quantiles": pa.array(list(q)), "hist": pa.array(list(coarse.astype(np.int64)))}, schema=EVIDENCE_SCHEMA))
         for pole, v, g in (("+", st.top_v, st.top_i), ("-", st.bot_v, st.bot_i)):
             keep = g >= 0  # [d_mlp, N]; unfilled slots when the corpus has fewer than N tokens

@@ -6,13 +6,11 @@ Per neuron the recorder keeps, whatever the corpus size:
 
 - the top-N and bottom-N activations with their token's index in the token store
   (``[d_mlp, N]`` tensors per layer, merged with each batch by ``torch.topk``);
-- a histogram over fixed bins shared by every neuron: ``BINS_PER_DECADE`` bins per
-  decade of |activation| from 1e-3 to 1e3 on each side of 0, plus a bin on each
-  side of 0 below 1e-3 and one beyond each end. Quantiles are read from it (the
-  bin holding the rank, reported at its geometric middle: within 1.8 % of the
-  exact value for |a| in 1e-3..1e3, within 5e-4 below); density and the shown
-  histogram (every ``COARSE`` bins merged) are exact counts over its edges;
-- the sum, for the mean.
+- a histogram over fixed bins shared by every neuron (``neuronmap.bins``: 32 bins an
+  octave of |activation| from 2^-10 to 2^10 on each side of 0, read off the float32
+  bits). Quantiles are read from it (within 1.55 % of the exact value for |a| in
+  2^-10..2^10, within 4.9e-4 below); the stored histogram merges 8 bins into one;
+- the count of activations > 0 (density) and the sum (mean), exact.
 
 Token ids go to a scratch file (4 bytes a token, on disk, not in memory) so that
 examples' windows are cut at the end. Everything is written into a temporary
@@ -32,55 +30,17 @@ import torch
 
 from neuronmap import fsio
 from neuronmap.atlas import open_files
+from neuronmap.bins import N_BINS, bin_index, hist_edges
 from neuronmap.corpus import Corpus, Sequence, open_corpus, sequences
 from neuronmap.errors import NeuronmapError
 from neuronmap.intervene import recording
 from neuronmap.models import DEVICE, load_model, require_tokenizer
 
 QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99, 0.999)
-BINS_PER_DECADE = 64
-DECADES = 3  # |activation| from 10^-DECADES to 10^DECADES in log bins
-COARSE = 8  # fine bins per shown histogram bin
 CONTEXT = 32
 EXAMPLES = 20
 BATCH_TOKENS = 2048
-MAX_TOKENS = 2**31 - 1  # token indices and counts stay exact far beyond this; it bounds the scratch file at 8 GB
-
-
-def fine_edges() -> np.ndarray:
-    """The recorder's bin edges, float32, ascending: ``-1e3 .. -1e-3, 0, 1e-3 .. 1e3`` (771 edges, 772 bins).
-
-    Bin ``i`` holds ``edges[i-1] < a <= edges[i]`` (``torch.bucketize`` / ``np.searchsorted(side="left")``);
-    bin 0 is ``a <= -1e3`` and the last ``a > 1e3``.
-
-    Example:
-        >>> len(fine_edges()), float(fine_edges()[385])
-        (771, 0.0)
-    """
-    k = np.arange(-DECADES * BINS_PER_DECADE, DECADES * BINS_PER_DECADE + 1)
-    pos = 10.0 ** (k / BINS_PER_DECADE)
-    return np.concatenate([-pos[::-1], [0.0], pos]).astype(np.float32)
-
-
-def coarse_index() -> np.ndarray:
-    """Indices in ``fine_edges()`` of the stored histogram's edges: every ``COARSE``-th on each side, and 0."""
-    z = len(fine_edges()) // 2  # the edge 0
-    return np.concatenate([np.arange(0, z, COARSE), [z], np.arange(z + 1, 2 * z + 1, COARSE)])
-
-
-def hist_edges() -> np.ndarray:
-    """The stored histogram's edges: ``-1e3 .. -1e-3, 0, 1e-3 .. 1e3``, 99 edges, 100 bins (end bins included).
-
-    Example:
-        >>> len(hist_edges()), float(hist_edges()[49]), float(hist_edges()[-1])
-        (99, 0.0, 1000.0)
-    """
-    return fine_edges()[coarse_index()]
-
-
-def coarse_counts(counts: np.ndarray) -> np.ndarray:
-    """Fine histograms ``[n, 772]`` merged into the stored bins ``[n, 100]`` (the edges nest, so the counts are exact)."""
-    return np.add.reduceat(counts, np.concatenate([[0], coarse_index() + 1]), axis=1)
+MAX_TOKENS = 2**31 - 1  # the int32 histogram counts stay exact; it also bounds the scratch file at 8 GB
 
 
 @dataclass(frozen=True)
@@ -90,7 +50,8 @@ class LayerStats:
     Attributes:
         top_v, top_i: ``[d_mlp, N]`` activations (descending) and token-store indices; -inf / -1 where unfilled.
         bot_v, bot_i: the same for the lowest activations (ascending); +inf / -1 where unfilled.
-        counts: ``[d_mlp, n_fine_bins]`` int64 histogram over ``fine_edges()``.
+        counts: ``[d_mlp, bins.N_BINS]`` int64 histogram over ``neuronmap.bins``.
+        positive: ``[d_mlp]`` int64 count of activations > 0.
         total: ``[d_mlp]`` float64 sum of activations.
     """
 
@@ -99,22 +60,23 @@ class LayerStats:
     bot_v: np.ndarray
     bot_i: np.ndarray
     counts: np.ndarray
+    positive: np.ndarray
     total: np.ndarray
 
 
 class _Layer:
     """Running top-N, bottom-N, histogram and sum of one layer, on the model's device."""
 
-    def __init__(self, d_mlp: int, n: int, edges: torch.Tensor):
-        dev = edges.device
-        self.edges, self.nb = edges, len(edges) + 1
+    def __init__(self, d_mlp: int, n: int, dev: torch.device):
+        self.nb = N_BINS
         self.top_v = torch.full((d_mlp, n), -torch.inf, device=dev)  # [d_mlp, N]
         self.bot_v = torch.full((d_mlp, n), torch.inf, device=dev)
         self.top_i = torch.full((d_mlp, n), -1, dtype=torch.long, device=dev)
         self.bot_i = self.top_i.clone()
-        self.counts = torch.zeros(d_mlp * self.nb, dtype=torch.long, device=dev)
+        self.counts = torch.zeros(d_mlp * self.nb, dtype=torch.int32, device=dev)  # MAX_TOKENS keeps it exact
+        self.positive = torch.zeros(d_mlp, dtype=torch.long, device=dev)
         self.total = torch.zeros(d_mlp, dtype=torch.float64, device=dev)
-        self.offsets = torch.arange(d_mlp, device=dev) * self.nb  # [d_mlp]
+        self.offsets = torch.arange(d_mlp, device=dev, dtype=torch.int32) * self.nb  # [d_mlp]
 
     def add(self, acts: torch.Tensor, first: int) -> None:
         """``acts`` ``[T, d_mlp]`` fp32 of tokens ``first .. first+T-1`` of the token store."""
@@ -130,43 +92,15 @@ class _Layer:
                 self.top_v, self.top_i = mv, both_i.gather(1, mj)
             else:
                 self.bot_v, self.bot_i = mv, both_i.gather(1, mj)
-        bins = torch.bucketize(acts, self.edges) + self.offsets  # [T, d_mlp]
-        self.counts += torch.bincount(bins.reshape(-1), minlength=self.counts.numel())
+        bins = bin_index(acts) + self.offsets  # [T, d_mlp]
+        self.counts += torch.bincount(bins.reshape(-1), minlength=self.counts.numel()).to(torch.int32)
+        self.positive += (acts > 0).sum(0)
         self.total += acts.sum(0).double()  # fp32 within a batch, fp64 across batches
 
     def finish(self) -> LayerStats:
         c = lambda x: x.cpu().numpy()  # noqa: E731
         return LayerStats(c(self.top_v), c(self.top_i), c(self.bot_v), c(self.bot_i),
-                          c(self.counts).reshape(-1, self.nb), c(self.total))
-
-
-def quantiles(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, qs: tuple[float, ...] = QUANTILES) -> np.ndarray:
-    """Quantiles read from fine histograms: for each ``q`` the bin holding the ``ceil(q n)``-th smallest value.
-
-    The value reported is the bin's geometric middle (arithmetic next to 0), clamped to the exact ``[lo, hi]``;
-    in the end bins (beyond 1e3) it is ``lo`` or ``hi``. The exact quantile (numpy's ``inverted_cdf``) lies in
-    the same bin.
-
-    Args:
-        counts: ``[n_neurons, n_fine_bins]``.
-        lo, hi: ``[n_neurons]`` exact minimum and maximum.
-
-    Returns:
-        ``[n_neurons, len(qs)]`` float32.
-    """
-    e = fine_edges().astype(np.float64)
-    left, right = np.concatenate([[-np.inf], e]), np.concatenate([e, [np.inf]])  # bin i: (left[i], right[i]]
-    mid = np.where(left * right > 0, np.sign(right) * np.sqrt(np.abs(left * right)), (left + right) / 2)
-    cum = counts.cumsum(1)  # [n_neurons, n_bins]
-    n = cum[:, -1:]
-    out = np.empty((len(counts), len(qs)), np.float64)
-    for j, q in enumerate(qs):
-        rank = np.maximum(np.ceil(q * n - 1e-9), 1)  # [n_neurons, 1]
-        b = (cum < rank).sum(1)  # first bin whose cumulative count reaches the rank
-        v = mid[np.minimum(b, len(mid) - 1)]
-        v = np.where(b == 0, lo, np.where(b == len(mid) - 1, hi, v))
-        out[:, j] = np.clip(v, lo, hi)
-    return out.astype(np.float32)
+                          c(self.counts).reshape(-1, self.nb).astype(np.int64), c(self.positive), c(self.total))
 
 
 @dataclass(frozen=True)
@@ -242,8 +176,7 @@ def stream(m, corpus: Corpus, store: Path, context: int = CONTEXT, examples: int
     bos = bos_token(tok)
     pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else 0
     lead = 1 if bos is not None else 0
-    edges = torch.from_numpy(fine_edges()).to(m.device)
-    layers = [_Layer(m.d_mlp, examples, edges) for _ in range(m.n_layers)]
+    layers = [_Layer(m.d_mlp, examples, m.device) for _ in range(m.n_layers)]
     base = getattr(m.model, "base_model", m.model)  # the decoder alone: the LM head's logits are not needed
     starts, row_doc, row_pos, docs, doc_index = [0], [], [], [], {}
     n = 0

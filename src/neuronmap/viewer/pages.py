@@ -160,8 +160,10 @@ def _histogram(edges: list[float], counts: list[int], width: int = 400, height: 
 
 
 def _bin_label(edges: list[float], i: int) -> str:
-    left = f"({edges[i - 1]:.3g}" if i > 0 else "(-inf"
-    return left + (f", {edges[i]:.3g}]" if i < len(edges) else ", inf)")
+    """Bin ``i`` of the stored histogram: ``[lo, hi)`` at and above 0, ``(lo, hi]`` below (neuronmap.bins)."""
+    lo = f"{edges[i - 1]:.3g}" if i > 0 else "-inf"
+    hi = f"{edges[i]:.3g}" if i < len(edges) else "inf"
+    return f"({lo}, {hi}]" if i < len(edges) and edges[i] <= 0 else f"[{lo}, {hi})"
 
 
 def evidence_panel(ev) -> str:
