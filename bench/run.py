@@ -336,31 +336,36 @@ def case_record(tmp: Path) -> dict:
     import torch
 
     from neuronmap.corpus import open_corpus, sequences
+    from neuronmap.intervene import recording
     from neuronmap.models import load_model
-    from neuronmap.record import BATCH_TOKENS, CONTEXT, batches, stream
+    from neuronmap.record import BATCH_TOKENS, CONTEXT, EXAMPLES, Running, add_batch, batches, bos_token, encode
 
     m = load_model(None)
     (tmp / "c.txt").write_text((ROOT / "tests" / "data" / "concepts.txt").read_text() * 40)
     c = open_corpus(tmp / "c.txt")
     base = m.model.base_model
     res: dict = {"case": "record", "machine": machine(), "batch_tokens": BATCH_TOKENS, "context": CONTEXT,
-                 "note": "demo model, fp32; tests/data/concepts.txt repeated; a plain decoder forward of the same batches "
-                         "(no hooks) against record's stream (hooks on every layer, top-N, histograms)", "runs": []}
-    for n in (4096, 16384):
-        t = time.perf_counter()
-        with torch.no_grad():
-            for b in batches(sequences(c, m.tokenizer, CONTEXT), BATCH_TOKENS, n):
-                width = max(len(s.token_ids) for s in b)
-                ids = torch.tensor([s.token_ids + [0] * (width - len(s.token_ids)) for s in b])
-                base(input_ids=ids, attention_mask=(torch.arange(width) < torch.tensor([[len(s.token_ids)] for s in b])).long(),
-                     use_cache=False)
-        plain = time.perf_counter() - t
-        t = time.perf_counter()
-        st = stream(m, c, tmp / f"store-{n}", tokens=n)
-        rec = time.perf_counter() - t
-        res["runs"].append({"tokens": st.n_tokens, "plain_s": round(plain, 2), "record_s": round(rec, 2),
-                            "record_tokens_per_s": round(st.n_tokens / rec, 1), "plain_tokens_per_s": round(st.n_tokens / plain, 1),
-                            "record_over_plain": round(rec / plain, 2), "peak_rss_mb_so_far": peak_rss_mb()})
+                 "note": "demo model, fp32; tests/data/concepts.txt repeated; each batch run twice in turn: a plain decoder "
+                         "forward (no hooks), then record's step (hooks on every layer, then top-N, bins, counts)"}
+    layers = [Running(m.d_mlp, EXAMPLES, m.device) for _ in range(m.n_layers)]
+    plain = rec = 0.0
+    n = 0
+    with torch.no_grad():
+        for b in batches(sequences(c, m.tokenizer, CONTEXT), BATCH_TOKENS, 16384):
+            ids, valid, mask = encode(b, bos_token(m.tokenizer), 0)
+            t = time.perf_counter()
+            base(input_ids=ids, attention_mask=mask, use_cache=False)
+            plain += time.perf_counter() - t
+            t = time.perf_counter()
+            with recording(m) as seen:
+                base(input_ids=ids, attention_mask=mask, use_cache=False)
+                add_batch(layers, seen, valid, n)
+            rec += time.perf_counter() - t
+            n += int(valid.sum())
+    state = sum(x.counts.numel() * 4 + x.top_v.numel() * 24 + x.positive.numel() * 16 for x in layers)
+    res.update({"tokens": n, "plain_s": round(plain, 2), "record_s": round(rec, 2),
+                "plain_tokens_per_s": round(n / plain, 1), "record_tokens_per_s": round(n / rec, 1),
+                "record_over_plain": round(rec / plain, 2), "state_mb": round(state / 2**20, 1), "peak_rss_mb": peak_rss_mb()})
     return res
 
 
@@ -436,11 +441,11 @@ def write_markdown() -> None:
                          f"dog, 3 samples a side, on the demo model: {st}. Peak RSS {r['peak_rss_mb']} MB.")
             continue
         if c == "record":
-            runs = "; ".join(f"{x['tokens']:,} tokens: record {x['record_s']} s ({x['record_tokens_per_s']:,} tokens/s), plain "
-                             f"forward {x['plain_s']} s ({x['plain_tokens_per_s']:,} tokens/s), record / plain "
-                             f"{x['record_over_plain']}, peak RSS so far {x['peak_rss_mb_so_far']} MB" for x in r["runs"])
-            lines.append(f"- **record** ({r['machine']['date']}): {r['note']}; batches of {r['batch_tokens']} tokens, sequences of "
-                         f"{r['context']}. {runs}.")
+            lines.append(f"- **record** ({r['machine']['date']}): {r['note']}; batches of {r['batch_tokens']} tokens, sequences "
+                         f"of {r['context']}. {r['tokens']:,} tokens: record {r['record_s']} s ({r['record_tokens_per_s']:,} "
+                         f"tokens/s), plain forward {r['plain_s']} s ({r['plain_tokens_per_s']:,} tokens/s), record / plain "
+                         f"{r['record_over_plain']}. Running state {r['state_mb']} MB whatever the corpus size (histograms, "
+                         f"top and bottom N, counts); peak RSS {r['peak_rss_mb']} MB.")
             continue
         extra = []
         if "compile_s" in r:

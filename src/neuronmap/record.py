@@ -64,7 +64,7 @@ class LayerStats:
     total: np.ndarray
 
 
-class _Layer:
+class Running:
     """Running top-N, bottom-N, histogram and sum of one layer, on the model's device."""
 
     def __init__(self, d_mlp: int, n: int, dev: torch.device):
@@ -151,6 +151,27 @@ def batches(seqs, batch_tokens: int, limit: int | None):
         yield batch
 
 
+def encode(batch: list[Sequence], bos: int | None, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch as model input: ``ids`` ``[batch, seq]`` (BOS first where there is one, right-padded), ``valid``
+    (the recorded tokens) and the attention ``mask``."""
+    lead = 1 if bos is not None else 0
+    width = lead + max(len(s.token_ids) for s in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)  # [batch, seq]
+    valid = torch.zeros((len(batch), width), dtype=torch.bool)
+    for r, s in enumerate(batch):
+        if lead:
+            ids[r, 0] = bos
+        ids[r, lead:lead + len(s.token_ids)] = torch.tensor(s.token_ids)
+        valid[r, lead:lead + len(s.token_ids)] = True
+    return ids, valid, (valid | (torch.arange(width) < lead)).long()
+
+
+def add_batch(layers: list[Running], seen: list[torch.Tensor], valid: torch.Tensor, first: int) -> None:
+    """Merge one forward pass's recorded activations into the running statistics (store order: row by row)."""
+    for layer, acts in zip(layers, seen):
+        layer.add(acts[valid].float(), first)  # [T, d_mlp]
+
+
 def stream(m, corpus: Corpus, store: Path, context: int = CONTEXT, examples: int = EXAMPLES,
            batch_tokens: int = BATCH_TOKENS, tokens: int | None = None,
            progress: Callable[[int], None] | None = None) -> Stream:
@@ -175,22 +196,15 @@ def stream(m, corpus: Corpus, store: Path, context: int = CONTEXT, examples: int
     tok = require_tokenizer(m)
     bos = bos_token(tok)
     pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else 0
-    lead = 1 if bos is not None else 0
-    layers = [_Layer(m.d_mlp, examples, m.device) for _ in range(m.n_layers)]
+    layers = [Running(m.d_mlp, examples, m.device) for _ in range(m.n_layers)]
     base = getattr(m.model, "base_model", m.model)  # the decoder alone: the LM head's logits are not needed
     starts, row_doc, row_pos, docs, doc_index = [0], [], [], [], {}
     n = 0
     limit = min(tokens, MAX_TOKENS) if tokens is not None else MAX_TOKENS
     with open(store, "wb") as f, torch.no_grad(), recording(m) as seen:
         for batch in batches(sequences(corpus, tok, context), batch_tokens, limit):
-            width = lead + max(len(s.token_ids) for s in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)  # [batch, seq]
-            valid = torch.zeros((len(batch), width), dtype=torch.bool)
-            for r, s in enumerate(batch):
-                if lead:
-                    ids[r, 0] = bos
-                ids[r, lead:lead + len(s.token_ids)] = torch.tensor(s.token_ids)
-                valid[r, lead:lead + len(s.token_ids)] = True
+            ids, valid, mask = encode(batch, bos, pad)
+            for s in batch:
                 f.write(np.asarray(s.token_ids, np.int32).tobytes())
                 if s.doc not in doc_index:
                     doc_index[s.doc] = len(docs)
@@ -198,11 +212,8 @@ def stream(m, corpus: Corpus, store: Path, context: int = CONTEXT, examples: int
                 row_doc.append(doc_index[s.doc])
                 row_pos.append(s.start)
                 starts.append(starts[-1] + len(s.token_ids))
-            mask = (valid | (torch.arange(width) < lead)).long()
             base(input_ids=ids.to(m.device), attention_mask=mask.to(m.device), use_cache=False)
-            sel = valid.to(m.device)
-            for layer, acts in zip(layers, seen):
-                layer.add(acts[sel].float(), n)  # [T, d_mlp], rows in store order
+            add_batch(layers, seen, valid.to(m.device), n)
             n = starts[-1]
             if progress:
                 progress(n)
