@@ -112,6 +112,14 @@ def agreement(files: AtlasFiles, source, s) -> tuple[pa.Table, list[dict]]:
     Returns:
         ``(table, summary)``: one row per (layer, neuron, matrix, pole) in ``AGREEMENT_SCHEMA``, and the
         per-(layer, matrix, pole) means over neurons with examples of that pole.
+
+    Raises:
+        NeuronmapError: the weights cannot be read (``neuronmap.sources.open_weights``).
+
+    Example:
+        >>> table, summary = agreement(files, check_weights(files), s)  # doctest: +SKIP
+        >>> overall(summary)[0]["matrix"]  # doctest: +SKIP
+        'gate'
     """
     from neuronmap.decode import build_head
     from neuronmap.sources import open_weights

@@ -201,8 +201,17 @@ class Sequence:
 def sequences(c: Corpus, tokenizer, context: int) -> Iterator[Sequence]:
     """The corpus as sequences of at most ``context`` tokens, each within one document.
 
+    Args:
+        c: from ``open_corpus``.
+        tokenizer: a transformers tokenizer (no special tokens are added).
+        context: tokens per sequence.
+
     Raises:
         NeuronmapError: as ``documents``.
+
+    Example:
+        >>> next(sequences(open_corpus("notes.txt"), tok, 32)).start  # doctest: +SKIP
+        0
     """
     for name, pieces in documents(c):
         pos, pending = 0, []

@@ -6,12 +6,11 @@
 - ``evidence.parquet``: one row per neuron: mean, min, max, density, quantiles, histogram;
 - ``examples.parquet``: one row per kept example (neuron, pole, rank): activation, sequence, position, token;
 - ``contexts.parquet``: one row per sequence that holds an example: its document, start and token ids;
-- ``agreement.parquet``: one row per (neuron, matrix, pole): the scores of neuron.agreement.
+- ``agreement.parquet``: one row per (neuron, matrix, pole): the scores of neuronmap.agreement.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,19 @@ ROW_GROUP = 65536
 
 
 def tables(files: AtlasFiles, s) -> dict[str, pa.Table]:
-    """The evidence, examples and contexts tables of a recorded stream (``neuronmap.record.Stream``)."""
+    """The evidence, examples and contexts tables of a recorded stream.
+
+    Args:
+        files: the atlas (its shape).
+        s: a ``neuronmap.record.Stream``.
+
+    Returns:
+        ``{"evidence": ..., "examples": ..., "contexts": ...}`` in ``SCHEMAS``.
+
+    Example:
+        >>> tables(open_files("demo-atlas"), s)["evidence"].num_rows  # doctest: +SKIP
+        46080
+    """
     from neuronmap.bins import coarse_counts, quantiles
     from neuronmap.record import QUANTILES
 
@@ -93,6 +104,9 @@ def publish(files: AtlasFiles, tmp: Path, built: dict[str, pa.Table], entry: dic
 
     Raises:
         NeuronmapError: the atlas cannot be written.
+
+    Example:
+        >>> publish(files, tmp, {**tables(files, s), "agreement": agree}, entry)  # doctest: +SKIP
     """
     try:
         for name, t in built.items():
@@ -111,6 +125,9 @@ def check_evidence(files: AtlasFiles) -> None:
 
     Raises:
         NeuronmapError: naming the file and the fix (record again).
+
+    Example:
+        >>> check_evidence(AtlasFiles(Path("demo-atlas"), read_meta("demo-atlas")))  # doctest: +SKIP
     """
     entry = files.meta.get("evidence")
     if entry is None:
@@ -227,8 +244,3 @@ def neuron_evidence(files: AtlasFiles, neuron: str, examples: int | None = None)
     return NeuronEvidence(neuron_id(layer, idx), layer, idx, corpus, int(entry["tokens"]), stats, qs,
                           [float(x) for x in entry["hist_edges"]], [int(x) for x in ev["hist"]], shown, agree)
 
-
-def read_entry(path: Path | str) -> dict | None:
-    """The meta.json ``evidence`` entry of an atlas directory, or None (for tests and tools; readers use open_files)."""
-    meta = json.loads((Path(path) / "meta.json").read_text())
-    return meta.get("evidence")
