@@ -360,6 +360,42 @@ def case_ray_overhead(tmp: Path) -> dict:
             "single_s": round(single_s, 2), "single_threads": __import__("torch").get_num_threads(),
             "ray_s": round(ray_s, 2), "ray_start_s": round(start_s, 2), "ray_over_single": round(ray_s / single_s, 2),
             "tasks": on_ray.meta["ray"]["tasks"], "identical": same, "peak_rss_mb": peak_rss_mb()}
+def case_record(tmp: Path) -> dict:
+    """``record`` on the demo model against a plain forward pass of the same batches, in this one process."""
+    import torch
+
+    from neuronmap.corpus import open_corpus, sequences
+    from neuronmap.intervene import recording
+    from neuronmap.models import load_model
+    from neuronmap.record import BATCH_TOKENS, CONTEXT, EXAMPLES, Running, add_batch, batches, bos_token, encode
+
+    m = load_model(None)
+    (tmp / "c.txt").write_text((ROOT / "tests" / "data" / "concepts.txt").read_text() * 40)
+    c = open_corpus(tmp / "c.txt")
+    base = m.model.base_model
+    res: dict = {"case": "record", "machine": machine(), "batch_tokens": BATCH_TOKENS, "context": CONTEXT,
+                 "note": "demo model, fp32; tests/data/concepts.txt repeated; each batch run twice in turn: a plain decoder "
+                         "forward (no hooks), then record's step (hooks on every layer, then top-N, bins, counts)"}
+    layers = [Running(m.d_mlp, EXAMPLES, m.device) for _ in range(m.n_layers)]
+    plain = rec = 0.0
+    n = 0
+    with torch.no_grad():
+        for b in batches(sequences(c, m.tokenizer, CONTEXT), BATCH_TOKENS, 16384):
+            ids, valid, mask = encode(b, bos_token(m.tokenizer), 0)
+            t = time.perf_counter()
+            base(input_ids=ids, attention_mask=mask, use_cache=False)
+            plain += time.perf_counter() - t
+            t = time.perf_counter()
+            with recording(m) as seen:
+                base(input_ids=ids, attention_mask=mask, use_cache=False)
+                add_batch(layers, seen, valid, n)
+            rec += time.perf_counter() - t
+            n += int(valid.sum())
+    state = sum(x.counts.numel() * 4 + x.top_v.numel() * 24 + x.positive.numel() * 16 for x in layers)
+    res.update({"tokens": n, "plain_s": round(plain, 2), "record_s": round(rec, 2),
+                "plain_tokens_per_s": round(n / plain, 1), "record_tokens_per_s": round(n / rec, 1),
+                "record_over_plain": round(rec / plain, 2), "state_mb": round(state / 2**20, 1), "peak_rss_mb": peak_rss_mb()})
+    return res
 
 
 def run_case(name: str, device: str) -> dict:
@@ -371,6 +407,8 @@ def run_case(name: str, device: str) -> dict:
             return case_viewer(tmp)
         if name == "ray-overhead":
             return case_ray_overhead(tmp)
+        if name == "record":
+            return case_record(tmp)
         if name in SHAPES:
             # Written by a separate process, so the generator's memory is not this case's.
             (tmp / "ckpt").mkdir()
@@ -391,7 +429,7 @@ def _fmt_s(x) -> str:
 
 def write_markdown() -> None:
     results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
-    order = [c for c in ("demo", "llama-3.2-1b", "llama-3.1-8b-up", "atlas-8b", "viewer", "ray-overhead") if c in results]
+    order = [c for c in ("demo", "llama-3.2-1b", "llama-3.1-8b-up", "atlas-8b", "viewer", "ray-overhead", "record") if c in results]
     lines = [START, ""]
     machines = {json.dumps({k: v for k, v in r["machine"].items() if k != "date"}, sort_keys=True) for r in results.values()}
     for m in map(json.loads, machines):
@@ -402,7 +440,7 @@ def write_markdown() -> None:
               "naive / map | read MB | peak RSS MB |", "|" + "---|" * 15]
     for c in order:
         r = results[c]
-        if c in ("atlas-8b", "viewer", "ray-overhead"):
+        if c in ("atlas-8b", "viewer", "ray-overhead", "record"):
             continue
         for dtype in ("bfloat16", "float32"):
             x = r[dtype]
@@ -439,6 +477,13 @@ def write_markdown() -> None:
                            f"(ratio {x['ratio']:.1f}x)" for x in r["steer"])
             lines.append(f"- **viewer** ({r['machine']['date']}): {r['note']}. Pages: {pages}. Steering L29N808=20x, concept "
                          f"dog, 3 samples a side, on the demo model: {st}. Peak RSS {r['peak_rss_mb']} MB.")
+            continue
+        if c == "record":
+            lines.append(f"- **record** ({r['machine']['date']}): {r['note']}; batches of {r['batch_tokens']} tokens, sequences "
+                         f"of {r['context']}. {r['tokens']:,} tokens: record {r['record_s']} s ({r['record_tokens_per_s']:,} "
+                         f"tokens/s), plain forward {r['plain_s']} s ({r['plain_tokens_per_s']:,} tokens/s), record / plain "
+                         f"{r['record_over_plain']}. Running state {r['state_mb']} MB whatever the corpus size (histograms, "
+                         f"top and bottom N, counts); peak RSS {r['peak_rss_mb']} MB.")
             continue
         extra = []
         if "compile_s" in r:
@@ -483,7 +528,7 @@ def main() -> int:
         print(json.dumps(run_case(args.case, args.device)))
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
-    cases = args.only.split(",") if args.only else ["demo", "llama-3.2-1b", "atlas-8b", "viewer", "ray-overhead"] + (["llama-3.1-8b-up"] if args.llama8b else [])
+    cases = args.only.split(",") if args.only else ["demo", "llama-3.2-1b", "atlas-8b", "viewer", "ray-overhead", "record"] + (["llama-3.1-8b-up"] if args.llama8b else [])
     for c in cases:
         print(f"bench: {c} ...", flush=True)
         t = time.perf_counter()

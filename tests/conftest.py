@@ -226,10 +226,9 @@ NASTY = ["<script>window.__xss=1</script>", "</div>", "{{", '"', "\x07", b"\xe2\
 def atlas_with_tokens(root: Path, tokens: list[str | bytes], seed: int) -> Path:
     """A tiny llama whose tokenizer.json names ids 0.. by ``tokens`` (the rest ``x{i}``), mapped; returns the atlas.
 
-    A ``bytes`` token is raw bytes, e.g. the first two bytes of a three-byte UTF-8 character.
+    A ``bytes`` token is raw bytes, e.g. the first two bytes of a three-byte UTF-8 character. The checkpoint
+    (``atlas/../ck``) has a tokenizer transformers loads, so text can be run through the model.
     """
-    import json
-
     from neuronmap.mapper import map_model
 
     ck = make_tiny("llama", root / "ck", seed=seed)
@@ -239,8 +238,15 @@ def atlas_with_tokens(root: Path, tokens: list[str | bytes], seed: int) -> Path:
     enc = {v: k for k, v in _byte_decoder().items()}
     pieces = ["".join(enc[b] for b in (t if isinstance(t, bytes) else t.encode("utf-8"))) for t in tokens]
     vocab = {p: i for i, p in enumerate(pieces + [f"x{i}" for i in range(len(tokens), 64)])}
-    (ck / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []},
-                                                   "decoder": {"type": "ByteLevel"}}))
+    # A real tokenizer transformers loads, for running text: GPT-2's pre-tokenizer splits " coffee, dog." into
+    # byte-level words (" coffee" -> "Ġcoffee"), each looked up whole; words outside ``tokens`` become the last id.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="x63"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="x63").save_pretrained(ck)
     map_model(str(ck), root / "atlas")
     return root / "atlas"
 

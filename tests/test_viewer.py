@@ -259,3 +259,55 @@ def test_serve_cli_errors_are_one_line(capsys, tmp_path, worded):
         assert f"cannot listen on 127.0.0.1:{s.getsockname()[1]}" in msg and "pick another --port" in msg
     finally:
         s.close()
+
+
+# Tokens GPT-2's pre-tokenizer keeps whole, so running text becomes exactly these ids: joined in a window they would
+# form live markup if any were placed unescaped.
+HOSTILE = [" <", "<", "script", ">", "</", "img", " src", "=", "x", " onerror", "(", ")", "1", '"', "'", "&", "{{", " dog",
+           "window", " alert"]
+HOSTILE_TEXT = ' <script>window</script> <img src=x onerror=alert(1)> " & \' {{ dog <img src=x onerror=alert(1)>\n'
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """A tiny atlas whose tokenizer reads markup as tokens, with evidence recorded over markup-laden text."""
+    from neuronmap.record import record
+    from tests.conftest import atlas_with_tokens
+
+    root = tmp_path_factory.mktemp("hostile")
+    atlas = atlas_with_tokens(root, HOSTILE, seed=5)
+    (root / "corpus.txt").write_text(HOSTILE_TEXT * 6)
+    record(atlas, root / "corpus.txt", context=24, examples=4)
+    return atlas
+
+
+def test_evidence_panel_and_api_appear_when_the_atlas_has_evidence(hostile, worded, capsys):
+    c = client(hostile)
+    page = c.get("/neuron/L1N5")
+    assert page.status_code == 200
+    section = page.text.split('<section id="evidence">')[1].split("</section>")[0]
+    assert "Max-activating" in section and "Min-activating" in section and '<svg class="hist"' in section
+    assert section.count('<mark class="fire">') == 8 and "Agreement with the decoded top-k" in section
+    api = c.get("/api/evidence/L1N5")
+    assert api.status_code == 200 and api.json() == cli_json(capsys, "examples", str(hostile), "L1N5")
+    # Without evidence: the panel says how to add it, the API answers 404 with the same advice.
+    c = client(worded)
+    assert "this atlas holds no activation evidence: add it with" in c.get("/neuron/L1N5").text
+    r = c.get("/api/evidence/L1N5")
+    assert r.status_code == 404 and "holds no activation evidence: add it with `neuronmap record" in r.json()["error"]
+    assert c.get("/api/evidence/L9N0").status_code == 400  # a bad id is a bad request either way
+
+
+def test_evidence_windows_stay_escaped(hostile):
+    c = client(hostile)
+    d = c.get("/api/evidence/L0N0").json()
+    window = "".join(d["examples"]["+"][0]["before"])
+    assert "<" in window or ">" in window  # the windows do hold markup characters
+    for n in range(0, 24, 3):
+        text = c.get(f"/neuron/L0N{n}").text
+        tags = re.findall(r"<script\b[^>]*>", text)
+        assert all(t in ('<script src="/static/app.js">',) for t in tags), tags
+        assert "<img" not in text
+        section = text.split('<section id="evidence">')[1].split("</section>")[0]
+        assert "<img" not in section and "<script" not in section
+        assert "&lt;" in section  # shown, as text

@@ -110,8 +110,9 @@ class RowsWriter:
         self._writer.close()
 
 
-# What `map` writes into an atlas (and `search` adds beside it): the only names --overwrite may delete.
-ATLAS_FILES = frozenset({"meta.json", "neurons.parquet", "vocab.parquet", "token_index.parquet"})
+# What `map` writes into an atlas (and `search`, `record` add beside it): the only names --overwrite may delete.
+ATLAS_FILES = frozenset({"meta.json", "neurons.parquet", "vocab.parquet", "token_index.parquet", "evidence.parquet",
+                         "examples.parquet", "contexts.parquet", "agreement.parquet"})
 
 
 def _is_atlas_dir(out: Path) -> bool:
@@ -385,7 +386,8 @@ def open_files(path: Path | str) -> AtlasFiles:
         AtlasFiles.
 
     Raises:
-        NeuronmapError: as ``read_meta``; or a Parquet file is unreadable, lacks a column or has the wrong row count.
+        NeuronmapError: as ``read_meta``; or a Parquet file (the evidence files too, when meta.json records
+            evidence) is unreadable, lacks a column or has the wrong row count.
 
     Example:
         >>> open_files("demo-atlas").neurons.name  # doctest: +SKIP
@@ -397,4 +399,7 @@ def open_files(path: Path | str) -> AtlasFiles:
     if not files.vocab.is_file():
         raise NeuronmapError(f"{files.vocab} is missing: {hint}")
     check_parquet(files.vocab, VOCAB_SCHEMA, files.meta["d_vocab"], hint)
+    from neuronmap.evidence import check_evidence  # evidence.py builds on this module
+
+    check_evidence(files)
     return files

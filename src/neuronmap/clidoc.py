@@ -30,6 +30,7 @@ GUIDES = {
     "clamp": "docs/intervene.md", "generate": "docs/intervene.md", "verify": "docs/intervene.md", "remove": "docs/remove.md",
     "serve": "docs/viewer.md", "layer": "docs/viewer.md", "similar": "docs/viewer.md",
     "compare": "docs/compare.md", "map-many": "docs/scaling.md", "trajectory": "docs/scaling.md",
+    "record": "docs/method.md#activation-evidence", "examples": "docs/method.md#activation-evidence",
 }
 
 

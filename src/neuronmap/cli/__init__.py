@@ -13,6 +13,7 @@ from neuronmap.cli.atlas_cmds import add_map, add_search, add_show, add_stats
 from neuronmap.cli.browse_cmds import add_layer, add_serve, add_similar
 from neuronmap.cli.common import _tok, err  # noqa: F401 (_tok: tests render tokens as the tables do)
 from neuronmap.cli.compare_cmd import add_compare
+from neuronmap.cli.evidence_cmds import add_examples, add_record
 from neuronmap.cli.model_cmds import add_clamp, add_generate, add_verify
 from neuronmap.cli.remove_cmd import add_remove
 from neuronmap.cli.series_cmds import add_map_many, add_trajectory
@@ -20,7 +21,7 @@ from neuronmap.errors import NeuronmapError, damaged_data
 from neuronmap.fsio import exit_on_signals, restore_signals
 
 COMMANDS = [add_map, add_search, add_show, add_layer, add_similar, add_stats, add_clamp, add_generate, add_verify, add_compare,
-            add_map_many, add_trajectory, add_remove, add_serve]
+            add_map_many, add_trajectory, add_remove, add_record, add_examples, add_serve]
 
 
 class _Parser(argparse.ArgumentParser):

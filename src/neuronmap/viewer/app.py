@@ -138,6 +138,7 @@ def build(served: Served, steer: SteerRunner) -> Starlette:
         Route("/api/search", api(lambda r: (None, d.search(r)[1][0]))),
         Route("/api/neuron/{neuron}", api(lambda r: (None, d.neuron(r)[1][1]))),
         Route("/api/similar/{neuron}", api(d.similar)),
+        Route("/api/evidence/{neuron}", api(d.evidence)),
         Route("/api/layer/{layer}", api(lambda r: (None, d.layer(r)[1][1]))),
         Route("/api/compare", api(lambda r: (None, d.compare(r)[1]))),
         Route("/api/steer", steer_endpoint, methods=["POST"]),

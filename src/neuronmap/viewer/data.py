@@ -13,6 +13,8 @@ from neuronmap import search as search_api
 from neuronmap.atlas import AtlasFiles
 from neuronmap.browse import PAGE, confident_words, layer_rows
 from neuronmap.errors import NeuronmapError
+from neuronmap.evidence import has_evidence, neuron_evidence
+from neuronmap.ids import parse_neuron_id
 from neuronmap.scoring import check_weights
 from neuronmap.search import records
 from neuronmap.similar import TOP as SIMILAR_TOP, similar
@@ -105,11 +107,21 @@ class Data:
         return name, (r, note)
 
     def neuron(self, request: Request):
-        """``(name, (meta, NeuronReport, weights_ok, note))``: ranks are exact when the weights are present."""
+        """``(name, (meta, NeuronReport, weights_ok, note, NeuronEvidence | None))``: ranks exact when the weights are present."""
         name, files = self._atlas(request)
         ok, note = self.weights(files)
         r = search_api.show(files, request.path_params["neuron"], stored=not ok)
-        return name, (files.meta, r, ok, note)
+        ev = neuron_evidence(files, request.path_params["neuron"]) if has_evidence(files) else None
+        return name, (files.meta, r, ok, note, ev)
+
+    def evidence(self, request: Request):
+        """``(name, NeuronEvidence)``, the payload of ``neuronmap examples --json``."""
+        name, files = self._atlas(request)
+        if not has_evidence(files):
+            parse_neuron_id(request.path_params["neuron"], int(files.meta["n_layers"]), int(files.meta["d_mlp"]))
+            raise RequestError(f"atlas {name!r} holds no activation evidence: add it with "
+                               f"`neuronmap record {files.root} --corpus CORPUS`", 404)
+        return name, neuron_evidence(files, request.path_params["neuron"])
 
     def similar(self, request: Request):
         name, files = self._atlas(request)

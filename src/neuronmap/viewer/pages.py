@@ -5,6 +5,8 @@ Every function returns the page body (HTML); ``render.layout`` wraps it.
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 
 from neuronmap.ids import MATRICES
@@ -104,7 +106,7 @@ def search_results(name: str, first: str, r, note: str | None) -> str:
 # ------------------------------------------------------------------ /neuron
 
 
-def neuron(name: str, first: str, meta: dict, report, weights_ok: bool, weights_note: str | None) -> str:
+def neuron(name: str, first: str, meta: dict, report, weights_ok: bool, weights_note: str | None, evidence=None) -> str:
     d = report.to_dict()
     n_layers, d_mlp = int(meta["n_layers"]), int(meta["d_mlp"])
     L, N = d["layer"], d["neuron"]
@@ -129,8 +131,62 @@ def neuron(name: str, first: str, meta: dict, report, weights_ok: bool, weights_
     return f"""<h1>{esc(d['id'])} <small>{esc(name)}</small></h1><p class="nav">{nav}</p>
 <div class="cards">{''.join(cards)}</div>
 <section><h2>Most similar vectors</h2><p class="sub">|cosine| over the weights, same matrix, any layer; a negative cosine pairs with the other neuron's − pole</p>{similar}</section>
-<section><h2>Activation evidence</h2><p class="sub">this atlas holds no activation evidence</p></section>
+<section id="evidence"><h2>Activation evidence</h2>{evidence_panel(evidence)}</section>
 <section><h2>Steer</h2>{steer}</section>"""
+
+
+def _context(ex: dict, width: int = 16) -> str:
+    """An example's window: each token escaped, the firing one marked; newlines shown as ⏎."""
+    def show(t: str) -> str:
+        return esc(t.replace("\n", "⏎"))
+    return ('<span class="ctx">' + "".join(show(t) for t in ex["before"][-width:])
+            + f'<mark class="fire">{show(ex["token"])}</mark>' + "".join(show(t) for t in ex["after"]) + "</span>")
+
+
+def _histogram(edges: list[float], counts: list[int], width: int = 400, height: int = 80) -> str:
+    """The non-empty span of the histogram as SVG bars (log counts), attributes only (the CSP holds)."""
+    nz = [i for i, c in enumerate(counts) if c]
+    if not nz:
+        return ""
+    lo, hi = nz[0], nz[-1]
+    top = math.log1p(max(counts))
+    w = width / (hi - lo + 1)
+    bars = "".join(f'<rect class="fill" x="{(i - lo) * w:.1f}" y="{height - h:.1f}" width="{max(w - 1, 1):.1f}" height="{h:.1f}">'
+                   f"<title>{esc(_bin_label(edges, i))}: {counts[i]:,}</title></rect>"
+                   for i in range(lo, hi + 1) for h in [height * math.log1p(counts[i]) / top])
+    return (f'<svg class="hist" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="histogram of activations">{bars}</svg>'
+            f'<p class="sub">{esc(_bin_label(edges, lo))} … {esc(_bin_label(edges, hi))}; bar height: log(1 + count)</p>')
+
+
+def _bin_label(edges: list[float], i: int) -> str:
+    """Bin ``i`` of the stored histogram: ``[lo, hi)`` at and above 0, ``(lo, hi]`` below (neuronmap.bins)."""
+    lo = f"{edges[i - 1]:.3g}" if i > 0 else "-inf"
+    hi = f"{edges[i]:.3g}" if i < len(edges) else "inf"
+    return f"({lo}, {hi}]" if i < len(edges) and edges[i] <= 0 else f"[{lo}, {hi})"
+
+
+def evidence_panel(ev) -> str:
+    """The neuron page's evidence section from a ``NeuronEvidence`` (None: the atlas has none)."""
+    if ev is None:
+        return '<p class="sub">this atlas holds no activation evidence: add it with <code>neuronmap record ATLAS --corpus CORPUS</code></p>'
+    d = ev.to_dict()
+    head = (f'<p class="sub">{d["tokens"]:,} tokens of {esc(d["corpus"]["name"])} · mean {num(d["mean"], ".3f")} · '
+            f'min {num(d["min"], ".3f")} · max {num(d["max"], ".3f")} · density (share &gt; 0) {num(d["density"], ".1%")}</p>')
+    qs = table([esc(f"{100 * q['q']:g}%") for q in d["quantiles"]], [[num(q["value"], ".3f") for q in d["quantiles"]]], "quantiles")
+    parts = [head, qs, _histogram(d["histogram"]["edges"], d["histogram"]["counts"])]
+    for pole, title in (("+", "Max-activating"), ("-", "Min-activating")):
+        rows = [[str(x["rank"]), num(x["activation"], ".3f"), esc(f"{x['doc']}@{x['position']}"), _context(x)] for x in d["examples"][pole]]
+        parts.append(f"<h3>{title}</h3>" + (table(["#", "activation", "document", "context"], rows, f"examples pole{'plus' if pole == '+' else 'minus'}")
+                                            if rows else "<p>none</p>"))
+    pct = lambda x: num(x, ".1%")  # noqa: E731
+    rows = [[esc(a["matrix"]), esc(a["pole"]), str(a["n"]), pct(a["next_hit"]), pct(a["next_base"]), pct(a["current_hit"]),
+             pct(a["current_base"]), pct(a["effect_share"]), pct(a["effect_base"])] for a in d["agreement"]]
+    parts.append('<h3>Agreement with the decoded top-k</h3><p class="sub">at the examples where the pole is the residual\'s side; '
+                 "base: another neuron's top-k on the same examples (docs/method.md)</p>"
+                 + table(["matrix", "pole", "examples", "next in top-k", "base", "current in top-k", "base", "effect share", "base"],
+                         rows, "agreement"))
+    return "".join(parts)
 
 
 def _steer_form(name: str, nid: str) -> str:
