@@ -6,7 +6,6 @@ Every number is read from the atlas (no weights).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from neuronmap.concepts import read_vocab
 from neuronmap.errors import NeuronmapError
 from neuronmap.mapper import STOPWORDS, WORD
 from neuronmap.search import records
-from neuronmap.stats import TOKEN_CLASSES, token_class
+from neuronmap.stats import TOKEN_CLASSES, vocab_classes
 
 SORTS = ("confidence", "entropy", "norm", "neuron")
 _COLUMN = {"confidence": "top_prob", "entropy": "entropy", "norm": "weight_norm", "neuron": "neuron"}
@@ -29,17 +28,6 @@ PAGE = 50
 MAX_PAGE = 1000
 WORDS = 12  # confident words listed on the atlas page
 WORD_MIN_PROB = 0.3  # as the map's summary of confident content words
-
-
-@functools.lru_cache(maxsize=8)
-def _classes(vocab: Path, stamp: int) -> np.ndarray:
-    tokens = read_vocab(AtlasFiles(vocab.parent, {}))
-    return np.array([TOKEN_CLASSES.index(token_class(t)) for t in tokens], np.int8)
-
-
-def vocab_classes(files: AtlasFiles) -> np.ndarray:
-    """Each token id's class, an index into ``stats.TOKEN_CLASSES``; ``[d_vocab]`` int8, computed once per vocab file."""
-    return _classes(files.vocab, files.vocab.stat().st_mtime_ns)
 
 
 @dataclass(frozen=True)

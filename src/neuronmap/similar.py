@@ -91,8 +91,9 @@ def similar(files: AtlasFiles, neuron: str, matrices: str | None = None, top: in
     parts = []
     with torch.inference_mode():
         for m in mats:
-            me = _unit(w.vectors(m, layer)[idx: idx + 1])[0]  # [d_model]
-            cos = torch.cat([_unit(w.vectors(m, x)) @ me for x in lays])  # [n_layers * d_mlp]
+            own = _unit(w.vectors(m, layer))  # [d_mlp, d_model]
+            me = own[idx]  # [d_model]
+            cos = torch.cat([(own if x == layer else _unit(w.vectors(m, x))) @ me for x in lays])  # [n_layers * d_mlp]
             cos[lays.index(layer) * d_mlp + idx] = 0.0  # not itself
             best = torch.topk(cos.abs(), min(top, len(cos))).indices.numpy()
             c = cos.numpy()[best].astype(np.float64)

@@ -142,7 +142,7 @@ class Data:
 
     def compare(self, request: Request):
         """``((a, b), Comparison)`` of two served atlases (default: the first two)."""
-        from neuronmap.compare import compare
+        from neuronmap.compare import TOP, compare
 
         names = self.served.names
         if len(names) < 2:
@@ -150,6 +150,6 @@ class Data:
         a, fa = self.served.get(request.query_params.get("a") or names[0])
         b, fb = self.served.get(request.query_params.get("b") or names[1])
         level = request.query_params.get("level") or "auto"
-        top = query_int(request, "top", 15, 1, 1000)
+        top = query_int(request, "top", TOP, 1, 1000)
         c = self.served.cached(("compare", a, b, level, top), lambda: compare(str(fa.root), str(fb.root), level, top=top))
         return (a, b), c

@@ -113,9 +113,9 @@ def neuron(name: str, first: str, meta: dict, report, weights_ok: bool, weights_
     prev = f"L{L}N{N - 1}" if N > 0 else (f"L{L - 1}N{d_mlp - 1}" if L > 0 else None)
     nxt = f"L{L}N{N + 1}" if N + 1 < d_mlp else (f"L{L + 1}N0" if L + 1 < n_layers else None)
     nav = " · ".join(x for x in [
-        neuron_link(prev, name, first).replace(">", ">← ", 1) if prev else "",
+        link(url(f"/neuron/{prev}", atlas=_a(name, first)), "← " + esc(prev)) if prev else "",
         link(url(f"/layer/{L}", atlas=_a(name, first)), f"layer {L}"),
-        neuron_link(nxt, name, first).replace("</a>", " →</a>") if nxt else ""] if x)
+        link(url(f"/neuron/{nxt}", atlas=_a(name, first)), esc(nxt) + " →") if nxt else ""] if x)
     cards = []
     for r in d["rows"]:
         rows = [[tok(t), bar(p) + " " + num(p), num(lg, ".2f")] for t, p, lg in zip(r["tokens"], r["probs"], r["logits"])]

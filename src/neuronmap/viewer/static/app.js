@@ -13,19 +13,20 @@ function el(tag, attrs = {}, text = null, ns = null) {
 }
 
 function repr(t) {
-  // As Python's repr: the viewer shows every token the way the CLI does.
+  // As Python's repr: the viewer shows every token the way the CLI does (double quotes when only ' occurs).
+  const q = t.includes("'") && !t.includes('"') ? '"' : "'";
   let s = "";
   for (const ch of t) {
     const c = ch.codePointAt(0);
     if (ch === "\\") s += "\\\\";
-    else if (ch === "'") s += "\\'";
+    else if (ch === q) s += "\\" + q;
     else if (ch === "\n") s += "\\n";
     else if (ch === "\r") s += "\\r";
     else if (ch === "\t") s += "\\t";
     else if (c < 0x20 || (c >= 0x7f && c < 0xa0)) s += "\\x" + c.toString(16).padStart(2, "0");
     else s += ch;
   }
-  return "'" + s + "'";
+  return q + s + q;
 }
 
 function tok(t) { return el("code", { class: "tok" }, repr(t)); }
