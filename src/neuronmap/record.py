@@ -20,7 +20,9 @@ directory inside the atlas and renamed into place only when complete
 
 from __future__ import annotations
 
+import ctypes
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,9 +30,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from neuronmap import fsio
 from neuronmap.atlas import open_files
-from neuronmap.bins import N_BINS, bin_index, hist_edges
+from neuronmap import fsio, native
+from neuronmap.bins import N_BINS, TOP_BITS, bin_index_fast, bin_table, hist_edges
 from neuronmap.corpus import Corpus, Sequence, open_corpus, sequences
 from neuronmap.errors import NeuronmapError
 from neuronmap.intervene import recording
@@ -78,24 +80,55 @@ class Running:
         self.total = torch.zeros(d_mlp, dtype=torch.float64, device=dev)
         self.offsets = torch.arange(d_mlp, device=dev, dtype=torch.int32) * self.nb  # [d_mlp]
 
+    def add_rows(self, acts: torch.Tensor, rows: torch.Tensor, first: int) -> str:
+        """Add the recorded tokens of one forward pass; which path ran: ``native`` or ``torch``.
+
+        Args:
+            acts: ``[batch, seq, d_mlp]`` the layer's activations.
+            rows: ``[T]`` int64, the recorded tokens' indices in ``acts`` flattened to ``[batch * seq, d_mlp]``,
+                in token-store order; they are tokens ``first .. first+T-1`` of the store.
+        """
+        flat = acts.reshape(-1, acts.shape[-1])  # [batch * seq, d_mlp]
+        lib = native.load("record") if flat.device.type == "cpu" else None
+        if lib is None:
+            self.add(flat.index_select(0, rows).float().T.contiguous(), first)
+            return "torch"
+        flat = flat.float().contiguous()
+        rows = rows.contiguous()
+        p = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+        i64 = ctypes.c_int64
+        lib.nm_record(p(flat), i64(flat.shape[1]), p(rows), i64(len(rows)), i64(first), i64(flat.shape[1]),
+                      i64(self.top_v.shape[1]), p(self.top_v), p(self.top_i), p(self.bot_v), p(self.bot_i),
+                      p(self.counts), i64(self.nb), p(bin_table(flat.device)), ctypes.c_int(TOP_BITS),
+                      p(self.positive), p(self.total), ctypes.c_int(torch.get_num_threads()))
+        return "native"
+
     def add(self, acts: torch.Tensor, first: int) -> None:
-        """``acts`` ``[T, d_mlp]`` fp32 of tokens ``first .. first+T-1`` of the token store."""
-        n = min(self.top_v.shape[1], len(acts))
-        # The batch's own top-N first (one pass over [T, d_mlp]), then a merge of two [d_mlp, N] lists.
-        for largest in (True, False):
-            v, j = acts.topk(n, 0, largest=largest)  # [n, d_mlp]
-            keep_v, keep_i = (self.top_v, self.top_i) if largest else (self.bot_v, self.bot_i)
-            both_v = torch.cat([keep_v, v.T], 1)  # [d_mlp, N + n]
-            both_i = torch.cat([keep_i, j.T + first], 1)
-            mv, mj = both_v.topk(keep_v.shape[1], 1, largest=largest)
-            if largest:
-                self.top_v, self.top_i = mv, both_i.gather(1, mj)
-            else:
-                self.bot_v, self.bot_i = mv, both_i.gather(1, mj)
-        bins = bin_index(acts) + self.offsets  # [T, d_mlp]
-        self.counts += torch.bincount(bins.reshape(-1), minlength=self.counts.numel()).to(torch.int32)
-        self.positive += (acts > 0).sum(0)
-        self.total += acts.sum(0).double()  # fp32 within a batch, fp64 across batches
+        """``acts`` ``[d_mlp, T]`` fp32, contiguous, of tokens ``first .. first+T-1`` of the token store."""
+        # Neuron-major so that each neuron's T values are contiguous: topk and the histogram's scatter each stay
+        # in one row at a time (1.6x and 3x faster than token-major here).
+        self._merge(acts, first, largest=True)
+        self._merge(acts, first, largest=False)
+        bins = bin_index_fast(acts).view_as(acts).add_(self.offsets[:, None])  # [d_mlp, T]
+        self.counts += torch.bincount(bins.view(-1), minlength=self.counts.numel()).to(torch.int32)
+        self.positive += (acts > 0).sum(1)
+        self.total += acts.sum(1).double()  # fp32 within a batch, fp64 across batches
+
+    def _merge(self, acts: torch.Tensor, first: int, largest: bool) -> None:
+        """Merge the batch into the running top-N (or bottom-N), only for neurons with a value past their N-th."""
+        keep_v, keep_i = (self.top_v, self.top_i) if largest else (self.bot_v, self.bot_i)
+        edge = keep_v[:, -1:]  # [d_mlp, 1] the N-th kept value: -inf (+inf) until N are kept
+        # Once the lists fill, most neurons have nothing in a batch that beats their N-th value: skip them.
+        rows = ((acts > edge) if largest else (acts < edge)).any(1).nonzero().squeeze(1)  # [n_rows]
+        if not len(rows):
+            return
+        sub = acts.index_select(0, rows)  # [n_rows, T]
+        v, j = sub.topk(min(keep_v.shape[1], sub.shape[1]), 1, largest=largest)
+        both_v = torch.cat([keep_v[rows], v], 1)  # [n_rows, N + n]
+        both_i = torch.cat([keep_i[rows], j + first], 1)
+        mv, mj = both_v.topk(keep_v.shape[1], 1, largest=largest)
+        keep_v[rows] = mv
+        keep_i[rows] = both_i.gather(1, mj)
 
     def finish(self) -> LayerStats:
         c = lambda x: x.cpu().numpy()  # noqa: E731
@@ -114,6 +147,7 @@ class Stream:
         row_doc: ``[n_rows]`` document index into ``docs``; row_pos: ``[n_rows]`` the sequence's first token in its document.
         docs: document names.
         store: the token store (int32 token ids, one per recorded token).
+        kernel: how the statistics were kept: ``native`` (neuronmap/csrc/record.c) or ``torch``.
     """
 
     layers: list[LayerStats]
@@ -123,6 +157,7 @@ class Stream:
     row_pos: np.ndarray
     docs: list[str]
     store: Path
+    kernel: str
 
 
 def bos_token(tok) -> int | None:
@@ -166,10 +201,22 @@ def encode(batch: list[Sequence], bos: int | None, pad: int) -> tuple[torch.Tens
     return ids, valid, (valid | (torch.arange(width) < lead)).long()
 
 
-def add_batch(layers: list[Running], seen: list[torch.Tensor], valid: torch.Tensor, first: int) -> None:
-    """Merge one forward pass's recorded activations into the running statistics (store order: row by row)."""
-    for layer, acts in zip(layers, seen):
-        layer.add(acts[valid].float(), first)  # [T, d_mlp]
+def record_batch(m, layers: list[Running], ids: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor,
+                 first: int) -> str:
+    """One forward pass of the decoder, each layer's activations merged into ``layers`` as the pass makes them.
+
+    Args:
+        m: the model; ids, valid, mask: from ``encode``; first: the store index of the batch's first token.
+
+    Returns:
+        The path the statistics took: ``native`` (the C kernel) or ``torch``.
+    """
+    rows = valid.reshape(-1).nonzero().squeeze(1).to(m.device)  # [T] in store order: row by row
+    used = set()
+    base = getattr(m.model, "base_model", m.model)  # the decoder alone: the LM head's logits are not needed
+    with recording(m, lambda i, acts: used.add(layers[i].add_rows(acts, rows, first))):
+        base(input_ids=ids.to(m.device), attention_mask=mask.to(m.device), use_cache=False)
+    return "torch" if "torch" in used else "native"
 
 
 def stream(m, corpus: Corpus, store: Path, context: int = CONTEXT, examples: int = EXAMPLES,
@@ -197,11 +244,11 @@ def stream(m, corpus: Corpus, store: Path, context: int = CONTEXT, examples: int
     bos = bos_token(tok)
     pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else 0
     layers = [Running(m.d_mlp, examples, m.device) for _ in range(m.n_layers)]
-    base = getattr(m.model, "base_model", m.model)  # the decoder alone: the LM head's logits are not needed
-    starts, row_doc, row_pos, docs, doc_index = [0], [], [], [], {}
-    n = 0
+    # Typed arrays, not lists: 8 bytes a sequence, not ~36 (a 10M-token run has ~300k sequences).
+    starts, row_doc, row_pos, docs, doc_index = array("q", [0]), array("i"), array("q"), [], {}
+    n, kernel = 0, "native"
     limit = min(tokens, MAX_TOKENS) if tokens is not None else MAX_TOKENS
-    with open(store, "wb") as f, torch.no_grad(), recording(m) as seen:
+    with open(store, "wb") as f, torch.no_grad():
         for batch in batches(sequences(corpus, tok, context), batch_tokens, limit):
             ids, valid, mask = encode(batch, bos, pad)
             for s in batch:
@@ -212,15 +259,15 @@ def stream(m, corpus: Corpus, store: Path, context: int = CONTEXT, examples: int
                 row_doc.append(doc_index[s.doc])
                 row_pos.append(s.start)
                 starts.append(starts[-1] + len(s.token_ids))
-            base(input_ids=ids.to(m.device), attention_mask=mask.to(m.device), use_cache=False)
-            add_batch(layers, seen, valid.to(m.device), n)
+            if record_batch(m, layers, ids, valid, mask, n) == "torch":
+                kernel = "torch"
             n = starts[-1]
             if progress:
                 progress(n)
     if n == 0:
         raise NeuronmapError(f"--corpus {corpus.path} holds no text (0 tokens): give a corpus with some text")
     return Stream([x.finish() for x in layers], n, np.asarray(starts, np.int64), np.asarray(row_doc, np.int32),
-                  np.asarray(row_pos, np.int64), docs, store)
+                  np.asarray(row_pos, np.int64), docs, store, kernel)
 
 
 @dataclass(frozen=True)
@@ -303,7 +350,7 @@ def record(atlas: Path | str, corpus: Path | str, text_column: str | None = None
         agree, summary = agreement(files, src, s)
         entry = {"corpus": c.to_dict(), "tokens": s.n_tokens, "documents": len(s.docs), "sequences": len(s.row_doc),
                  "context": context, "examples": examples, "batch_tokens": batch_tokens,
-                 "bos": bos_token(m.tokenizer), "device": str(m.device),
+                 "bos": bos_token(m.tokenizer), "device": str(m.device), "kernel": s.kernel,
                  "record_s": round(seconds, 3), "tokens_per_s": round(s.n_tokens / max(seconds, 1e-9), 1),
                  "quantiles": list(QUANTILES), "hist_edges": [float(x) for x in hist_edges()],
                  "rows": {k: v.num_rows for k, v in {**built, "agreement": agree}.items()}, "agreement": summary,
