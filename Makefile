@@ -22,26 +22,31 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# The viewer's browser tests drive Debian's Chromium through Playwright (Playwright's own browser download cannot
-# work offline); root installs it here, anyone else is told how.
+# Debian packages that make uses: Chromium for the viewer's browser tests (Playwright's own browser download
+# cannot work offline) and dict-gcide, the demo's corpus (GCIDE, GPL-2+). Root installs them here, anyone else is told how.
 BROWSER := /usr/bin/chromium
-$(BROWSER):
-	@if [ "$$(id -u)" = 0 ]; then apt-get install -y -q chromium >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null); \
-	else echo "the viewer tests need Chromium: run 'sudo apt-get install -y chromium'"; exit 1; fi
+GCIDE := /usr/share/dictd/gcide.dict.dz
+$(BROWSER): PKG := chromium
+$(GCIDE): PKG := dict-gcide
+$(BROWSER) $(GCIDE):
+	@if [ "$$(id -u)" = 0 ]; then apt-get install -y -q $(PKG) >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q $(PKG) >/dev/null); \
+	else echo "make needs Debian's $(PKG): run 'sudo apt-get install -y $(PKG)'"; exit 1; fi
 
-demo: $(STAMP)
+# The atlas of the embedded model, then activation evidence from every 50th entry of GCIDE (~190k tokens).
+demo: $(STAMP) $(GCIDE)
 	$(BIN)/neuronmap map -o demo-atlas --overwrite
+	$(BIN)/neuronmap record demo-atlas --corpus $(GCIDE) --every 50 --tokens 200000
 
 # The viewer on the demo atlas (run `make demo` first).
 serve: $(STAMP)
 	$(BIN)/neuronmap serve demo-atlas --open
 
 # The whole suite, slow tests too (CI); it fails when docs/cli.md or the README's command table is stale.
-test: $(STAMP) $(BROWSER)
+test: $(STAMP) $(BROWSER) $(GCIDE)
 	$(BIN)/python -m pytest -q
 
 # The inner loop: everything but the tests that need the real models (marked slow in tests/conftest.py).
-test-fast: $(STAMP) $(BROWSER)
+test-fast: $(STAMP) $(BROWSER) $(GCIDE)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # docs/cli.md and the README's command table, regenerated from the argparse parser (each file written atomically).

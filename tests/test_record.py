@@ -237,7 +237,7 @@ def test_record_refuses_another_model(recorded, corpus, tmp_path, capsys):
     (lambda d: (d / "e.jsonl").write_text('{"body": "x"}\n'), [], "e.jsonl:1 has no field 'text' (it has body): name the text field with --text-column"),
     (lambda d: pq.write_table(pa.table({"body": ["a dog"]}), d / "e.parquet"), ["--text-column", "content"],
      "has no column 'content' (it has body): name the text column with --text-column"),
-    (lambda d: (d / "e.txt").write_text("x"), ["--text-column", "body"], "applies to .jsonl and .parquet corpora"),
+    (lambda d: (d / "e.txt").write_text("x"), ["--text-column", "body"], "applies to .jsonl, .parquet and hf: corpora"),
     (lambda d: (d / "e").mkdir(), [], "is a directory with no .txt or .md files"),
     (lambda d: None, [], "does not exist"),
 ])

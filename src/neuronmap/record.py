@@ -299,7 +299,7 @@ def check_args(tokens: int | None, context: int, examples: int, batch_tokens: in
             raise NeuronmapError(f"{name} {v} is out of range: expected a whole number >= {lo}")
 
 
-def record(atlas: Path | str, corpus: Path | str, text_column: str | None = None, tokens: int | None = None,
+def record(atlas: Path | str, corpus: Path | str, text_column: str | None = None, every: int = 1, tokens: int | None = None,
            context: int = CONTEXT, examples: int = EXAMPLES, batch_tokens: int = BATCH_TOKENS,
            source: str | None = None, device: str = DEVICE, overwrite: bool = False,
            progress: Callable[[int], None] | None = None) -> RecordResult:
@@ -308,7 +308,8 @@ def record(atlas: Path | str, corpus: Path | str, text_column: str | None = None
     Args:
         atlas: an atlas directory made by ``neuronmap map``.
         corpus: anything ``neuronmap.corpus.open_corpus`` takes.
-        text_column: the text column of a JSONL or Parquet corpus.
+        text_column: the text column of a JSONL, Parquet or ``hf:`` corpus.
+        every: read the first of each ``every`` documents (a spread-out slice of a large corpus).
         tokens: record at most this many tokens.
         context: tokens per sequence the model reads.
         examples: top-N and bottom-N examples kept per neuron.
@@ -338,7 +339,7 @@ def record(atlas: Path | str, corpus: Path | str, text_column: str | None = None
     if "evidence" in files.meta and not overwrite:
         raise NeuronmapError(f"{files.root} already holds activation evidence (from "
                              f"{files.meta['evidence'].get('corpus', {}).get('name', '?')}): pass --overwrite to replace it")
-    c = open_corpus(corpus, text_column)
+    c = open_corpus(corpus, text_column, every)
     src = check_weights(files, source, fix="pass --source PATH if they only moved")
     m = load_model(src, device, "float32")
     t0 = time.perf_counter()

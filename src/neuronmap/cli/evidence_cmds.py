@@ -17,8 +17,12 @@ def add_record(sub) -> None:
 
     p = sub.add_parser("record", help="add activation evidence to an atlas: what each neuron fires on in a corpus")
     p.add_argument("atlas", help="atlas directory made by `neuronmap map`")
-    p.add_argument("--corpus", required=True, help="a .txt or .md file, a directory of them, .jsonl or .parquet")
-    p.add_argument("--text-column", default=None, help="the text column of a .jsonl or .parquet corpus (default text)")
+    p.add_argument("--corpus", required=True, help="a .txt or .md file, a directory of them, .jsonl, .parquet, a dictd "
+                   ".dict.dz (e.g. /usr/share/dictd/gcide.dict.dz), or hf:NAME[:CONFIG[:SPLIT]] from the local "
+                   "Hugging Face datasets cache")
+    p.add_argument("--text-column", default=None, help="the text column of a .jsonl, .parquet or hf: corpus (default text)")
+    p.add_argument("--every", type=int_at_least(1), default=1,
+                   help="read the first of each N documents: a spread-out slice of a large corpus (default 1: all)")
     p.add_argument("--tokens", type=int_at_least(1), default=None, help="record at most this many tokens (default: all)")
     p.add_argument("--context", type=int_at_least(1), default=CONTEXT, help=f"tokens per sequence the model reads (default {CONTEXT})")
     p.add_argument("--examples", type=int_at_least(1), default=EXAMPLES,
@@ -48,8 +52,8 @@ def cmd_record(args) -> int:
         def progress(done: int) -> None:
             bar.update(task, completed=done, rate=f"{done / max(time.perf_counter() - t0, 1e-9):,.0f} tokens/s")
 
-        r = record(args.atlas, args.corpus, args.text_column, args.tokens, args.context, args.examples, args.batch_tokens,
-                   args.source, args.device, args.overwrite, progress)
+        r = record(args.atlas, args.corpus, args.text_column, args.every, args.tokens, args.context, args.examples,
+                   args.batch_tokens, args.source, args.device, args.overwrite, progress)
     if args.json:
         _print_json(r.to_dict())
         return 0
