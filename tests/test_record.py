@@ -233,7 +233,7 @@ def test_record_refuses_another_model(recorded, corpus, tmp_path, capsys):
     (lambda d: (d / "e.txt").write_text(""), [], "holds no text (0 tokens): give a corpus with some text"),
     (lambda d: (d / "e.txt").write_bytes(b"abc\0\x01\x02"), [], "holds NUL bytes: it is a binary file, not text"),
     (lambda d: (d / "e.txt").write_bytes(b"caf\xe9 au lait"), [], "is not UTF-8 text"),
-    (lambda d: (d / "e.csv").write_text("a,b\n"), [], "unknown format '.csv': give a .txt or .md file, a directory of them, .jsonl or .parquet"),
+    (lambda d: (d / "e.csv").write_text("a,b\n"), [], "unknown format '.csv': give a .txt or .md file, a directory of them, .jsonl, .parquet, a dictd .dict.dz, or hf:NAME[:CONFIG[:SPLIT]]"),
     (lambda d: (d / "e.jsonl").write_text('{"body": "x"}\n'), [], "e.jsonl:1 has no field 'text' (it has body): name the text field with --text-column"),
     (lambda d: pq.write_table(pa.table({"body": ["a dog"]}), d / "e.parquet"), ["--text-column", "content"],
      "has no column 'content' (it has body): name the text column with --text-column"),
@@ -417,3 +417,56 @@ def test_native_kernel_falls_back_with_a_reason(monkeypatch, tmp_path):
         np.testing.assert_array_equal(fast.finish().counts, ref.finish().counts)
     finally:
         native.load.cache_clear()
+
+
+def test_show_carries_the_evidence_examples_prints(recorded, capsys):
+    from neuronmap.search import show
+
+    files = open_files(recorded)
+    rep = show(files, "L1N3", stored=True, examples=2)
+    assert rep.to_dict()["evidence"] == neuron_evidence(files, "L1N3", 2).to_dict()
+    rc, out, _ = run_cli(["show", str(recorded), "L1N3", "--stored", "-n", "2", "--json"], capsys)
+    assert rc == 0 and json.loads(out)["evidence"]["examples"]["+"] == rep.to_dict()["evidence"]["examples"]["+"]
+    assert len(json.loads(out)["evidence"]["examples"]["-"]) == 2
+    rc, out, _ = run_cli(["show", str(recorded), "L1N3", "--stored"], capsys)
+    assert rc == 0 and "max-activating contexts" in out and "Agreement with the decoded top-k" in out
+
+
+def test_search_sort_agreement_ranks_by_next_token_hits(recorded, capsys):
+    from neuronmap.search import POOL, search
+
+    files = open_files(recorded)
+    by_prob = search(files, ["dog"], top=200, stored=True)
+    by_agree = search(files, ["dog"], top=5, stored=True, sort="agreement")
+    a = by_agree.table["agreement"].fillna(-1).tolist()
+    assert a == sorted(a, reverse=True) and list(by_agree.table["rank"]) == list(range(1, len(a) + 1))
+    # The pool is the best POOL x top rows by probability; each hit's score is its agreement.parquet next_hit.
+    pool = by_prob.table.head(5 * POOL)
+    assert set(by_agree.table["id"] + by_agree.table["matrix"] + by_agree.table["pole"]) <= \
+        set(pool["id"] + pool["matrix"] + pool["pole"])
+    ag = pq.read_table(recorded / "agreement.parquet").to_pandas().set_index(["id", "matrix", "pole"])
+    for h in by_agree.table.itertuples():
+        want = ag.loc[(h.id, h.matrix, h.pole), "next_hit"]
+        assert (np.isnan(want) and h.agreement is None or np.isnan(h.agreement)) or h.agreement == pytest.approx(want)
+    assert max(a) >= max(by_prob.table["agreement"].fillna(-1).head(5))
+    rc, out, _ = run_cli(["search", str(recorded), "dog", "--stored", "--sort", "agreement"], capsys)
+    assert rc == 0 and "agreement (base)" in out
+
+
+def test_search_sort_agreement_without_evidence_is_one_line(worded, capsys):
+    rc, _, err = run_cli(["search", str(worded), "dog", "--sort", "agreement"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "holds no activation evidence to sort by: run `neuronmap record" in err
+
+
+def test_stats_adds_agreement_against_depth(recorded, worded, tmp_path, capsys):
+    from PIL import Image
+
+    from neuronmap.stats import stats
+
+    want = open_files(recorded).meta["evidence"]["agreement"]
+    assert stats(open_files(recorded)).to_dict()["agreement"] == want and len(want) == 2 * 3 * 2
+    assert stats(open_files(worded)).to_dict()["agreement"] is None
+    assert run_cli(["stats", str(recorded), "--plot", str(tmp_path / "s.png")], capsys)[0] == 0
+    assert run_cli(["stats", str(worded), "--plot", str(tmp_path / "t.png")], capsys)[0] == 0
+    # Agreement adds a row of panels (next- and current-token hits against depth) to the figure.
+    assert Image.open(tmp_path / "s.png").size[1] > 1.3 * Image.open(tmp_path / "t.png").size[1]

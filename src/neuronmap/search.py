@@ -21,11 +21,14 @@ from neuronmap.atlas import AtlasFiles
 from neuronmap.atlasdb import choose_rows, connect, sql_path, stored_ranks, stored_top
 from neuronmap.concepts import Concept, expand_concept, read_vocab, vocab_index
 from neuronmap.errors import NeuronmapError
+from neuronmap.evidence import NeuronEvidence, has_evidence, neuron_evidence
 from neuronmap.ids import MATRICES, neuron_id, parse_neuron_id
 from neuronmap.scoring import TokenProbs, atlas_weights, exact_token_probs
 
 COLUMNS = ["concept", "rank", "id", "layer", "neuron", "matrix", "pole", "prob", "token", "token_prob",
-           "top_tokens", "top_probs", "entropy", "weight_norm", "approximate"]
+           "top_tokens", "top_probs", "entropy", "weight_norm", "approximate", "agreement", "agreement_base"]
+SORTS = ("prob", "agreement")
+POOL = 20  # with --sort agreement: the best POOL x top rows by probability are re-ranked by agreement
 
 TOP = 10  # hits per concept; the CLI's default too
 MIN_PROB = 0.0
@@ -114,8 +117,15 @@ def _describe(files: AtlasFiles, hits: pd.DataFrame) -> pd.DataFrame:
 
 def search(files: AtlasFiles, concepts: list[str], matrices: str | None = None, layers: str | None = None,
            pole: str | None = None, top: int = TOP, min_prob: float = MIN_PROB, stored: bool = False,
-           weights: str | None = None, variants: bool = True) -> SearchResult:
+           weights: str | None = None, variants: bool = True, sort: str = "prob") -> SearchResult:
     """Rank an atlas's rows by the probability their decoded distribution puts on each concept.
+
+    Where the atlas holds activation evidence (``neuronmap record``), each hit carries its ``agreement``: the
+    share of its top activations where the model's actual next token is among the row's decoded top-k
+    (``next_hit`` of neuronmap.agreement), beside ``agreement_base``, another neuron's top-k on the same
+    examples; both are None without evidence or where the pole has no examples. ``sort="agreement"`` takes the
+    best ``POOL x top`` rows by probability and ranks them by agreement (then probability): the rows whose
+    decoded tokens the text corroborates first.
 
     Args:
         files: the atlas (``open_files``).
@@ -126,12 +136,14 @@ def search(files: AtlasFiles, concepts: list[str], matrices: str | None = None, 
         stored: use the stored top-k instead of the weights (no weights needed; a lower bound).
         weights: where the weights are now if they moved; their sha256 must match meta.json.
         variants: False matches each concept exactly as typed.
+        sort: ``prob`` or ``agreement`` (needs evidence).
 
     Returns:
         SearchResult.
 
     Raises:
-        NeuronmapError: an empty concept, bad options, or weights changed or moved since mapping.
+        NeuronmapError: an empty concept, bad options, weights changed or moved since mapping, or
+            ``sort="agreement"`` on an atlas without evidence.
 
     Example:
         >>> r = search(open_files("demo-atlas"), ["coffee"], top=3)  # doctest: +SKIP
@@ -145,26 +157,50 @@ def search(files: AtlasFiles, concepts: list[str], matrices: str | None = None, 
         raise NeuronmapError(f"--top {top} is out of range: expected 1 or more")
     if not 0.0 <= min_prob <= 1.0:
         raise NeuronmapError(f"--min-prob {min_prob} is out of range: expected a probability from 0 to 1")
+    if sort not in SORTS:
+        raise NeuronmapError(f"--sort {sort!r} is not known: expected one of {', '.join(SORTS)}")
+    if sort == "agreement" and "evidence" not in files.meta:
+        raise NeuronmapError(f"{files.root} holds no activation evidence to sort by: run "
+                             f"`neuronmap record {files.root} --corpus PATH` first, or leave out --sort agreement")
+    pool = top if sort == "prob" else top * POOL
     tokens = read_vocab(files)
     index = vocab_index(tokens)
     expanded = tuple(expand_concept(c, index, variants) for c in concepts)
     mats, lays, poles = choose_rows(files.meta, matrices, layers, pole)
     n_scored = len(mats) * len(lays) * len(poles) * int(files.meta["d_mlp"])
     if stored:
-        parts = [stored_top(files, list(c.token_ids), mats, lays, poles, top, min_prob) for c in expanded]
+        parts = [stored_top(files, list(c.token_ids), mats, lays, poles, pool, min_prob) for c in expanded]
         for hits in parts:
             hits["token"] = [tokens[i] for i in hits.pop("token_id")]
     else:
         ids = list(dict.fromkeys(t for c in expanded for t in c.token_ids))
         tp = exact_token_probs(files, atlas_weights(files, weights), ids, mats, lays, poles)
-        parts = [_exact_top(tp, c, ids, top, min_prob) for c in expanded]
-    for c, hits in zip(expanded, parts):
+        parts = [_exact_top(tp, c, ids, pool, min_prob) for c in expanded]
+    for i, (c, hits) in enumerate(zip(expanded, parts)):
+        hits = _with_agreement(files, hits)
+        if sort == "agreement":  # None last; ties by probability, then atlas order (the pool's order)
+            hits = hits.assign(_a=hits["agreement"].fillna(-1.0)).sort_values(["_a", "prob"], ascending=False,
+                                                                              kind="stable").drop(columns="_a").head(top)
+        hits = hits.reset_index(drop=True)
         hits.insert(0, "concept", c.text)
         hits.insert(1, "rank", np.arange(1, len(hits) + 1))
-        hits["approximate"] = c.approximate
+        parts[i] = hits.assign(approximate=c.approximate)
     table = _describe(files, pd.concat(parts, ignore_index=True))
     return SearchResult(table[COLUMNS], expanded, "stored" if stored else "exact", n_scored,
                         int(files.meta["decode"]["top_k"]), time.perf_counter() - t0, files.root)
+
+
+def _with_agreement(files: AtlasFiles, hits: pd.DataFrame) -> pd.DataFrame:
+    """``hits`` with ``agreement`` and ``agreement_base`` (next_hit, next_base) from agreement.parquet, or None."""
+    if "evidence" not in files.meta or hits.empty:
+        return hits.assign(agreement=pd.Series([None] * len(hits), dtype=object, index=hits.index),
+                           agreement_base=pd.Series([None] * len(hits), dtype=object, index=hits.index))
+    keys = hits[["layer", "neuron", "matrix", "pole"]].assign(ord=np.arange(len(hits)))
+    found = connect().execute(
+        "SELECT k.ord, a.next_hit AS agreement, a.next_base AS agreement_base FROM keys k LEFT JOIN read_parquet(?) a "
+        "ON a.layer = k.layer AND a.neuron = k.neuron AND a.matrix = k.matrix AND a.pole = k.pole ORDER BY k.ord",
+        [str(files.root / "agreement.parquet")]).df()
+    return hits.assign(agreement=found["agreement"].to_numpy(), agreement_base=found["agreement_base"].to_numpy())
 
 
 def _exact_top(tp: TokenProbs, c: Concept, ids: list[int], top: int, min_prob: float) -> pd.DataFrame:
@@ -192,6 +228,8 @@ class NeuronReport:
             (among the rows whose stored top-k holds the token).
         rows: one row per (matrix, pole): ``id layer neuron matrix pole top_token top_prob rank
             n_ranked rank_method entropy weight_norm tokens probs logits`` (``tokens``/``probs``/``logits``: the stored top-k).
+        evidence: what the neuron fires on in text (``neuronmap.evidence.NeuronEvidence``: quantiles, density,
+            histogram, examples, agreement), or None where the atlas holds no evidence.
     """
 
     atlas: Path
@@ -200,22 +238,26 @@ class NeuronReport:
     neuron: int
     rank_method: str
     rows: pd.DataFrame
+    evidence: NeuronEvidence | None = None
 
     def to_dict(self) -> dict:
         """The serialized form (``--json``, the viewer's API), JSON types only.
 
         Returns:
-            ``{"atlas", "id", "layer", "neuron", "rank_method", "rows"}``, ``rows`` one dict per row of ``rows``.
+            ``{"atlas", "id", "layer", "neuron", "rank_method", "rows", "evidence"}``, ``rows`` one dict per row of
+            ``rows``, ``evidence`` as ``NeuronEvidence.to_dict`` (``examples --json``) or None.
 
         Example:
             >>> show(open_files("demo-atlas"), "L29N750").to_dict()["rows"][2]["top_token"]  # doctest: +SKIP
             ' coffee'
         """
         return {"atlas": str(self.atlas), "id": self.id, "layer": self.layer, "neuron": self.neuron,
-                "rank_method": self.rank_method, "rows": records(self.rows)}
+                "rank_method": self.rank_method, "rows": records(self.rows),
+                "evidence": None if self.evidence is None else self.evidence.to_dict()}
 
 
-def show(files: AtlasFiles, neuron: str, stored: bool = False, weights: str | None = None) -> NeuronReport:
+def show(files: AtlasFiles, neuron: str, stored: bool = False, weights: str | None = None,
+         examples: int = 5) -> NeuronReport:
     """Every matrix and pole of one neuron, with its rank for its own top token.
 
     The rank of a row for its top token ``t``: 1 + the number of atlas rows (every
@@ -226,6 +268,7 @@ def show(files: AtlasFiles, neuron: str, stored: bool = False, weights: str | No
         files: the atlas.
         neuron: an id such as ``L29N808``.
         stored, weights: as in ``search``.
+        examples: activation examples per pole, where the atlas holds evidence.
 
     Returns:
         NeuronReport, its ``rows`` one per (matrix, pole) the atlas holds.
@@ -256,7 +299,8 @@ def show(files: AtlasFiles, neuron: str, stored: bool = False, weights: str | No
     rows.insert(8, "n_ranked", [n for _, n, _ in ranked])
     method = "stored" if stored else "exact"
     rows.insert(9, "rank_method", method)
-    return NeuronReport(files.root, neuron_id(layer, idx), layer, idx, method, rows.drop(columns=["token_ids"]))
+    ev = neuron_evidence(files, neuron_id(layer, idx), examples) if has_evidence(files) else None
+    return NeuronReport(files.root, neuron_id(layer, idx), layer, idx, method, rows.drop(columns=["token_ids"]), ev)
 
 
 def _exact_ranks(files, rows, top, layer, idx, weights) -> list[tuple[int, int, float]]:

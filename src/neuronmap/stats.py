@@ -79,26 +79,31 @@ class Stats:
         top_tokens: the most frequent top-1 tokens over all chosen rows: ``token_id token rows share class``.
         n_rows: rows summarised.
         atlas: the atlas directory.
+        agreement: where the atlas holds activation evidence, one row per chosen (layer, matrix, pole):
+            ``layer matrix pole neurons`` and the mean scores of ``neuronmap.agreement`` (``next_hit
+            current_hit effect_share`` and their ``*_base``); else None.
     """
 
     layers: pd.DataFrame
     top_tokens: pd.DataFrame
     n_rows: int
     atlas: Path
+    agreement: pd.DataFrame | None = None
 
     def to_dict(self) -> dict:
         """The serialized form (``--json``, the viewer's API), JSON types only.
 
         Returns:
-            ``{"atlas", "n_rows", "layers", "top_tokens"}``: one dict per row of each table (nan as None,
-            a layer's ``top_tokens`` as ``[token, rows]`` pairs).
+            ``{"atlas", "n_rows", "layers", "top_tokens", "agreement"}``: one dict per row of each table (nan as
+            None, a layer's ``top_tokens`` as ``[token, rows]`` pairs; ``agreement`` None without evidence).
 
         Example:
             >>> stats(open_files("demo-atlas"), layers="29").to_dict()["layers"][0]["matrix"]  # doctest: +SKIP
             'gate'
         """
         return {"atlas": str(self.atlas), "n_rows": self.n_rows, "layers": records(self.layers),
-                "top_tokens": records(self.top_tokens)}
+                "top_tokens": records(self.top_tokens),
+                "agreement": None if self.agreement is None else records(self.agreement)}
 
 
 def stats(files: AtlasFiles, matrices: str | None = None, layers: str | None = None, pole: str | None = None,
@@ -146,7 +151,12 @@ def stats(files: AtlasFiles, matrices: str | None = None, layers: str | None = N
         SELECT top_id AS token_id, any_value(v.token) AS token, count(*) AS rows, count(*) / {n_rows} AS share
         FROM rows JOIN vocab v ON v.token_id = top_id GROUP BY top_id ORDER BY rows DESC, token_id LIMIT {int(n_top)}""").df()
     top["class"] = [token_class(t) for t in top["token"]]
-    return Stats(by, top, n_rows, files.root)
+    agree = None
+    if "evidence" in files.meta:
+        agree = pd.DataFrame(files.meta["evidence"]["agreement"])
+        agree = agree[agree["layer"].isin(lays) & agree["matrix"].isin(mats) & agree["pole"].isin(poles)]
+        agree = agree.reset_index(drop=True)
+    return Stats(by, top, n_rows, files.root, agree)
 
 
 def plot(result: Stats, out: Path | str, title: str = "") -> Path:
@@ -165,7 +175,8 @@ def plot(result: Stats, out: Path | str, title: str = "") -> Path:
     out = check_png(out)
     df = result.layers
     colors = {"gate": "tab:orange", "up": "tab:blue", "down": "tab:green"}
-    fig, ax = plt.subplots(2, 2, figsize=(11, 7.5), dpi=80)
+    has_agreement = result.agreement is not None and len(result.agreement)
+    fig, ax = plt.subplots(3 if has_agreement else 2, 2, figsize=(11, 11 if has_agreement else 7.5), dpi=80)
     for m, g in df.groupby("matrix", sort=False):
         ax[0, 0].plot(g["layer"], 100 * g["confident"], marker="o", ms=3, label=m, color=colors.get(m))
         ax[0, 1].plot(g["layer"], g["entropy_p50"], marker="o", ms=3, label=m, color=colors.get(m))
@@ -183,6 +194,8 @@ def plot(result: Stats, out: Path | str, title: str = "") -> Path:
         a.legend(fontsize=8)
         a.grid(alpha=0.3)
     ax[1, 0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=6, frameon=False)
+    if has_agreement:
+        _plot_agreement(result.agreement, ax[2], colors)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -192,3 +205,19 @@ def plot(result: Stats, out: Path | str, title: str = "") -> Path:
     finally:
         plt.close(fig)
     return out
+
+
+def _plot_agreement(agree: pd.DataFrame, ax, colors: dict) -> None:
+    """Agreement against depth: per matrix, both poles pooled by their neurons; dashed: the baseline."""
+    for col, (score, title) in enumerate((("next", "next token in the decoded top-k at top activations"),
+                                          ("current", "current token in the decoded top-k at top activations"))):
+        for m, g in agree.groupby("matrix", sort=False):
+            w = g.dropna(subset=[f"{score}_hit"]).assign(n=lambda d: d["neurons"].astype(float))
+            by = w.groupby("layer").apply(lambda d: pd.Series({
+                "hit": (d[f"{score}_hit"] * d["n"]).sum() / d["n"].sum(),
+                "base": (d[f"{score}_base"] * d["n"]).sum() / d["n"].sum()}), include_groups=False)
+            ax[col].plot(by.index, 100 * by["hit"], marker="o", ms=3, label=m, color=colors.get(m))
+            ax[col].plot(by.index, 100 * by["base"], ls="--", lw=1, color=colors.get(m))
+        ax[col].set(title=f"{title}\n(dashed: another neuron's top-k, the baseline)", xlabel="layer", ylabel="% of examples")
+        ax[col].legend(fontsize=8)
+        ax[col].grid(alpha=0.3)

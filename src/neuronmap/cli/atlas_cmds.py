@@ -116,7 +116,7 @@ def _note_index(files, stored: bool) -> None:
 
 
 def add_search(sub) -> None:
-    from neuronmap.search import MIN_PROB, TOP
+    from neuronmap.search import MIN_PROB, POOL, SORTS, TOP
 
     p = sub.add_parser("search", help="rank an atlas's vectors by the probability they decode to a concept")
     p.add_argument("atlas", help="atlas directory (from `neuronmap map`)")
@@ -126,6 +126,9 @@ def add_search(sub) -> None:
     p.add_argument("--min-prob", type=finite_float(0.0, 1.0), default=MIN_PROB,
                    help=f"drop hits below this probability (default {MIN_PROB:g})")
     p.add_argument("--exact-token", action="store_true", help="match each concept exactly as typed, no variants")
+    p.add_argument("--sort", choices=SORTS, default="prob",
+                   help=f"prob (default), or agreement: the best {POOL} x --top rows by prob, ranked by how often "
+                        "the text's next token is among their decoded top-k at their top activations (needs `neuronmap record`)")
     _weights_options(p)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -148,7 +151,7 @@ def cmd_search(args) -> int:
     files = open_files(args.atlas)
     _note_index(files, args.stored)
     r = search(files, args.concepts, args.matrices, args.layers, args.pole, args.top, args.min_prob,
-               args.stored, args.weights, not args.exact_token)
+               args.stored, args.weights, not args.exact_token, args.sort)
     if args.json:
         _print_json(r.to_dict())
         return 0
@@ -168,12 +171,17 @@ def cmd_search(args) -> int:
         else:
             out.print(f"\n[bold]{_tok(c.text)}[/bold]: single-token variants {toks}")
         tab = Table(show_edge=False)
-        for col in ("rank", "neuron", "matrix", "pole", "p(concept)", "best variant", "top tokens (p)"):
-            tab.add_column(col, justify="right" if col in ("rank", "p(concept)") else "left")
+        evidence = "evidence" in files.meta
+        cols = ("rank", "neuron", "matrix", "pole", "p(concept)", "best variant", "top tokens (p)") + \
+            (("agreement (base)",) if evidence else ())
+        for col in cols:
+            tab.add_column(col, justify="right" if col in ("rank", "p(concept)", "agreement (base)") else "left")
+        pct = lambda x: "-" if x is None or x != x else f"{100 * x:.0f}%"  # noqa: E731
         for h in hits.itertuples():
             tops = "  ".join(f"{_tok(a)} {b:.2f}" for a, b in zip(h.top_tokens[:3], h.top_probs[:3]))
+            more = (f"{pct(h.agreement)} ({pct(h.agreement_base)})",) if evidence else ()
             tab.add_row(str(h.rank), h.id, h.matrix, h.pole, f"{h.prob:.3f}", f"{_tok(h.token)} {h.token_prob:.3f}", tops,
-                        end_section=False)
+                        *more, end_section=False)
         if len(hits):
             _table(tab)
         else:
@@ -186,6 +194,8 @@ def add_show(sub) -> None:
     p.add_argument("atlas", help="atlas directory")
     p.add_argument("neuron", help="neuron id, e.g. L29N808")
     p.add_argument("--tokens", type=int_at_least(1), default=5, help="top tokens to print per row (default 5)")
+    p.add_argument("-n", type=int_at_least(1), default=5,
+                   help="activation examples per pole, where the atlas holds evidence (default 5)")
     _weights_options(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_show)
@@ -197,7 +207,7 @@ def cmd_show(args) -> int:
 
     files = open_files(args.atlas)
     _note_index(files, args.stored)
-    n = show(files, args.neuron, args.stored, args.weights)
+    n = show(files, args.neuron, args.stored, args.weights, args.n)
     if args.json:
         _print_json(n.to_dict())
         return 0
@@ -212,6 +222,13 @@ def cmd_show(args) -> int:
         tops = "  ".join(f"{_tok(a)} {b:.3f}" for a, b in zip(r.tokens[:args.tokens], r.probs[:args.tokens]))
         tab.add_row(r.matrix, r.pole, f"{r.weight_norm:.2f}", f"{r.entropy:.2f}", f"{r.rank:,} of {r.n_ranked:,}", tops)
     _table(tab)
+    if n.evidence is not None:
+        from neuronmap.cli.evidence_cmds import render_evidence
+
+        out.print()
+        render_evidence(n.evidence)
+    else:
+        out.print(f"no activation evidence: `neuronmap record {escape(args.atlas)} --corpus PATH` adds what it fires on in text")
     return 0
 
 

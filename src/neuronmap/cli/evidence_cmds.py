@@ -105,6 +105,12 @@ def cmd_examples(args) -> int:
     if args.json:
         _print_json(ev.to_dict())
         return 0
+    render_evidence(ev)
+    return 0
+
+
+def render_evidence(ev) -> None:
+    """A ``NeuronEvidence`` as text: statistics, quantiles, max- and min-activating contexts, agreement."""
     out.print(f"[bold]{ev.id}[/bold] in {ev.tokens:,} tokens of {escape(str(ev.corpus['name']))}: mean {ev.stats['mean']:.3f}, "
               f"min {ev.stats['min']:.3f}, max {ev.stats['max']:.3f}, density (share > 0) {100 * ev.stats['density']:.1f}%")
     out.print("quantiles: " + "  ".join(f"{100 * q:g}% {v:.3f}" for q, v in ev.quantiles))
@@ -116,4 +122,3 @@ def cmd_examples(args) -> int:
             t.add_row(str(ex["rank"]), f"{ex['activation']:.3f}", escape(f"{ex['doc']}@{ex['position']}"), context_line(ex))
         _table(t)
     _agreement([{**a, "examples": a["n"]} for a in ev.agreement], "Agreement with the decoded top-k", "examples")
-    return 0
