@@ -396,6 +396,41 @@ def case_record(tmp: Path) -> dict:
     return res
 
 
+def case_record_memory(tmp: Path) -> dict:
+    """Peak memory of ``record`` at 1M and at 10M tokens of GCIDE, each in a fresh process, on a small model.
+
+    The model has the demo's tokenizer and vocabulary but 4 layers, d_model 64, d_mlp 512 (random weights): the
+    recorder's state is fixed by n_layers x d_mlp, so what is measured is whether anything grows with the corpus.
+    """
+    import transformers as T
+
+    from neuronmap.mapper import map_model
+
+    gcide = Path("/usr/share/dictd/gcide.dict.dz")
+    demo = ROOT / ".cache" / "test-models" / "smollm2-135m"
+    ck = tmp / "ck"
+    cfg = T.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=512, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(ck)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo / f, ck / f)
+    map_model(str(ck), tmp / "atlas")
+    res: dict = {"case": "record-memory", "machine": machine(), "corpus": "GCIDE (/usr/share/dictd/gcide.dict.dz)",
+                 "model": "llama, demo tokenizer (49,152), 4 layers, d_model 64, d_mlp 512, random", "runs": []}
+    code = ("import resource, sys, time; from neuronmap.record import record; t = time.perf_counter(); "
+            "r = record(sys.argv[1], sys.argv[2], tokens=int(sys.argv[3]), overwrite=True); "
+            "print(r.evidence['tokens'], r.evidence['sequences'], round(time.perf_counter() - t, 1), "
+            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    for n in (1_000_000, 10_000_000):
+        out = subprocess.run([sys.executable, "-c", code, str(tmp / "atlas"), str(gcide), str(n)],
+                             capture_output=True, text=True, check=True).stdout.split()
+        res["runs"].append({"tokens_asked": n, "tokens": int(out[0]), "sequences": int(out[1]), "seconds": float(out[2]),
+                            "peak_rss_mb": int(out[3])})
+    a, b = res["runs"]
+    res["rss_ratio_10m_over_1m"] = round(b["peak_rss_mb"] / a["peak_rss_mb"], 3)
+    return res
+
+
 def run_case(name: str, device: str) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="nm-bench-"))
     try:
@@ -407,6 +442,8 @@ def run_case(name: str, device: str) -> dict:
             return case_ray_overhead(tmp)
         if name == "record":
             return case_record(tmp)
+        if name == "record-memory":
+            return case_record_memory(tmp)
         if name in SHAPES:
             # Written by a separate process, so the generator's memory is not this case's.
             (tmp / "ckpt").mkdir()
@@ -438,7 +475,7 @@ def write_markdown() -> None:
               "naive / map | read MB | peak RSS MB |", "|" + "---|" * 15]
     for c in order:
         r = results[c]
-        if c in ("atlas-8b", "viewer", "ray-overhead", "record"):
+        if c in ("atlas-8b", "viewer", "ray-overhead", "record", "record-memory"):
             continue
         for dtype in ("bfloat16", "float32"):
             x = r[dtype]
@@ -483,6 +520,12 @@ def write_markdown() -> None:
                          f"{r['record_over_plain']}. Running state {r['state_mb']} MB whatever the corpus size (histograms, "
                          f"top and bottom N, counts); peak RSS {r['peak_rss_mb']} MB.")
             continue
+        if c == "record-memory":
+            runs = "; ".join(f"{x['tokens']:,} tokens ({x['sequences']:,} sequences) in {x['seconds']} s, peak RSS "
+                             f"{x['peak_rss_mb']} MB" for x in r["runs"])
+            lines.append(f"- **record-memory** ({r['machine']['date']}): `record` of {r['corpus']} on a {r['model']} model, "
+                         f"each run a fresh process: {runs}; 10M / 1M peak RSS = **{r['rss_ratio_10m_over_1m']}**.")
+            continue
         extra = []
         if "compile_s" in r:
             extra.append(f"torch.compile of the fused kernel {r['compile_s']} s (outside the subset timings; inside the "
@@ -526,7 +569,7 @@ def main() -> int:
         print(json.dumps(run_case(args.case, args.device)))
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
-    cases = args.only.split(",") if args.only else ["demo", "llama-3.2-1b", "atlas-8b", "viewer", "ray-overhead", "record"] + (["llama-3.1-8b-up"] if args.llama8b else [])
+    cases = args.only.split(",") if args.only else ["demo", "llama-3.2-1b", "atlas-8b", "viewer", "ray-overhead", "record", "record-memory"] + (["llama-3.1-8b-up"] if args.llama8b else [])
     for c in cases:
         print(f"bench: {c} ...", flush=True)
         t = time.perf_counter()
