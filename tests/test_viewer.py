@@ -311,3 +311,20 @@ def test_evidence_windows_stay_escaped(hostile):
         section = text.split('<section id="evidence">')[1].split("</section>")[0]
         assert "<img" not in section and "<script" not in section
         assert "&lt;" in section  # shown, as text
+
+
+def test_search_sort_by_agreement_in_the_page_and_its_api(hostile, worded, capsys):
+    c = client(hostile)
+    page = c.get("/search?q=dog&method=stored&sort=agreement")
+    assert page.status_code == 200 and '<select name="sort">' in page.text and "agreement (base)" in page.text
+    api = c.get("/api/search?q=dog&method=stored&sort=agreement").json()
+    want = cli_json(capsys, "search", str(hostile), "dog", "--stored", "--sort", "agreement")
+    assert [h["id"] + h["matrix"] + h["pole"] for h in api["results"]] == \
+        [h["id"] + h["matrix"] + h["pole"] for h in want["results"]]
+    scores = [-1 if h["agreement"] is None else h["agreement"] for h in api["results"]]
+    assert scores == sorted(scores, reverse=True)
+    # Without evidence the choice is not offered, and asking for it anyway is a 400 that says how to add it.
+    c = client(worded)
+    assert '<select name="sort">' not in c.get("/search?q=dog&method=stored").text
+    r = c.get("/api/search?q=dog&method=stored&sort=agreement")
+    assert r.status_code == 400 and "holds no activation evidence to sort by" in r.json()["error"]

@@ -99,9 +99,10 @@ def build(served: Served, steer: SteerRunner) -> Starlette:
 
     def search_render(request: Request, name: str, r) -> str:
         p = request.query_params
+        evidence = "evidence" in served.get(name)[1].meta
         form = pages.search_form(name, first, p.get("q", ""), p.get("matrices", ""), p.get("layers", ""), p.get("pole", ""),
-                                 p.get("method", "auto"))
-        return form + (pages.search_results(name, first, *r) if r else "<p>type a concept, e.g. coffee</p>")
+                                 p.get("method", "auto"), p.get("sort", "prob"), evidence)
+        return form + (pages.search_results(name, first, *r, evidence) if r else "<p>type a concept, e.g. coffee</p>")
 
     async def steer_endpoint(request: Request) -> Response:
         try:

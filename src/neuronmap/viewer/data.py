@@ -102,8 +102,10 @@ class Data:
         if method == "auto":
             ok, why = self.weights(files)
             stored, note = (False, None) if ok else (True, f"searched the stored top-k: {why}")
+        sort = request.query_params.get("sort") or "prob"
         r = search_api.search(files, concepts, _opt(request, "matrices"), _opt(request, "layers"), _opt(request, "pole"),
-                              top, 0.0, stored, None, request.query_params.get("exact_token") not in ("1", "true", "on"))
+                              top, 0.0, stored, None, request.query_params.get("exact_token") not in ("1", "true", "on"),
+                              sort)
         return name, (r, note)
 
     def neuron(self, request: Request):

@@ -70,20 +70,24 @@ def overview(name: str, first: str, meta: dict, stats, words: pd.DataFrame) -> s
 # ------------------------------------------------------------------ /search
 
 
-def search_form(name: str, first: str, q: str, matrices: str, layers: str, pole: str, method: str) -> str:
+def search_form(name: str, first: str, q: str, matrices: str, layers: str, pole: str, method: str, sort: str = "prob",
+                evidence: bool = False) -> str:
     def opt(v, cur, label=None):
         return f'<option value="{esc(v)}"{" selected" if v == cur else ""}>{esc(label or v)}</option>'
     hidden = f'<input type="hidden" name="atlas" value="{esc(name)}">' if name != first else ""
+    # Sorting by agreement needs activation evidence (neuronmap record); without it the choice is not offered.
+    sorter = (f'<label>sort <select name="sort">{opt("prob", sort)}{opt("agreement", sort)}</select></label>\n'
+              if evidence else "")
     return f"""<form class="filters" action="/search" method="get">{hidden}
 <input name="q" value="{esc(q)}" aria-label="concept" placeholder="concept, e.g. coffee">
 <label>matrices <input name="matrices" value="{esc(matrices)}" placeholder="all" size="10"></label>
 <label>layers <input name="layers" value="{esc(layers)}" placeholder="all" size="8"></label>
 <label>pole <select name="pole">{opt('', pole, 'both')}{opt('+', pole)}{opt('-', pole)}</select></label>
 <label>method <select name="method">{opt('auto', method)}{opt('exact', method)}{opt('stored', method)}</select></label>
-<button type="submit">search</button></form>"""
+{sorter}<button type="submit">search</button></form>"""
 
 
-def search_results(name: str, first: str, r, note: str | None) -> str:
+def search_results(name: str, first: str, r, note: str | None, evidence: bool = False) -> str:
     d = r.to_dict()
     method = (f"exact: p over all {d['n_scored']:,} chosen rows, from the weights (sha256 checked)" if d["method"] == "exact"
               else f"from the stored top-{d['top_k']}: only rows with a variant among their top {d['top_k']} are found; p is a lower bound")
@@ -94,12 +98,15 @@ def search_results(name: str, first: str, r, note: str | None) -> str:
         variants = ", ".join(tok(t["token"]) for t in c["tokens"]) or "none"
         extra = " (approximate: no variant is a single token)" if c["approximate"] else ""
         hits = [h for h in d["results"] if h["concept"] == c["concept"]]
+        pct = lambda x: "–" if x is None else f"{100 * x:.0f}%"  # noqa: E731
         rows = [[str(h["rank"]), neuron_link(h["id"], name, first), esc(h["matrix"]), esc(h["pole"]),
                  bar(h["prob"]) + " " + num(h["prob"]), tok(h["token"]),
-                 " ".join(tok(t) for t in h["top_tokens"][:3]), num(h["entropy"], ".2f")] for h in hits]
+                 " ".join(tok(t) for t in h["top_tokens"][:3]), num(h["entropy"], ".2f")]
+                + ([f'{pct(h["agreement"])} ({pct(h["agreement_base"])})'] if evidence else []) for h in hits]
+        head = ["#", "neuron", "matrix", "pole", "p(concept)", "best variant", "top tokens", "entropy"] + \
+            (["agreement (base)"] if evidence else [])
         parts.append(f'<section class="concept"><h2>{esc(c["concept"])}</h2><p>variants: {variants}{esc(extra)}</p>'
-                     + (table(["#", "neuron", "matrix", "pole", "p(concept)", "best variant", "top tokens", "entropy"], rows, "hits")
-                        if rows else "<p>no row puts probability on it</p>") + "</section>")
+                     + (table(head, rows, "hits") if rows else "<p>no row puts probability on it</p>") + "</section>")
     return "".join(parts)
 
 
