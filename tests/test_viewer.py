@@ -328,3 +328,18 @@ def test_search_sort_by_agreement_in_the_page_and_its_api(hostile, worded, capsy
     assert '<select name="sort">' not in c.get("/search?q=dog&method=stored").text
     r = c.get("/api/search?q=dog&method=stored&sort=agreement")
     assert r.status_code == 400 and "holds no activation evidence to sort by" in r.json()["error"]
+
+
+def test_evidence_recorded_while_serving_appears_without_a_restart(worded, tmp_path):
+    from neuronmap.record import record
+
+    atlas = tmp_path / "atlas"
+    shutil.copytree(worded, atlas)
+    c = client(atlas)
+    assert "this atlas holds no activation evidence" in c.get("/neuron/L1N5").text
+    assert c.get("/api/stats").json()["agreement"] is None  # computed and cached before the evidence exists
+    (tmp_path / "c.txt").write_text(" dog coffee about Paris. tea which river castle 42" * 20)
+    record(atlas, tmp_path / "c.txt", context=8, examples=3)
+    assert '<section id="evidence">' in c.get("/neuron/L1N5").text
+    assert c.get("/api/evidence/L1N5").status_code == 200
+    assert c.get("/api/stats").json()["agreement"] is not None  # the cached stats were dropped with the old meta

@@ -34,12 +34,14 @@ class Served:
         atlases: name -> the opened atlas.
         hosts: the Host header values requests may carry (``*``: any).
         cache: results that take long to compute (stats, comparisons), keyed by what they depend on.
+        stamps: name -> the (mtime, size) of its meta.json when it was opened.
     """
 
     atlases: dict[str, AtlasFiles]
     hosts: list[str] = field(default_factory=lambda: ["127.0.0.1", "localhost"])
     cache: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    stamps: dict = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -56,7 +58,24 @@ class Served:
         if name not in self.atlases:
             raise RequestError(f"unknown atlas {name!r}: this viewer serves {', '.join(self.names)}; "
                                "pick one of those with ?atlas=NAME", 404)
+        self._refresh(name)
         return name, self.atlases[name]
+
+    def _refresh(self, name: str) -> None:
+        """Reopen an atlas whose meta.json changed since it was opened (evidence recorded, or mapped again), and
+        forget the results computed from it. Every writer renames meta.json into place last, so a changed stamp
+        means a finished atlas; one that fails to open is left as it was served."""
+        files = self.atlases[name]
+        stamp = _stamp(files.root)
+        if stamp == self.stamps.get(name, stamp):
+            return
+        try:
+            fresh = open_files(files.root)
+        except NeuronmapError:
+            return
+        with self.lock:
+            self.atlases[name], self.stamps[name] = fresh, stamp
+            self.cache = {k: v for k, v in self.cache.items() if name not in k[1:]}
 
     def cached(self, key: tuple, compute: Callable[[], object]) -> object:
         """``compute()`` once per ``key`` (a failure is not kept, so a fixed cause is retried)."""
@@ -92,4 +111,12 @@ def serve_atlases(paths: list[Path | str]) -> Served:
             n += 1
             name = f"{base}-{n}"
         atlases[name] = files
-    return Served(atlases)
+    return Served(atlases, stamps={name: _stamp(f.root) for name, f in atlases.items()})
+
+
+def _stamp(root: Path) -> tuple[int, int] | None:
+    try:
+        st = (root / "meta.json").stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
