@@ -395,13 +395,26 @@ def test_native_kernel_keeps_the_same_statistics_as_the_torch_path():
     np.testing.assert_allclose(b.total, exact, rtol=0, atol=1e-6 * scale.max())
 
 
-def test_native_kernel_falls_back_with_a_reason(monkeypatch, tmp_path):
+def test_native_kernel_falls_back_with_a_reason(monkeypatch, tmp_path, recorded, corpus, capsys):
     from neuronmap import native
 
     native.load.cache_clear()
     try:
         monkeypatch.setenv("NEURONMAP_NATIVE", "0")
         assert native.load("record") is None and native.why_not("record") == "NEURONMAP_NATIVE=0"
+        atlas = tmp_path / "atlas"
+        shutil.copytree(recorded, atlas)
+        rc, _, err = run_cli(["record", str(atlas), "--corpus", str(corpus), "--context", str(CONTEXT), "--examples",
+                              str(EXAMPLES), "--batch-tokens", "40", "--overwrite"], capsys)
+        assert rc == 0 and "note: the C kernel for record was not used (NEURONMAP_NATIVE=0)" in err
+        assert open_files(atlas).meta["evidence"]["kernel"] == "torch"
+        # The same statistics as the kernel's run (values; ties may pick another token of equal activation).
+        a, b = (pq.read_table(x / "evidence.parquet").to_pandas() for x in (atlas, recorded))
+        np.testing.assert_array_equal(np.stack(a["hist"]), np.stack(b["hist"]))
+        np.testing.assert_array_equal(np.stack(a["quantiles"]), np.stack(b["quantiles"]))
+        np.testing.assert_allclose(a["mean"], b["mean"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(a["density"], b["density"])
+        assert open_files(recorded).meta["evidence"]["kernel"] == "native"
         native.load.cache_clear()
         monkeypatch.delenv("NEURONMAP_NATIVE")
         monkeypatch.setenv("NEURONMAP_CACHE", str(tmp_path))
