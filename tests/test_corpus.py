@@ -8,6 +8,7 @@ alone, offline).
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -123,3 +124,24 @@ def test_hf_cache_errors_name_what_the_cache_has(hf_cache, monkeypatch, capsys, 
     assert rc == 2 and err.count("\n") == 1 and message in err, err
     if "not in the" in message:
         assert "it holds local/corpus" in err
+
+
+@pytest.mark.slow
+def test_demo_dog_neuron_fires_on_the_dog_entries_of_gcide(demo_atlas, gcide, tmp_path):
+    """Real dictionary text: 60 GCIDE entries that mention a dog among 240 that do not (every 400th entry), read
+    through the dictd reader; L29N808 (' dog' on gate + and up -) goes most negative in the dog entries."""
+    import json
+    import shutil
+
+    docs = _docs(open_corpus(gcide))
+    dog = [d for d in docs if re.search(r"\bdogs?\b", d[1], re.I)][:60]
+    other = [d for d in docs[::400] if not re.search(r"\b(dog|dogs|hound|puppy|cur|spaniel|terrier)\b", d[1], re.I)][:240]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t, "word": w}) + "\n" for w, t in dog + other))
+    atlas = tmp_path / "demo"
+    atlas.mkdir()
+    for name in ("meta.json", "neurons.parquet", "vocab.parquet"):
+        shutil.copy(demo_atlas / name, atlas)
+    record(atlas, tmp_path / "c.jsonl", examples=10)
+    ev = neuron_evidence(open_files(atlas), "L29N808")
+    in_dog = [int(x["doc"].split(":")[1]) <= len(dog) for x in ev.examples["-"]]  # JSONL lines 1..60 are the dog entries
+    assert sum(in_dog) >= 7, [(x["doc"], x["token"]) for x in ev.examples["-"]]
