@@ -7,8 +7,9 @@ covers the source, the flags, the compiler's version and the machine, so an edit
 and an old build is never loaded by mistake. ``make install`` builds every kernel, so a user's first run does
 not wait for it.
 
-Where no compiler works (or ``NEURONMAP_NATIVE=0``), ``load`` returns None and says why in ``why_not(NAME)``;
-every caller then takes its pure-torch path, which gives the same results (the tests compare the two).
+Where no compiler works, the CPU lacks an instruction set the kernel needs, or ``NEURONMAP_NATIVE=0``, ``load``
+returns None and says why in ``why_not(NAME)``; every caller then takes its pure-torch path, which gives the same
+results (the tests compare the two).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import platform
 import shutil
 import subprocess
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -27,8 +29,30 @@ from neuronmap.fsio import atomic_file
 from neuronmap.sources import cache_dir
 
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-std=c11")
-KERNELS = ("record",)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One C kernel: its extra compiler flags and the CPU flags (as /proc/cpuinfo names them) it needs."""
+
+    flags: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
+
+
+KERNELS: dict[str, Kernel] = {"record": Kernel()}
 _WHY: dict[str, str] = {}
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def compiler() -> str | None:
@@ -41,10 +65,15 @@ def source(name: str) -> bytes:
     return resources.files("neuronmap").joinpath("csrc", f"{name}.c").read_bytes()
 
 
+def flags(name: str) -> tuple[str, ...]:
+    """The compiler flags of kernel ``name``: the common ones and its own."""
+    return FLAGS + KERNELS[name].flags
+
+
 def built_path(name: str, cc: str) -> Path:
     """Where kernel ``name`` built by ``cc`` lives in the cache (the name carries the build's hash)."""
     version = subprocess.run([cc, "--version"], capture_output=True, timeout=30).stdout
-    key = hashlib.sha256(b"\0".join([source(name), " ".join(FLAGS).encode(), version,
+    key = hashlib.sha256(b"\0".join([source(name), " ".join(flags(name)).encode(), version,
                                      platform.machine().encode()])).hexdigest()[:16]
     return cache_dir() / "native" / f"{name}-{key}.so"
 
@@ -66,7 +95,8 @@ def build(name: str) -> Path:
         src = tmp.with_suffix(".c")
         src.write_bytes(source(name))
         try:
-            subprocess.run([cc, *FLAGS, "-o", str(tmp), str(src), "-lm"], check=True, capture_output=True, timeout=300)
+            subprocess.run([cc, *flags(name), "-o", str(tmp), str(src), "-lm"], check=True, capture_output=True,
+                           timeout=300)
         finally:
             src.unlink(missing_ok=True)
     return out
@@ -81,6 +111,10 @@ def load(name: str) -> ctypes.CDLL | None:
     """
     if os.environ.get("NEURONMAP_NATIVE", "1") == "0":
         _WHY[name] = "NEURONMAP_NATIVE=0"
+        return None
+    missing = [f for f in KERNELS[name].needs if f not in cpu_flags()]
+    if missing:
+        _WHY[name] = f"this CPU lacks {', '.join(missing)}"
         return None
     try:
         return ctypes.CDLL(str(build(name)))
