@@ -417,7 +417,7 @@ def test_native_kernel_falls_back_with_a_reason(monkeypatch, tmp_path, recorded,
         assert open_files(recorded).meta["evidence"]["kernel"] == "native"
         native.load.cache_clear()
         monkeypatch.delenv("NEURONMAP_NATIVE")
-        monkeypatch.setitem(native.KERNELS, "record", native.Kernel(needs=("sse2", "no_such_isa")))
+        monkeypatch.setitem(native.KERNELS, "record", native.Kernel(needs=("no_such_isa",)))
         assert native.load("record") is None and native.why_not("record") == "this CPU lacks no_such_isa"
         monkeypatch.setitem(native.KERNELS, "record", native.Kernel())
         native.load.cache_clear()
