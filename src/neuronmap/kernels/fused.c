@@ -21,6 +21,7 @@
 
 #define PANEL 64
 #define MAXR 6
+#define SLICES 8
 
 typedef struct {
     float m[16], s[16], t[16];
@@ -163,7 +164,7 @@ static void tiles_nw1(const Args *g, int p, int r0, int R, State *st) { TILE_CAS
 static void tiles_nw2(const Args *g, int p, int r0, int R, State *st) { TILE_CASES(2) }
 
 /* The kernel's version: neuronmap.fused checks it after loading. */
-int nm_version(void) { return 5; }
+int nm_version(void) { return 6; }
 
 /* Decode a block. Outputs per pole (0: +, 1: -) and row: m [poles][n] (float), s and t [poles][n] (double),
  * top-k values [poles][n][k] (descending) and ids. Returns 0, or -1 when memory runs out. */
@@ -173,11 +174,13 @@ int nm_decode(const uint16_t *Wp, int nw, int d2, int V, const uint16_t *hi, con
               float *m_out, double *s_out, double *t_out, float *top_vals, int32_t *top_ids) {
     int n_panels = (V + PANEL - 1) / PANEL, failed = 0;
     Args g = {Wp, hi, lo, 2 * d2, d2, V, poles, k, bias, cap};
+    /* The vocabulary is cut into a fixed number of slices, each with its own sums, merged in a fixed order: the
+     * result is the same bits whatever the number of threads (a Ray worker with one thread, a laptop with eight). */
+    int n_slices = n_panels < SLICES ? n_panels : SLICES;
     if (n_threads < 1) n_threads = 1;
-    if (n_threads > n_panels) n_threads = n_panels;
-    State *states = calloc(n_threads, sizeof(State));
+    State *states = calloc(n_slices, sizeof(State));
     if (!states) return -1;
-    for (int i = 0; i < n_threads; i++) {
+    for (int i = 0; i < n_slices; i++) {
         states[i].sums = aligned_alloc(64, sizeof(Sums) * (size_t)n * poles);
         states[i].vals = malloc(sizeof(float) * (size_t)n * poles * k);
         states[i].ids = malloc(sizeof(int32_t) * (size_t)n * poles * k);
@@ -191,11 +194,10 @@ int nm_decode(const uint16_t *Wp, int nw, int d2, int V, const uint16_t *hi, con
         for (size_t j = 0; j < (size_t)n * poles * k; j++) { states[i].vals[j] = -INFINITY; states[i].ids[j] = -1; }
     }
     if (!failed) {
-#pragma omp parallel num_threads(n_threads)
-        {
-            int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-            State *st = &states[tid];
-            int p0 = (int)((long)n_panels * tid / nt), p1 = (int)((long)n_panels * (tid + 1) / nt);
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+        for (int sl = 0; sl < n_slices; sl++) {
+            State *st = &states[sl];
+            int p0 = (int)((long)n_panels * sl / n_slices), p1 = (int)((long)n_panels * (sl + 1) / n_slices);
             for (int p = p0; p < p1; p++)
                 for (int r0 = 0; r0 < n; r0 += MAXR) {
                     int R = n - r0 < MAXR ? n - r0 : MAXR;
@@ -203,13 +205,13 @@ int nm_decode(const uint16_t *Wp, int nw, int d2, int V, const uint16_t *hi, con
                     else tiles_nw1(&g, p, r0, R, st);
                 }
         }
-        /* Merge the threads' lanes: each (m, s, t) re-based on the overall max, in double; top-k lists merged. */
+        /* Merge the slices' lanes: each (m, s, t) re-based on the overall max, in double; top-k lists merged. */
         for (size_t j = 0; j < (size_t)n * poles; j++) {
             float m = -1e30f;
-            for (int i = 0; i < n_threads; i++)
+            for (int i = 0; i < n_slices; i++)
                 for (int l = 0; l < 16; l++) if (states[i].sums[j].m[l] > m) m = states[i].sums[j].m[l];
             double s = 0, t = 0;
-            for (int i = 0; i < n_threads; i++)
+            for (int i = 0; i < n_slices; i++)
                 for (int l = 0; l < 16; l++) {
                     const Sums *S = &states[i].sums[j];
                     double dm = (double)S->m[l] - m, a = exp(dm);
@@ -221,7 +223,7 @@ int nm_decode(const uint16_t *Wp, int nw, int d2, int V, const uint16_t *hi, con
             float *tv = top_vals + o * k;
             int32_t *ti = top_ids + o * k;
             for (int l = 0; l < k; l++) { tv[l] = -INFINITY; ti[l] = -1; }
-            for (int i = 0; i < n_threads; i++)
+            for (int i = 0; i < n_slices; i++)
                 for (int l = 0; l < k; l++) {
                     float x = states[i].vals[j * k + l];
                     if (!(x > tv[k - 1])) break;  /* each list is sorted */
@@ -233,7 +235,7 @@ int nm_decode(const uint16_t *Wp, int nw, int d2, int V, const uint16_t *hi, con
                 }
         }
     }
-    for (int i = 0; i < n_threads; i++) { free(states[i].sums); free(states[i].vals); free(states[i].ids); }
+    for (int i = 0; i < n_slices; i++) { free(states[i].sums); free(states[i].vals); free(states[i].ids); }
     free(states);
     return failed ? -1 : 0;
 }
