@@ -40,6 +40,10 @@ SHAPES = {
     # The 8B up matrix's layer 0 only, split against the bare bf16 product: the whole map extrapolated by 32 layers.
     "llama-3.1-8b-up-l0": dict(n_layers=32, d_model=4096, d_mlp=14336, d_vocab=128256, tied=False, heads=32, kv_heads=8,
                                matrices="up", bf16_layers="0", timed_layers="0", dtypes=("split",), repeat=None),
+    # The default map alone on the 1B shape (`--only llama-3.2-1b-split`): a quick check when the machine is busy.
+    "llama-3.2-1b-split": dict(n_layers=16, d_model=2048, d_mlp=8192, d_vocab=128256, tied=True, heads=32, kv_heads=8,
+                               matrices="gate,up,down", bf16_layers="0", timed_layers="0", dtypes=("split",),
+                               repeat=("up", "0")),
 }
 DEMO_REPEAT = ("up", "0-9")  # the demo's split-vs-bare-bf16 repeats
 
@@ -97,14 +101,15 @@ def make_checkpoint(out: Path, shape: dict, layers: list[int]) -> None:
     """A llama-family safetensors checkpoint of ``shape`` with random bf16 MLP weights in ``layers``.
 
     Attention weights are left out (map never reads them; transformers initialises them when the naive way
-    loads the model); every other layer's MLP too, where only some layers are timed.
+    loads the model); where only some layers are timed, the checkpoint stops after the last of them.
     """
     import torch
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(0)
     d, f, v = shape["d_model"], shape["d_mlp"], shape["d_vocab"]
-    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": shape["n_layers"],
+    # Only the layers written: the checkpoint must be complete to open; figures are extrapolated to shape["n_layers"].
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": max(layers) + 1,
            "hidden_size": d, "intermediate_size": f, "vocab_size": v, "num_attention_heads": shape["heads"],
            "num_key_value_heads": shape["kv_heads"], "head_dim": d // shape["heads"], "rms_norm_eps": 1e-5,
            "hidden_act": "silu", "max_position_embeddings": 8192, "rope_theta": 500000.0,
@@ -189,12 +194,14 @@ def case_map(name: str, device: str, tmp: Path) -> dict:
                        f"products and naive way over layers {timed}; full-model figures extrapolated by layer count")
     weights = open_weights(src)
     res["shape"] = {k: getattr(weights, k) for k in ("n_layers", "d_model", "d_mlp", "d_vocab")}
+    n_layers = SHAPES[name]["n_layers"] if name in SHAPES else weights.n_layers  # the model's, not the checkpoint's
+    res["shape"]["n_layers"] = n_layers
     res["weight_file_mb"] = round(sum(f.stat().st_size for f in src.files) / 2**20)
     # The kernel `auto` would pick for the whole model (a subset alone would fall under its threshold).
     from neuronmap.decode import choose_reducer, kernel_used
 
     n_mat = len(matrices.split(",")) if matrices else len(weights.family.matrices)
-    kernel = kernel_used(choose_reducer("auto", weights.n_layers * n_mat * weights.d_mlp * weights.d_vocab), weights.d_vocab)
+    kernel = kernel_used(choose_reducer("auto", n_layers * n_mat * weights.d_mlp * weights.d_vocab), weights.d_vocab)
     res["kernel"] = kernel
     if kernel == "compiled" and bf16_layers is not None:
         res["compile_s"] = _warm_compile(weights.d_vocab)
@@ -212,7 +219,7 @@ def case_map(name: str, device: str, tmp: Path) -> dict:
         if name == "demo":
             res["search"] = bench_exact_search(tmp / "a32")
     flop_per_vector = 2.0 * weights.d_model * weights.d_vocab  # one product per vector: the - pole is free (odd head)
-    full_vectors = weights.n_layers * n_mat * weights.d_mlp
+    full_vectors = n_layers * n_mat * weights.d_mlp
     bare_bf16: dict[int, float] = {}
     for dtype, r in runs.items():
         tdt = torch.float32 if dtype == "float32" else torch.bfloat16
@@ -467,8 +474,8 @@ def _fmt_s(x) -> str:
 
 def write_markdown() -> None:
     results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
-    order = [c for c in ("demo", "llama-3.2-1b", "llama-3.1-8b-up", "llama-3.1-8b-up-l0", "atlas-8b", "viewer", "ray-overhead",
-                         "record") if c in results]
+    order = [c for c in ("demo", "llama-3.2-1b", "llama-3.2-1b-split", "llama-3.1-8b-up", "llama-3.1-8b-up-l0", "atlas-8b",
+                         "viewer", "ray-overhead", "record") if c in results]
     lines = [START, ""]
     machines = {json.dumps({k: v for k, v in r["machine"].items() if k != "date"}, sort_keys=True) for r in results.values()}
     for m in map(json.loads, sorted(machines)):
