@@ -203,9 +203,11 @@ def case_map(name: str, device: str, tmp: Path) -> dict:
     n_mat = len(matrices.split(",")) if matrices else len(weights.family.matrices)
     kernel = kernel_used(choose_reducer("auto", n_layers * n_mat * weights.d_mlp * weights.d_vocab), weights.d_vocab)
     res["kernel"] = kernel
-    if kernel == "compiled" and bf16_layers is not None:
-        res["compile_s"] = _warm_compile(weights.d_vocab)
     dtypes = SHAPES[name].get("dtypes", ("bfloat16", "float32", "split")) if name in SHAPES else ("bfloat16", "float32", "split")
+    if dtypes == ("split",):
+        res["note"] = f"synthetic random bf16 weights; the default (split) map over layers {timed}, extrapolated by layer count"
+    if kernel == "compiled" and bf16_layers is not None and dtypes != ("split",):  # split compiles nothing
+        res["compile_s"] = _warm_compile(weights.d_vocab)
     runs = {}
     # split (the default) first: its peak memory is then its own; then bf16 (the 8B target), before fp32 holds a 2 GB head.
     if "split" in dtypes:
