@@ -256,3 +256,18 @@ def test_fused_kernel_gives_the_same_bits_on_any_number_of_threads():
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_auto_falls_back_to_float32_without_avx512_bf16(monkeypatch):
+    # A CPU without the instruction (its flags read from /proc/cpuinfo): auto is exact fp32, split is refused in one line.
+    monkeypatch.setattr(fused, "_cpu_flags", lambda: {"avx2", "fma"})
+    fused._load.cache_clear()
+    try:
+        assert fused.status() == "this CPU has no AVX512-BF16"
+        assert resolve_dtype("auto", torch.device("cpu")) == "float32"
+        with pytest.raises(NeuronmapError, match="--dtype split cannot run on cpu: this CPU has no AVX512-BF16; use "
+                                                 "--dtype float32"):
+            resolve_dtype("split", torch.device("cpu"))
+    finally:
+        monkeypatch.undo()
+        fused._load.cache_clear()
