@@ -131,8 +131,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     """
     if dtype not in DTYPES:
         raise NeuronmapError(f"unknown --dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if dtype in ("float32", "bfloat16"):
+        return dtype
     dev = torch.device("cpu" if str(device) == "auto" else device)
-    can_split = dev.type == "cuda" or fused.available(dev)
+    can_split = dev.type == "cuda" or fused.available(dev)  # the first call builds the kernel (a second, once)
     if dtype == "split" and not can_split:
         raise NeuronmapError(f"--dtype split cannot run on {dev}: {fused.status()}; use --dtype float32 (as exact, "
                              "slower) or auto")
