@@ -30,13 +30,22 @@ RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
-# name -> model shape, matrices, layers mapped in bf16 (None: all), layers for the fp32, bare and naive figures
+# name -> model shape, matrices, layers mapped in bf16 (None: all), layers for the fp32, split, bare and naive figures;
+# `dtypes`: the maps run (default all three); `repeat`: matrices and layers of the split-vs-bare-bf16 repeats.
 SHAPES = {
     "llama-3.2-1b": dict(n_layers=16, d_model=2048, d_mlp=8192, d_vocab=128256, tied=True, heads=32, kv_heads=8,
-                         matrices="gate,up,down", bf16_layers="0", timed_layers="0"),
+                         matrices="gate,up,down", bf16_layers="0", timed_layers="0", repeat=("up", "0")),
     "llama-3.1-8b-up": dict(n_layers=32, d_model=4096, d_mlp=14336, d_vocab=128256, tied=False, heads=32, kv_heads=8,
                             matrices="up", bf16_layers=None, timed_layers="0"),
+    # The 8B up matrix's layer 0 only, split against the bare bf16 product: the whole map extrapolated by 32 layers.
+    "llama-3.1-8b-up-l0": dict(n_layers=32, d_model=4096, d_mlp=14336, d_vocab=128256, tied=False, heads=32, kv_heads=8,
+                               matrices="up", bf16_layers="0", timed_layers="0", dtypes=("split",), repeat=None),
+    # The default map alone on the 1B shape (`--only llama-3.2-1b-split`): a quick check when the machine is busy.
+    "llama-3.2-1b-split": dict(n_layers=16, d_model=2048, d_mlp=8192, d_vocab=128256, tied=True, heads=32, kv_heads=8,
+                               matrices="gate,up,down", bf16_layers="0", timed_layers="0", dtypes=("split",),
+                               repeat=("up", "0")),
 }
+DEMO_REPEAT = ("up", "0-9")  # the demo's split-vs-bare-bf16 repeats
 
 
 def machine() -> dict:
@@ -92,14 +101,15 @@ def make_checkpoint(out: Path, shape: dict, layers: list[int]) -> None:
     """A llama-family safetensors checkpoint of ``shape`` with random bf16 MLP weights in ``layers``.
 
     Attention weights are left out (map never reads them; transformers initialises them when the naive way
-    loads the model); every other layer's MLP too, where only some layers are timed.
+    loads the model); where only some layers are timed, the checkpoint stops after the last of them.
     """
     import torch
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(0)
     d, f, v = shape["d_model"], shape["d_mlp"], shape["d_vocab"]
-    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": shape["n_layers"],
+    # Only the layers written: the checkpoint must be complete to open; figures are extrapolated to shape["n_layers"].
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": max(layers) + 1,
            "hidden_size": d, "intermediate_size": f, "vocab_size": v, "num_attention_heads": shape["heads"],
            "num_key_value_heads": shape["kv_heads"], "head_dim": d // shape["heads"], "rms_norm_eps": 1e-5,
            "hidden_act": "silu", "max_position_embeddings": 8192, "rope_theta": 500000.0,
@@ -148,7 +158,8 @@ def _map(src, out: Path, dtype: str, kernel: str, layers: str | None, matrices: 
 
     io0 = io_read_mb()
     r = map_model(src, out, MapOptions(matrices=matrices, layers=layers, device=device, dtype=dtype, kernel=kernel))
-    return {"seconds": round(r.seconds, 2), "n_vectors": r.n_vectors, "kernel": r.meta["kernel"], "layers": layers or "all",
+    return {"seconds": round(r.seconds, 2), "n_vectors": r.n_vectors, "dtype": r.meta["dtype"], "kernel": r.meta["kernel"],
+            "layers": layers or "all",
             "timings": r.meta["timings"], "read_mb": round(io_read_mb() - io0), "peak_rss_mb_so_far": peak_rss_mb()}
 
 
@@ -183,49 +194,85 @@ def case_map(name: str, device: str, tmp: Path) -> dict:
                        f"products and naive way over layers {timed}; full-model figures extrapolated by layer count")
     weights = open_weights(src)
     res["shape"] = {k: getattr(weights, k) for k in ("n_layers", "d_model", "d_mlp", "d_vocab")}
+    n_layers = SHAPES[name]["n_layers"] if name in SHAPES else weights.n_layers  # the model's, not the checkpoint's
+    res["shape"]["n_layers"] = n_layers
     res["weight_file_mb"] = round(sum(f.stat().st_size for f in src.files) / 2**20)
     # The kernel `auto` would pick for the whole model (a subset alone would fall under its threshold).
     from neuronmap.decode import choose_reducer, kernel_used
 
     n_mat = len(matrices.split(",")) if matrices else len(weights.family.matrices)
-    kernel = kernel_used(choose_reducer("auto", weights.n_layers * n_mat * weights.d_mlp * weights.d_vocab), weights.d_vocab)
+    kernel = kernel_used(choose_reducer("auto", n_layers * n_mat * weights.d_mlp * weights.d_vocab), weights.d_vocab)
     res["kernel"] = kernel
-    if kernel == "compiled" and bf16_layers is not None:
+    dtypes = SHAPES[name].get("dtypes", ("bfloat16", "float32", "split")) if name in SHAPES else ("bfloat16", "float32", "split")
+    if dtypes == ("split",):
+        res["note"] = f"synthetic random bf16 weights; the default (split) map over layers {timed}, extrapolated by layer count"
+    if kernel == "compiled" and bf16_layers is not None and dtypes != ("split",):  # split compiles nothing
         res["compile_s"] = _warm_compile(weights.d_vocab)
-    # bf16 first: its peak memory is then its own (the 8B target), before fp32 holds a 2 GB head.
-    runs = {"bfloat16": _map(src, tmp / "a16", "bfloat16", kernel, bf16_layers, matrices, device)}
+    runs = {}
+    # split (the default) first: its peak memory is then its own; then bf16 (the 8B target), before fp32 holds a 2 GB head.
+    if "split" in dtypes:
+        runs["split"] = _map(src, tmp / "asp", "auto", kernel, timed, matrices, device)
+    if "bfloat16" in dtypes:
+        runs["bfloat16"] = _map(src, tmp / "a16", "bfloat16", kernel, bf16_layers, matrices, device)
     if kernel == "compiled" and bf16_layers is None:
         res["compile_s"] = _warm_compile(weights.d_vocab)  # already paid inside the end-to-end run
-    runs["float32"] = _map(src, tmp / "a32", "float32", kernel, timed, matrices, device)
-    if name == "demo":
-        res["search"] = bench_exact_search(tmp / "a32")
+    if "float32" in dtypes:
+        runs["float32"] = _map(src, tmp / "a32", "float32", kernel, timed, matrices, device)
+        if name == "demo":
+            res["search"] = bench_exact_search(tmp / "a32")
     flop_per_vector = 2.0 * weights.d_model * weights.d_vocab  # one product per vector: the - pole is free (odd head)
-    full_vectors = weights.n_layers * n_mat * weights.d_mlp
-    for dtype, tdt in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
-        r = runs[dtype]
+    full_vectors = n_layers * n_mat * weights.d_mlp
+    bare_bf16: dict[int, float] = {}
+    for dtype, r in runs.items():
+        tdt = torch.float32 if dtype == "float32" else torch.bfloat16
         bare = bare_product_seconds(r["n_vectors"], weights.d_model, weights.d_vocab, device, tdt)
+        if tdt == torch.bfloat16:
+            bare_bf16.setdefault(r["n_vectors"], bare)  # the first timing: the default map's ratio is then one pair
         r.update(bare_s=round(bare, 2), map_over_bare=round(r["seconds"] / bare, 2),
                  map_tflops=round(flop_per_vector * r["n_vectors"] / r["seconds"] / 1e12, 3),
                  bare_tflops=round(flop_per_vector * r["n_vectors"] / bare / 1e12, 3),
                  full_model_s=round(r["seconds"] * full_vectors / r["n_vectors"]))
-    if runs["bfloat16"]["n_vectors"] != runs["float32"]["n_vectors"]:
-        # The bf16 product over the fp32 run's vectors too, so both maps compare with the bf16 limit.
-        runs["float32"]["bare_bf16_s"] = round(bare_product_seconds(
-            runs["float32"]["n_vectors"], weights.d_model, weights.d_vocab, device, torch.bfloat16), 2)
-    else:
-        runs["float32"]["bare_bf16_s"] = runs["bfloat16"]["bare_s"]
-    res["bfloat16"], res["float32"] = runs["bfloat16"], runs["float32"]
+    for r in runs.values():  # every map against the bf16 product of its own vectors (the hardware's limit)
+        if r["n_vectors"] not in bare_bf16:
+            bare_bf16[r["n_vectors"]] = bare_product_seconds(r["n_vectors"], weights.d_model, weights.d_vocab, device,
+                                                             torch.bfloat16)
+        r["bare_bf16_s"] = round(bare_bf16[r["n_vectors"]], 2)
+        r["map_over_bare_bf16"] = round(r["seconds"] / bare_bf16[r["n_vectors"]], 2)
+    res.update(runs)
+    rep = DEMO_REPEAT if name == "demo" else SHAPES[name].get("repeat")
+    if rep and "split" in runs:
+        res["split_repeats"] = _split_repeats(src, tmp, rep, weights, device)
     need_gb = 4 * _param_count(weights) / 2**30
     avail_gb = res["machine"]["memory_gb"] * 0.8
-    if need_gb < avail_gb:
+    if "float32" not in runs:
+        res["naive"] = {"skipped": "this case times the split map only"}
+    elif need_gb < avail_gb:
         layers = [int(x) for x in timed.split(",")] if timed else list(range(weights.n_layers))
         nv = naive(src, layers, (matrices or ",".join(weights.family.matrices)).split(","))
         nv["over_map_fp32"] = round(nv["decode_s"] / runs["float32"]["seconds"], 2)
+        if "split" in runs and runs["split"]["n_vectors"] == runs["float32"]["n_vectors"]:
+            nv["over_map_split"] = round(nv["decode_s"] / runs["split"]["seconds"], 2)
         res["naive"] = nv
     else:
         res["naive"] = {"skipped": f"the model in fp32 needs ~{need_gb:.0f} GB, more than this machine's {res['machine']['memory_gb']} GB"}
     res["peak_rss_mb"] = peak_rss_mb()
     return res
+
+
+def _split_repeats(src, tmp: Path, rep: tuple[str, str], weights, device: str, n: int = 3) -> dict:
+    """The split map of a few layers and the bare bf16 product of the same vectors, alternately, ``n`` times:
+    the spread of their ratio on a shared machine."""
+    import torch
+
+    from neuronmap.mapper import MapOptions, map_model
+
+    ratios = []
+    for i in range(n):
+        r = map_model(src, tmp / f"rep{i}", MapOptions(matrices=rep[0], layers=rep[1], device=device))
+        bare = bare_product_seconds(r.n_vectors, weights.d_model, weights.d_vocab, device, torch.bfloat16)
+        ratios.append(round(r.seconds / bare, 2))
+        shutil.rmtree(tmp / f"rep{i}", ignore_errors=True)
+    return {"matrices": rep[0], "layers": rep[1], "n_vectors": r.n_vectors, "ratios": ratios}
 
 
 def _param_count(weights) -> int:
@@ -464,10 +511,11 @@ def _fmt_s(x) -> str:
 
 def write_markdown() -> None:
     results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
-    order = [c for c in ("demo", "llama-3.2-1b", "llama-3.1-8b-up", "atlas-8b", "viewer", "ray-overhead", "record", "record-memory") if c in results]
+    order = [c for c in ("demo", "llama-3.2-1b", "llama-3.2-1b-split", "llama-3.1-8b-up", "llama-3.1-8b-up-l0", "atlas-8b",
+                         "viewer", "ray-overhead", "record", "record-memory") if c in results]
     lines = [START, ""]
     machines = {json.dumps({k: v for k, v in r["machine"].items() if k != "date"}, sort_keys=True) for r in results.values()}
-    for m in map(json.loads, machines):
+    for m in map(json.loads, sorted(machines)):
         lines.append(f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), {m['memory_gb']} GB, "
                      f"torch {m['torch']}, Python {m['python']}, GPU: {m['gpu'] or 'none'}.")
     lines += ["", "| case | dtype | kernel | layers timed | vectors | map | bare product, same dtype | map / bare | "
@@ -477,13 +525,16 @@ def write_markdown() -> None:
         r = results[c]
         if c in ("atlas-8b", "viewer", "ray-overhead", "record", "record-memory"):
             continue
-        for dtype in ("bfloat16", "float32"):
+        for dtype in ("split", "bfloat16", "float32"):
+            if dtype not in r:
+                continue
             x = r[dtype]
             nv = r.get("naive", {})
             naive_s = nv.get("decode_s") if dtype == "float32" else None
-            ratio_bf16 = round(x["seconds"] / x["bare_bf16_s"], 2) if dtype == "float32" else x["map_over_bare"]
+            ratio_bf16 = round(x["seconds"] / x["bare_bf16_s"], 2) if "bare_bf16_s" in x else x["map_over_bare"]
+            label = dtype if dtype != "split" else f"auto ({x.get('dtype', 'split')})"
             lines.append(
-                f"| {c} | {dtype} | {x['kernel']} | {x['layers']} | {x['n_vectors']:,} | {_fmt_s(x['seconds'])} | "
+                f"| {c} | {label} | {x['kernel']} | {x['layers']} | {x['n_vectors']:,} | {_fmt_s(x['seconds'])} | "
                 f"{_fmt_s(x['bare_s'])} | {x['map_over_bare']} | {ratio_bf16} | {x['map_tflops']} | {_fmt_s(x['full_model_s'])} | "
                 f"{_fmt_s(naive_s) if naive_s is not None else ('skipped' if dtype == 'float32' and 'skipped' in nv else '')} | "
                 f"{nv.get('over_map_fp32', '') if dtype == 'float32' else ''} | {x['read_mb']} | {x['peak_rss_mb_so_far']} |")
@@ -538,7 +589,13 @@ def write_markdown() -> None:
                 f"'{k}' {v['seconds']} s ({v['method']}, {v['n_scored']:,} rows, first {v['first']})" for k, v in r["search"].items()))
         if "generate_s" in r:
             extra.append(f"checkpoint generated in {r['generate_s']} s ({r['weight_file_mb']} MB)")
-        extra.append(f"time split (bf16): {r['bfloat16']['timings']}")
+        if "split_repeats" in r:
+            sr = r["split_repeats"]
+            extra.append(f"default (split) map / bare bf16 product, repeated in turn over {sr['matrices']} layers "
+                         f"{sr['layers']} ({sr['n_vectors']:,} vectors): {', '.join(map(str, sr['ratios']))}")
+        for dt in ("split", "bfloat16"):
+            if dt in r:
+                extra.append(f"stage times ({dt}): {r[dt]['timings']}")
         lines.append(f"- **{c}** ({r['machine']['date']}): {r['note']}. " + "; ".join(extra) + ".")
     lines += ["", END]
     doc = DOC.read_text() if DOC.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
@@ -569,7 +626,8 @@ def main() -> int:
         print(json.dumps(run_case(args.case, args.device)))
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
-    cases = args.only.split(",") if args.only else ["demo", "llama-3.2-1b", "atlas-8b", "viewer", "ray-overhead", "record", "record-memory"] + (["llama-3.1-8b-up"] if args.llama8b else [])
+    cases = args.only.split(",") if args.only else ["demo", "llama-3.2-1b", "llama-3.1-8b-up-l0", "atlas-8b", "viewer",
+                                                    "ray-overhead", "record", "record-memory"] + (["llama-3.1-8b-up"] if args.llama8b else [])
     for c in cases:
         print(f"bench: {c} ...", flush=True)
         t = time.perf_counter()

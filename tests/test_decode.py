@@ -1,5 +1,7 @@
 """Decode exactness on the real demo model against an fp64 reference, and the engine's building blocks."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -7,8 +9,13 @@ import torch
 from neuronmap.decode import (
     Head, _compile_failed, build_head, choose_reducer, compiled_reduce, decode_block, reduce_logits, resolve_device, resolve_dtype,
 )
+from neuronmap import fused
 from neuronmap.errors import NeuronmapError
 from neuronmap.sources import open_weights
+
+# The fused split kernel needs AVX512-BF16 and a C compiler; elsewhere `auto` is float32 and these cases skip.
+needs_kernel = pytest.mark.skipif(fused.status() != "ok", reason=f"fused kernel: {fused.status()}")
+SPLIT = pytest.param("split", marks=needs_kernel)
 
 
 @pytest.fixture(scope="module")
@@ -17,34 +24,44 @@ def demo():
 
 
 def _fp64_reference(weights, x: torch.Tensor, sign: float):
-    """Everything in float64, straight from the definition: softmax(W_U @ rmsnorm(sign * x))."""
+    """Everything in float64, straight from the definition: softmax(W_U @ rmsnorm(sign * x)) (Gemma: gain 1 + w)."""
     w, _ = weights.final_norm()
+    assert weights.family.norm in ("rms", "rms_1p") and weights.head_bias() is None
+    gain = w.double() + (1.0 if weights.family.norm == "rms_1p" else 0.0)
     xx = sign * x.double()
-    h = xx * torch.rsqrt(xx.pow(2).mean(-1, keepdim=True) + weights.eps) * w.double()
+    h = xx * torch.rsqrt(xx.pow(2).mean(-1, keepdim=True) + weights.eps) * gain
     z = h @ weights.head().double().T  # [n, d_vocab]
+    if weights.softcap:
+        z = torch.tanh(z / weights.softcap) * weights.softcap
     return z, torch.logsumexp(z, -1)
 
 
 def _sample(weights, seed=0, per=64):
     rng = np.random.default_rng(seed)
     rows = []
-    for layer in rng.choice(weights.n_layers, size=6, replace=False):
+    for layer in rng.choice(weights.n_layers, size=min(6, weights.n_layers), replace=False):
         for matrix in ("gate", "up", "down"):
             v = weights.vectors(matrix, int(layer))
             rows.append(v[torch.from_numpy(rng.choice(weights.d_mlp, size=per, replace=False))])
     return torch.cat(rows)  # [n, d_model]
 
 
-# bf16 screening rounds the tail's logits: documented bounds in docs/method.md.
-@pytest.mark.parametrize("dtype, prob_tol, ent_tol", [("float32", 1e-3, 1e-3), ("bfloat16", 1e-2, 5e-2)])
-def test_topk_and_probs_match_fp64_on_the_demo_model(demo, dtype, prob_tol, ent_tol):
-    x = _sample(demo)
-    head = build_head(demo, "final", "cpu", dtype)
+# bf16 screening rounds the tail's logits: documented bounds in docs/method.md. split (the default) is held to
+# issue 13's criteria: probabilities and log-sum-exp within 1e-4 of fp64, top-k equal but at near-ties.
+@pytest.mark.parametrize("dtype, prob_tol, lse_tol, ent_tol", [
+    ("float32", 1e-3, 1e-4, 1e-3), ("bfloat16", 1e-2, 5e-2, 5e-2), pytest.param("split", 1e-4, 1e-4, 1e-4, marks=needs_kernel)])
+def test_topk_and_probs_match_fp64_on_the_demo_model(demo, dtype, prob_tol, lse_tol, ent_tol):
+    _check_model_against_fp64(demo, dtype, prob_tol, lse_tol, ent_tol)
+
+
+def _check_model_against_fp64(weights, dtype, prob_tol, lse_tol, ent_tol):
+    x = _sample(weights)
+    head = build_head(weights, "final", "cpu", dtype)
     with torch.inference_mode():
         out = decode_block(head, x, k=10)
     n_total = n_same = 0
     for pole, sign in (("+", 1.0), ("-", -1.0)):
-        z, lse = _fp64_reference(demo, x, sign)
+        z, lse = _fp64_reference(weights, x, sign)
         ref = torch.topk(z, 10, -1)
         d = out[pole]
         same = (d.token_ids == ref.indices).all(-1)
@@ -56,14 +73,56 @@ def test_topk_and_probs_match_fp64_on_the_demo_model(demo, dtype, prob_tol, ent_
             assert (ours - ref.values[i]).abs().max() < 1e-3, f"row {i}: not a near-tie"
         ref_p = torch.exp(z.gather(1, d.token_ids) - lse[:, None])
         assert (d.probs.double() - ref_p).abs().max() < prob_tol
+        assert (d.logsumexp.double() - lse).abs().max() < lse_tol
         p = torch.softmax(z, -1)
         ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
         assert (d.entropy.double() - ent).abs().max() < ent_tol
-    assert n_same / n_total >= 0.999 if dtype == "float32" else n_same / n_total >= 0.99
+    assert n_same / n_total >= 0.99 if dtype == "bfloat16" else n_same / n_total >= 0.999
 
 
-def test_odd_head_minus_pole_equals_decoding_the_negated_vector(demo):
-    head = build_head(demo, "final", "cpu", "float32")
+def _bf16_checkpoint(out, d_model=512, d_mlp=256, d_vocab=20000, seed=0):
+    """A llama-family checkpoint stored in bf16, as Llama 3.1 is, with an outlier in the final norm's gain."""
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "hidden_size": d_model,
+           "intermediate_size": d_mlp, "vocab_size": d_vocab, "num_attention_heads": 8, "num_key_value_heads": 8,
+           "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    (out / "config.json").write_text(json.dumps(cfg))
+    gain = 1 + 0.3 * torch.randn(d_model, generator=g)
+    gain[:4] *= 20  # massive-activation dimensions, where the split's rounding matters most
+    sd = {"model.embed_tokens.weight": torch.randn(d_vocab, d_model, generator=g) * 0.02,
+          "lm_head.weight": torch.randn(d_vocab, d_model, generator=g) * 0.05, "model.norm.weight": gain}
+    for i in range(2):
+        for m in ("gate", "up"):
+            sd[f"model.layers.{i}.mlp.{m}_proj.weight"] = torch.randn(d_mlp, d_model, generator=g) * 0.05
+        sd[f"model.layers.{i}.mlp.down_proj.weight"] = torch.randn(d_model, d_mlp, generator=g) * 0.05
+        sd[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(d_model)
+    save_file({k: v.bfloat16().contiguous() for k, v in sd.items()}, out / "model.safetensors")
+    return out
+
+
+# The default (split) against fp64 on Gemma 3 (gain 1 + w, a 262k-token fp32 head split in two) and on a bf16
+# checkpoint (the head used as stored), with issue 13's criteria. Gemma 3's logits reach a few hundred, where
+# even the fp32 path's log-sum-exp is off by 1.7e-4 (measured): there split is held to 3x that, its entropy to 2e-4.
+@needs_kernel
+@pytest.mark.parametrize("model, lse_tol, ent_tol", [("gemma3", 5e-4, 2e-4), ("bf16", 1e-4, 1e-4)])
+def test_split_matches_fp64_on_gemma3_and_a_bf16_checkpoint(model, lse_tol, ent_tol, request, tmp_path):
+    if model == "gemma3":
+        weights = open_weights(str(request.getfixturevalue("gemma_gguf")))
+    else:
+        weights = open_weights(str(_bf16_checkpoint(tmp_path)))
+        assert weights.head(native=True).dtype == torch.bfloat16
+    head = build_head(weights, "final", "cpu", "split")
+    assert head.packed.nw == (2 if model == "gemma3" else 1)
+    _check_model_against_fp64(weights, "split", 1e-4, lse_tol, ent_tol)
+
+
+@pytest.mark.parametrize("dtype", ["float32", SPLIT])
+def test_odd_head_minus_pole_equals_decoding_the_negated_vector(demo, dtype):
+    head = build_head(demo, "final", "cpu", dtype)
     assert head.odd
     x = demo.vectors("up", 29)[:32]
     with torch.inference_mode():
@@ -73,11 +132,13 @@ def test_odd_head_minus_pole_equals_decoding_the_negated_vector(demo):
     assert torch.allclose(both["-"].logsumexp, neg["+"].logsumexp, atol=1e-4)
 
 
-def _random_head(v: int, d: int, dtype: str, softcap=None, b_U=None) -> Head:
+def _random_head(v: int, d: int, dtype: str, softcap=None, b_U=None, bf16_values=True) -> Head:
     g = torch.Generator().manual_seed(v)
-    W = (torch.randn(v, d, generator=g) * 0.5).bfloat16().float()  # exact in bf16, like a bf16 checkpoint
+    W = torch.randn(v, d, generator=g) * 0.5
+    W = W.bfloat16().float() if bf16_values else W  # exact in bf16, like a bf16 checkpoint; else split by the kernel
+    packed = fused.pack_head(W.bfloat16() if bf16_values else W) if dtype == "split" else None
     return Head(norm="none", gain=None, bias=None, eps=0.0, W_U=W, W_U_screen=W.bfloat16() if dtype == "bfloat16" else None,
-                b_U=b_U, softcap=softcap)
+                b_U=b_U, softcap=softcap, packed=packed)
 
 
 def _check_against_fp64(head: Head, x: torch.Tensor, out: dict, k: int, tol: float) -> None:
@@ -96,27 +157,29 @@ def _check_against_fp64(head: Head, x: torch.Tensor, out: dict, k: int, tol: flo
         assert (d.entropy.double() - (-(p * p.log()).sum(-1))).abs().max() < 10 * tol
 
 
-# Vocabularies below one group, not a multiple of the group, and a multiple of it.
+# Vocabularies below one group (and one kernel panel), not a multiple of either, and a multiple; an odd d_model.
 @pytest.mark.parametrize("v", [50, 1001, 64 * 40])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_decode_block_matches_fp64_on_any_vocabulary_size(v, dtype):
-    head = _random_head(v, 32, dtype)
-    x = torch.randn(37, 32, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", SPLIT])
+@pytest.mark.parametrize("d", [32, 45])
+def test_decode_block_matches_fp64_on_any_vocabulary_size(v, dtype, d):
+    head = _random_head(v, d, dtype, bf16_values=d == 32)  # d 45: an fp32 head, split into two bf16 halves
+    x = torch.randn(37, d, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         out = decode_block(head, x, k=7, chunk=16)
     # bf16 screening: exact top-k (the candidates are rescored) but a rounded tail in the sums.
     _check_against_fp64(head, x, out, 7, 1e-4 if dtype == "float32" else 1e-2)
 
 
-def test_decode_block_with_head_bias_and_softcap():
+@pytest.mark.parametrize("dtype", ["float32", SPLIT])
+def test_decode_block_with_head_bias_and_softcap(dtype):
     v = 1001
     b_U = torch.randn(v, generator=torch.Generator().manual_seed(2))
-    head = _random_head(v, 32, "float32", softcap=5.0, b_U=b_U)
+    head = _random_head(v, 32, dtype, softcap=5.0, b_U=b_U)
     assert not head.odd
     x = torch.randn(20, 32, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         _check_against_fp64(head, x, decode_block(head, x, k=5), 5, 1e-4)
-    odd = _random_head(v, 32, "float32", softcap=5.0)
+    odd = _random_head(v, 32, dtype, softcap=5.0)
     with torch.inference_mode():
         _check_against_fp64(odd, x, decode_block(odd, x, k=5), 5, 1e-4)
 
@@ -147,7 +210,8 @@ def test_kernel_choice():
 
 def test_device_and_dtype_choices():
     assert resolve_device("cpu").type == "cpu"
-    assert resolve_dtype("auto", torch.device("cpu")) == "float32"
+    assert resolve_dtype("auto", torch.device("cpu")) == ("split" if fused.status() == "ok" else "float32")
+    assert resolve_dtype("float32", torch.device("cpu")) == "float32"
     with pytest.raises(NeuronmapError, match="unknown --dtype 'half'"):
         resolve_dtype("half", torch.device("cpu"))
     if not torch.cuda.is_available():
@@ -176,3 +240,40 @@ def test_bf16_screening_keeps_a_bf16_head_only_once(tiny_models, tmp_path):
     with torch.inference_mode():
         a, b = decode_block(head, x, k=3), decode_block(exact, x, k=3)
     assert torch.equal(a["+"].token_ids, b["+"].token_ids)
+
+
+@needs_kernel
+def test_fused_kernel_gives_the_same_bits_on_any_number_of_threads():
+    # A Ray worker runs one thread, a map here two: their parts must be the same atlas rows.
+    W = torch.randn(5000, 70, generator=torch.Generator().manual_seed(5)).bfloat16()
+    h = torch.randn(13, 70, generator=torch.Generator().manual_seed(6))
+    packed, threads = fused.pack_head(W), torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(fused.decode_rows(packed, h, 5, True))
+    finally:
+        torch.set_num_threads(threads)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_auto_falls_back_to_float32_without_avx512_bf16(monkeypatch):
+    # A CPU without the instruction (its flags read from /proc/cpuinfo): auto is exact fp32, split is refused in one line.
+    from neuronmap import native
+
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
+    native.load.cache_clear()
+    fused._load.cache_clear()
+    try:
+        why = "the fused kernel is not available (this CPU lacks avx512bw, avx512vl, avx512dq, avx512_bf16)"
+        assert fused.status() == why
+        assert resolve_dtype("auto", torch.device("cpu")) == "float32"
+        with pytest.raises(NeuronmapError, match=re.escape(f"--dtype split cannot run on cpu: {why}; use --dtype float32")):
+            resolve_dtype("split", torch.device("cpu"))
+    finally:
+        monkeypatch.undo()
+        native.load.cache_clear()
+        fused._load.cache_clear()

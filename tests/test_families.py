@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from conftest import TINY_FAMILIES, tiny_config
 from neuronmap.errors import NeuronmapError
 from neuronmap.families import FAMILIES, family_for_gguf_arch, family_for_model_type
+from neuronmap.decode import resolve_dtype
 from neuronmap.mapper import MapOptions, map_model
 
 
@@ -48,11 +49,14 @@ def _own_vectors(model, family, matrix, layer):
     return w.T if matrix == "down" else w
 
 
+# auto: the default, split (the fused kernel) where this CPU has AVX512-BF16, else float32 again.
+@pytest.mark.parametrize("dtype", ["float32", "auto"])
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_atlas_logits_equal_the_familys_own_modules(family, tiny_models, tmp_path):
+def test_atlas_logits_equal_the_familys_own_modules(family, dtype, tiny_models, tmp_path):
     path = tiny_models(family)
     model = AutoModelForCausalLM.from_pretrained(path)
-    result = map_model(str(path), tmp_path / "atlas", MapOptions(top_k=64, dtype="float32", device="cpu"))
+    result = map_model(str(path), tmp_path / "atlas", MapOptions(top_k=64, dtype=dtype, device="cpu"))
+    assert result.meta["dtype"] == resolve_dtype(dtype, torch.device("cpu"))
     table = pq.read_table(result.path / "neurons.parquet").to_pandas()
     decode = _final_norm_and_head(model)
     fam = family_for_model_type(model.config.model_type)
@@ -121,7 +125,7 @@ def test_unknown_family_lists_the_known_ones():
 
 def test_every_family_is_tested():
     # The families the parametrized reference test above runs on, read from its own parameter list.
-    marks = {m.name: m for m in test_atlas_logits_equal_the_familys_own_modules.pytestmark}
-    assert marks["parametrize"].args == ("family", TINY_FAMILIES)
+    marks = {m.args[0]: m for m in test_atlas_logits_equal_the_familys_own_modules.pytestmark if m.name == "parametrize"}
+    assert marks["family"].args == ("family", TINY_FAMILIES)
     tested = {family_for_model_type(tiny_config(name).model_type).name for name in TINY_FAMILIES}
     assert tested == {f.name for f in FAMILIES}

@@ -47,7 +47,7 @@ def test_layers_matrices_and_topk_options(tiny_models, tmp_path):
 
 @pytest.mark.slow  # maps a layer of the real demo model, and a cold torch.compile
 def test_compiled_kernel_maps_like_the_eager_one(tmp_path):
-    opts = dict(layers="29", matrices="up")  # real weights, 49,152-token vocabulary
+    opts = dict(layers="29", matrices="up", dtype="float32")  # real weights, 49,152-token vocabulary; --kernel: fp32
     a = map_model(None, tmp_path / "eager", MapOptions(kernel="eager", **opts))
     b = map_model(None, tmp_path / "compiled", MapOptions(kernel="compiled", **opts))
     assert a.meta["kernel"] == "eager" and b.meta["kernel"] == "compiled"

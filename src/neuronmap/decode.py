@@ -8,8 +8,12 @@ Never is a whole layer's ``[d_mlp, d_vocab]`` materialised: vectors go through i
 blocks of ``block_rows(d_vocab)`` rows, each reduced at once to top-k,
 log-sum-exp and entropy.
 
-Two precisions:
-  - ``float32``: one fp32 matmul per block; exact up to fp32 rounding.
+Three precisions:
+  - ``split`` (what ``auto`` gives where it can run): each normed state is split into two bf16 halves and the
+    head is bf16 (or split too); the bf16 products accumulate in fp32, as exact as ``float32`` at about twice the
+    bf16 product's time. On a CPU with AVX512-BF16 the fused kernel (neuronmap.fused) reduces the logits in the
+    same pass; on CUDA ``torch.mm(..., out_dtype=float32)`` makes the logits (untested: no GPU here).
+  - ``float32``: one fp32 matmul per block; exact up to fp32 rounding (the reference path).
   - ``bfloat16``: a bf16 matmul screens ``n_candidates`` tokens per vector, which
     are then rescored exactly in fp32; the log-sum-exp and entropy use the exact
     logits for the candidates and the screened ones for the rest of the vocabulary.
@@ -22,11 +26,12 @@ from functools import lru_cache
 
 import torch
 
+from neuronmap import fused
 from neuronmap.errors import NeuronmapError
 from neuronmap.sources import Weights
 
 NORM_MODES = ("final", "none")
-DTYPES = ("auto", "float32", "bfloat16")
+DTYPES = ("auto", "split", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -38,11 +43,12 @@ class Head:
         gain: ``[d_model]`` effective gain (Gemma's ``1 + w`` already added), or None.
         bias: ``[d_model]`` norm bias, or None.
         eps: norm epsilon.
-        W_U: ``[d_vocab, d_model]`` fp32; bf16 when screening and the checkpoint
+        W_U: ``[d_vocab, d_model]`` fp32; bf16 when screening or split and the checkpoint
             stores bf16 (then it is exact, and an fp32 copy would only double the memory).
         W_U_screen: ``[d_vocab, d_model]`` bf16 for screening (may be ``W_U`` itself), or None.
         b_U: ``[d_vocab]`` head bias, or None.
         softcap: final-logit softcap, or None.
+        packed: the head in the fused kernel's layout (``split`` on a CPU), or None.
     """
 
     norm: str
@@ -53,6 +59,7 @@ class Head:
     W_U_screen: torch.Tensor | None
     b_U: torch.Tensor | None
     softcap: float | None
+    packed: object | None = None  # neuronmap.fused.Packed
 
     @property
     def odd(self) -> bool:
@@ -101,34 +108,41 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """The decode dtype a ``--dtype`` value stands for: ``auto`` is always ``float32`` (exact).
+    """The decode dtype a ``--dtype`` value stands for: ``auto`` is the exact ``split`` where it runs, else ``float32``.
 
-    bf16 screening is never chosen automatically, on any device: ask for
-    ``bfloat16`` explicitly. ``device`` is accepted for the signature's sake and
-    does not change the answer.
+    ``split`` runs on a CPU with AVX512-BF16 and a C compiler (the fused kernel, neuronmap.fused) and on CUDA
+    (bf16 products with fp32 output). Elsewhere ``auto`` is ``float32``, equally exact and 2-4x slower.
+    bf16 screening is never chosen automatically: ask for ``bfloat16``.
 
     Args:
-        dtype: ``auto``, ``float32`` or ``bfloat16``.
-        device: the device the decode will run on (unused by the choice).
+        dtype: one of ``DTYPES``.
+        device: the device the decode will run on (``str`` for a Ray map's workers: there ``auto`` is
+            ``float32`` unless this machine, the driver, could run ``split`` on a CPU).
 
     Returns:
-        ``float32`` or ``bfloat16``: ``dtype`` itself unless it is ``auto``.
+        ``split``, ``float32`` or ``bfloat16``: ``dtype`` itself unless it is ``auto``.
 
     Raises:
-        NeuronmapError: ``dtype`` is not one of ``DTYPES``.
+        NeuronmapError: ``dtype`` is not one of ``DTYPES``; ``split`` asked for where it cannot run.
 
     Example:
-        >>> resolve_dtype("auto", torch.device("cuda"))
+        >>> resolve_dtype("float32", torch.device("cpu"))
         'float32'
     """
     if dtype not in DTYPES:
         raise NeuronmapError(f"unknown --dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if dtype in ("float32", "bfloat16"):
+        return dtype
+    dev = torch.device("cpu" if str(device) == "auto" else device)
+    can_split = dev.type == "cuda" or fused.available(dev)  # the first call builds the kernel (a second, once)
+    if dtype == "split" and not can_split:
+        raise NeuronmapError(f"--dtype split cannot run on {dev}: {fused.status()}; use --dtype float32 (as exact, "
+                             "slower) or auto")
     if dtype != "auto":
         return dtype
-    # Exact fp32 is the default everywhere: bf16 screening rounds the logits of
-    # the tail of the vocabulary, which moves probabilities by up to ~5e-3
-    # (docs/method.md). It is opt-in, for speed where d_model is large.
-    return "float32"
+    # bf16 screening rounds the logits of the tail of the vocabulary, which moves probabilities by up to ~5e-3
+    # (docs/method.md); split is as exact as fp32.
+    return "split" if can_split else "float32"
 
 
 def build_head(weights: Weights, norm: str = "final", device: torch.device | str = "cpu", dtype: str = "float32") -> Head:
@@ -138,7 +152,8 @@ def build_head(weights: Weights, norm: str = "final", device: torch.device | str
         weights: an opened model.
         norm: ``final`` (the model's own final norm) or ``none`` (skip it).
         device: where to compute.
-        dtype: ``float32`` or ``bfloat16`` (adds the screening copy).
+        dtype: ``float32``, ``split`` (bf16 halves; on a CPU the head is packed for the fused kernel)
+            or ``bfloat16`` (adds the screening copy).
 
     Raises:
         NeuronmapError: unknown norm mode.
@@ -147,7 +162,12 @@ def build_head(weights: Weights, norm: str = "final", device: torch.device | str
         raise NeuronmapError(f"unknown --norm {norm!r}: expected final or none")
     device = torch.device(device)
     stored = weights.head(native=True)  # [d_vocab, d_model]
-    if dtype == "bfloat16" and stored.dtype == torch.bfloat16:
+    packed = screen = None
+    if dtype == "split":
+        # A bf16 head is kept as is (exact); any other is split into bf16 halves (packed) and kept in fp32.
+        W_U = stored.to(device) if stored.dtype == torch.bfloat16 else stored.to(device, torch.float32)
+        packed = fused.pack_head(W_U) if device.type == "cpu" else None
+    elif dtype == "bfloat16" and stored.dtype == torch.bfloat16:
         W_U = screen = stored.to(device)
     else:
         W_U = stored.to(device, torch.float32)
@@ -164,7 +184,7 @@ def build_head(weights: Weights, norm: str = "final", device: torch.device | str
     return Head(
         norm=kind, gain=gain, bias=bias, eps=weights.eps, W_U=W_U,
         W_U_screen=screen,
-        b_U=b_U.to(device) if b_U is not None else None, softcap=weights.softcap,
+        b_U=b_U.to(device) if b_U is not None else None, softcap=weights.softcap, packed=packed,
     )
 
 
@@ -277,8 +297,14 @@ def compiled_reduce(z: torch.Tensor, minus: bool) -> tuple[torch.Tensor, ...]:
     return reduce_logits(z, minus)
 
 
-def kernel_used(reduce, d_vocab: int) -> str:
-    """``compiled`` or ``eager``: what a reducer from ``choose_reducer`` actually ran."""
+def kernel_used(reduce, d_vocab: int, dtype: str = "float32", device: str = "cpu", k: int = 10) -> str:
+    """What a decode ran: ``avx512bf16`` (the fused kernel: ``split`` on a CPU), ``cuda-split`` (``split`` on CUDA,
+    then a reducer), else what a reducer from ``choose_reducer`` ran: ``compiled`` or ``eager``."""
+    if dtype == "split" and not str(device).startswith("cuda"):
+        if k <= fused.MAX_K:
+            return fused.NAME
+    elif dtype == "split":
+        return "cuda-split+" + kernel_used(reduce, d_vocab)
     return "compiled" if reduce is compiled_reduce and not _compile_failed and d_vocab > GROUP else "eager"
 
 
@@ -364,7 +390,15 @@ def decode_block(head: Head, x: torch.Tensor, k: int, n_candidates: int = 16, ch
     states = {"+": apply_norm(head, x)}  # [n, d_model] normed states
     if not head.odd:
         states["-"] = apply_norm(head, -x)
-    raw = {p: h.to(W.dtype) @ W.T for p, h in states.items()}  # [n, d_vocab] each
+    if head.packed is not None and k <= fused.MAX_K:
+        return fused.decode_states(head, states, k)
+    if W.dtype == torch.bfloat16 and not screen and W.is_cuda:  # split on CUDA: bf16 products, fp32 out (untested)
+        raw = {p: sum(torch.mm(half, W.T, out_dtype=torch.float32) for half in fused.split_halves(h))
+               for p, h in states.items()}
+    elif W.dtype == torch.bfloat16 and not screen:  # split on a CPU with k > fused.MAX_K: the fp32 product
+        raw = {p: h @ W.float().T for p, h in states.items()}
+    else:
+        raw = {p: h.to(W.dtype) @ W.T for p, h in states.items()}  # [n, d_vocab] each
     parts: dict[str, list[Decoded]] = {"+": [], "-": []}
     chunk = chunk or max(1, (8 << 20) // (4 * W.shape[0]))
     for lo in range(0, x.shape[0], chunk):

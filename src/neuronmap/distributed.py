@@ -161,8 +161,8 @@ def map_task(src: Source, options, dtype: str, compiled: bool, items: list[tuple
     timings = {"read_s": time.perf_counter() - t, "decode_s": 0.0, "write_s": 0.0}
     vocab = pa.array(list(weights.tokens), pa.string())
     done = [(m, layer, *_map_part(weights, head, m, layer, options, reduce, vocab, timings)) for m, layer in items]
-    return {"parts": done, "device": str(device), "kernel": kernel_used(reduce, weights.d_vocab), "timings": timings,
-            "pid": os.getpid()}
+    return {"parts": done, "device": str(device), "timings": timings, "pid": os.getpid(),
+            "kernel": kernel_used(reduce, weights.d_vocab, dtype, str(device), options.top_k)}
 
 
 def plan(todo: list[tuple[str, int]], slots: int) -> list[list[tuple[str, int]]]:

@@ -151,16 +151,17 @@ def map_model(
     device = resolve_device(options.device) if ray is None else options.device
     dtype = resolve_dtype(options.dtype, device)
     order = [(m, layer) for layer in layers for m in matrices]  # the order a single pass writes rows in
+    reduce = choose_reducer(options.kernel, len(layers) * len(matrices) * weights.d_mlp * weights.d_vocab)
+    kernel, cluster = kernel_used(reduce, weights.d_vocab, dtype, str(device), options.top_k), None
+    # Parts made by another kernel differ in the last bits: a resume must not mix them.
     manifest = {"weights": [{"name": f.name, "sha256": file_sha256(f)} for f in src.files],
                 "options": dataclasses.asdict(options), "matrices": matrices, "layers": layers, "dtype": dtype,
-                "device": str(device), "format": atlas_io.VERSION}
-    reduce = choose_reducer(options.kernel, len(layers) * len(matrices) * weights.d_mlp * weights.d_vocab)
+                "device": str(device), "kernel": kernel, "format": atlas_io.VERSION}
     t_head = time.perf_counter()
     if ray is None:
         head = build_head(weights, options.norm, device, dtype)
         vocab = pa.array(list(weights.tokens), pa.string())
     timings = {"read_s": time.perf_counter() - t_head, "decode_s": 0.0, "write_s": 0.0}
-    kernel, cluster = kernel_used(reduce, weights.d_vocab), None
     parts = open_parts(out, manifest, resume)  # after every option is checked: a refused map leaves nothing
     if parts.removed:
         notes.append(f"removed {parts.removed} parts of an earlier interrupted map into {out} (--resume continues one instead)")
@@ -241,7 +242,8 @@ def _map_part(weights: Weights, head, matrix: str, layer: int, options: MapOptio
     norms = vecs.norm(dim=-1).numpy()
     vecs = vecs.to(head.W_U.device)
     timings["read_s"] += time.perf_counter() - t
-    rows = block_rows(weights.d_vocab)
+    # The fused kernel writes no [rows, d_vocab] logits: bigger blocks read the head from memory fewer times.
+    rows = block_rows(weights.d_vocab) * (4 if head.packed is not None else 1)
     tables, best = [], {}
     for start in range(0, weights.d_mlp, rows):
         t = time.perf_counter()

@@ -39,7 +39,12 @@ class Kernel:
     needs: tuple[str, ...] = ()
 
 
-KERNELS: dict[str, Kernel] = {"record": Kernel()}
+KERNELS: dict[str, Kernel] = {
+    "record": Kernel(),
+    # neuronmap.fused: split-precision products on vdpbf16ps (AVX512-BF16), fp32 accumulation.
+    "fused": Kernel(flags=("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"),
+                    needs=("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma")),
+}
 _WHY: dict[str, str] = {}
 
 

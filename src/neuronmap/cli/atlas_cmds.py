@@ -22,11 +22,14 @@ def map_arguments(p) -> None:
     p.add_argument("--layers", default=None, help="layers and ranges, e.g. 0-5,9 (default: all)")
     p.add_argument("--top-k", type=int_at_least(1), default=d.top_k, help=f"tokens kept per vector (default {d.top_k})")
     p.add_argument("--device", default=d.device, help=f"auto | cpu | cuda (default {d.device})")
-    p.add_argument("--dtype", default=d.dtype, help=f"auto | float32 | bfloat16 (bf16 screening, exact fp32 rescoring; default {d.dtype})")
+    p.add_argument("--dtype", default=d.dtype, help=f"auto | split | float32 | bfloat16 (default {d.dtype}: split, exact bf16 halves "
+                   "with fp32 accumulation, where the CPU has AVX512-BF16 or on CUDA, else float32; bfloat16: bf16 "
+                   "screening, exact fp32 rescoring)")
     p.add_argument("--norm", default=d.norm, help=f"final (the model's own final norm) | none (default {d.norm})")
     p.add_argument("--fold-input-norm", action="store_true", help="multiply gate/up vectors by the layer's pre-MLP norm gain")
     p.add_argument("--kernel", default=d.kernel,
-                   help="auto | eager | compiled: the vocabulary reductions fused by torch.compile (auto: for big models)")
+                   help="auto | eager | compiled: with --dtype float32 or bfloat16, the vocabulary reductions fused by "
+                   "torch.compile (auto: for big models); split always runs its own fused kernel")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing atlas (never a directory that is not an atlas, nor the model's own files)")
     p.add_argument("--resume", action="store_true",

@@ -25,7 +25,7 @@ def add_compare(sub) -> None:
     d = MapOptions()
     p.add_argument("--top-k", type=int_at_least(1), default=d.top_k, help=f"when mapping a model source: tokens kept per vector (default {d.top_k})")
     p.add_argument("--device", default=d.device, help=f"when mapping a model source: auto | cpu | cuda (default {d.device})")
-    p.add_argument("--dtype", default=d.dtype, help=f"when mapping a model source: auto | float32 | bfloat16 (default {d.dtype})")
+    p.add_argument("--dtype", default=d.dtype, help=f"when mapping a model source: auto | split | float32 | bfloat16 (default {d.dtype})")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_compare)
 
