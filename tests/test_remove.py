@@ -163,7 +163,26 @@ def test_cli_json_is_the_report(tiny_with_tokenizer, prompts_file, tmp_path, cap
 
 def test_cli_defaults_are_the_api_defaults():
     a = build_parser().parse_args(["remove", "--concept", "Paris", "-o", "x"])
-    assert RemoveOptions(a.edits, a.matrices, a.select, a.noise, a.candidates, a.rounds, a.seed) == RemoveOptions()
+    assert RemoveOptions(a.edits, a.matrices, a.select, a.noise, a.candidates, a.rounds, a.seed,
+                         a.edit, a.strength) == RemoveOptions()
+
+
+def test_unembed_reflect_changes_only_the_component_along_the_direction(tiny_with_tokenizer, prompts_file, tmp_path):
+    """--select unembed --edit reflect: each edited down column differs from the old one by a multiple of one direction."""
+    opts = RemoveOptions(edits=3, select="unembed", edit="reflect", strength=3.0)
+    r = remove(str(tiny_with_tokenizer), ["dog"], tmp_path / "out", prompts_file=prompts_file, options=opts)
+    before, after = load_file(tiny_with_tokenizer / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    deltas = []
+    for e in r.steps[0].edits:
+        assert e.matrix == "down" and e.score > 0
+        old = before[e.tensor][:, e.index] if e.axis == 1 else before[e.tensor][e.index]
+        new = after[e.tensor][:, e.index] if e.axis == 1 else after[e.tensor][e.index]
+        deltas.append((new - old).double())
+    d = deltas[0] / deltas[0].norm()
+    for x in deltas[1:]:  # every delta is parallel to the same direction
+        assert abs(float(x @ d)) / float(x.norm()) > 0.999
+    assert all(float((before[e.tensor][:, e.index] if e.axis == 1 else before[e.tensor][e.index]).double() @ d) * float(x @ d) < 0
+               for e, x in zip(r.steps[0].edits, deltas))  # the component along it is taken away, not added
 
 
 # ------------------------------------------------------------------ bad input: one line, exit 2, nothing written
