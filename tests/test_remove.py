@@ -268,3 +268,13 @@ def test_demo_paris_falls_more_than_the_control_and_the_reference_text(tmp_path)
     before = load_file(tmp_path / "paris" / "model.safetensors")
     after = load_file(tmp_path / "no-paris" / "model.safetensors")
     assert {k for k in before if not torch.equal(before[k], after[k])} == {e.tensor for e in step.edits}
+
+
+@pytest.mark.slow
+def test_demo_unembed_reflect_keeps_the_control_and_the_reference_text(tmp_path):
+    """Ours at strength 2: Paris falls on every direct prompt, London keeps >= 80 %, median KL < 0.01 (docs/remove.md)."""
+    r = remove(None, ["Paris"], tmp_path / "no-paris", options=RemoveOptions(select="unembed", edit="reflect"))
+    step = r.steps[0]
+    paris, london = step.measures
+    assert all(a < b / 2 for (k, _, _), b, a in zip(paris.prompts, paris.before, paris.after) if k == "direct")
+    assert london.ratio > 0.8 and step.kl_median < 0.01
