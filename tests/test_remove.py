@@ -163,7 +163,26 @@ def test_cli_json_is_the_report(tiny_with_tokenizer, prompts_file, tmp_path, cap
 
 def test_cli_defaults_are_the_api_defaults():
     a = build_parser().parse_args(["remove", "--concept", "Paris", "-o", "x"])
-    assert RemoveOptions(a.edits, a.matrices, a.select, a.noise, a.candidates, a.rounds, a.seed) == RemoveOptions()
+    assert RemoveOptions(a.edits, a.matrices, a.select, a.noise, a.candidates, a.rounds, a.seed,
+                         a.edit, a.strength) == RemoveOptions()
+
+
+def test_unembed_reflect_changes_only_the_component_along_the_direction(tiny_with_tokenizer, prompts_file, tmp_path):
+    """--select unembed --edit reflect: each edited down column differs from the old one by a multiple of one direction."""
+    opts = RemoveOptions(edits=3, select="unembed", edit="reflect", strength=3.0)
+    r = remove(str(tiny_with_tokenizer), ["dog"], tmp_path / "out", prompts_file=prompts_file, options=opts)
+    before, after = load_file(tiny_with_tokenizer / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    deltas = []
+    for e in r.steps[0].edits:
+        assert e.matrix == "down" and e.score > 0
+        old = before[e.tensor][:, e.index] if e.axis == 1 else before[e.tensor][e.index]
+        new = after[e.tensor][:, e.index] if e.axis == 1 else after[e.tensor][e.index]
+        deltas.append((new - old).double())
+    d = deltas[0] / deltas[0].norm()
+    for x in deltas[1:]:  # every delta is parallel to the same direction
+        assert abs(float(x @ d)) / float(x.norm()) > 0.999
+    assert all(float((before[e.tensor][:, e.index] if e.axis == 1 else before[e.tensor][e.index]).double() @ d) * float(x @ d) < 0
+               for e, x in zip(r.steps[0].edits, deltas))  # the component along it is taken away, not added
 
 
 # ------------------------------------------------------------------ bad input: one line, exit 2, nothing written
@@ -249,3 +268,13 @@ def test_demo_paris_falls_more_than_the_control_and_the_reference_text(tmp_path)
     before = load_file(tmp_path / "paris" / "model.safetensors")
     after = load_file(tmp_path / "no-paris" / "model.safetensors")
     assert {k for k in before if not torch.equal(before[k], after[k])} == {e.tensor for e in step.edits}
+
+
+@pytest.mark.slow
+def test_demo_unembed_reflect_keeps_the_control_and_the_reference_text(tmp_path):
+    """Ours at strength 2: Paris falls on every direct prompt, London keeps >= 80 %, median KL < 0.01 (docs/remove.md)."""
+    r = remove(None, ["Paris"], tmp_path / "no-paris", options=RemoveOptions(select="unembed", edit="reflect"))
+    step = r.steps[0]
+    paris, london = step.measures
+    assert all(a < b / 2 for (k, _, _), b, a in zip(paris.prompts, paris.before, paris.after) if k == "direct")
+    assert london.ratio > 0.8 and step.kl_median < 0.01

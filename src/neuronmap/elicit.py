@@ -30,6 +30,7 @@ class ConceptSpec:
     prompt: str
     control: str | None
     eliciting: tuple[tuple[str, str, str], ...]  # (kind, prompt, answer)
+    contrast: tuple[str, ...] = ()  # words of the same kind, for --select unembed (not the control)
 
 
 def _spec(word: str, entry, where: str) -> ConceptSpec:
@@ -47,7 +48,10 @@ def _spec(word: str, entry, where: str) -> ConceptSpec:
     control = entry.get("control")
     if control is not None and not isinstance(control, str):
         raise NeuronmapError(bad)
-    return ConceptSpec(word, entry["prompt"], control, tuple(tuple(r) for r in rows))
+    contrast = entry.get("contrast", [])
+    if not isinstance(contrast, list) or not all(isinstance(x, str) and x.strip() for x in contrast):
+        raise NeuronmapError(bad)
+    return ConceptSpec(word, entry["prompt"], control, tuple(tuple(r) for r in rows), tuple(contrast))
 
 
 def concept_specs(path: str | Path | None = None) -> dict[str, ConceptSpec]:
@@ -82,4 +86,5 @@ def resolve_spec(word: str, specs: dict[str, ConceptSpec], prompt: str | None) -
             raise NeuronmapError(f"no bundled prompts for {word!r} (bundled: {', '.join(sorted(specs))}): pass --prompt "
                                  "TEXT, a detailed description ending where its name comes next, or --prompts FILE")
         return ConceptSpec(word, prompt, None, (("descriptive", prompt, word),))
-    return ConceptSpec(word, prompt or spec.prompt, spec.control, spec.eliciting or (("descriptive", prompt or spec.prompt, word),))
+    return ConceptSpec(word, prompt or spec.prompt, spec.control, spec.eliciting or (("descriptive", prompt or spec.prompt, word),),
+                       spec.contrast)

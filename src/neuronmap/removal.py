@@ -43,7 +43,10 @@ from neuronmap.sources import open_weights
 
 EDITS = 5
 MATRICES = "down"
-SELECTS = ("cosine", "contribution")
+SELECTS = ("cosine", "contribution", "unembed")
+EDIT_MODES = ("replace", "reflect")
+EDIT_MODE = "replace"
+STRENGTH = 2.0
 SELECT = "cosine"
 NOISE = 0.5
 CANDIDATES = 1024
@@ -62,6 +65,8 @@ class RemoveOptions:
     candidates: int = CANDIDATES
     rounds: int = ROUNDS
     seed: int = SEED
+    edit: str = EDIT_MODE
+    strength: float = STRENGTH
 
     def check(self, available: tuple[str, ...] = ("gate", "up", "down")) -> list[str]:
         """The matrices to edit, once every option is checked.
@@ -76,6 +81,12 @@ class RemoveOptions:
             raise NeuronmapError(f"--noise {self.noise} is out of range: expected a number > 0, e.g. {NOISE}")
         if self.select not in SELECTS:
             raise NeuronmapError(f"unknown --select {self.select!r}: expected one of {', '.join(SELECTS)}")
+        if not (math.isfinite(self.strength) and self.strength > 0):
+            raise NeuronmapError(f"--strength {self.strength} is out of range: expected a number > 0, e.g. {STRENGTH}")
+        if self.edit not in EDIT_MODES:
+            raise NeuronmapError(f"unknown --edit {self.edit!r}: expected one of {', '.join(EDIT_MODES)}")
+        if self.select == "unembed" and parse_matrices(self.matrices, available) != ["down"]:
+            raise NeuronmapError("--select unembed ranks what neurons write: use it with --matrices down")
         return parse_matrices(self.matrices, available)
 
     def to_dict(self) -> dict:
@@ -285,10 +296,32 @@ def targeting_vector(m: Model, head, word: str, prompt: str, ref_mean: torch.Ten
     return best, info, acts
 
 
+def unembed_direction(m: Model, head, word: str, contrast: tuple[str, ...]) -> torch.Tensor:
+    """The residual direction that raises ``word``'s logit over its contrast words', ``[d_model]``.
+
+    The mean unembedding row of the concept's variants minus that of the contrast words' variants, times the final
+    norm's gain (the logit of token i is ``W_U[i] . (gain * x / rms(x))``, so this is the direction in the stream the
+    norm reads). With contrast words of the same kind (other capitals for Paris), what the concept shares with them
+    ("a capital city") cancels, and what is left is specific to the concept.
+    """
+    row = lambda w: head.W_U[list(whole_concept(m, w).token_ids)].float().mean(0)  # noqa: E731
+    d = row(word)
+    others = [w for w in contrast if w.strip().lower() != word.strip().lower()]
+    if others:
+        d = d - torch.stack([row(w) for w in others]).mean(0)
+    return (d * head.gain.float()) if head.gain is not None else d
+
+
 def choose_edits(m: Model, head, word: str, t: torch.Tensor, acts: list[torch.Tensor], matrices: list[str],
                  opts: RemoveOptions, taken: set[tuple[str, int, int]], stored: dict[str, torch.dtype]
                  ) -> tuple[list[Edit], list[torch.Tensor]]:
-    """Steps 3-4: the ``opts.edits`` best vectors by affinity (none already edited), and their replacements."""
+    """Steps 3-4: the ``opts.edits`` best vectors by affinity (none already edited), and their replacements.
+
+    ``t`` is the targeting vector, or for ``select="unembed"`` the direction of ``unembed_direction``.
+    ``edit="replace"`` puts ``-t`` (scaled to the old norm) in place of the vector (TARS);
+    ``edit="reflect"`` subtracts ``strength`` times the vector's component along ``t`` (2: reverses it) and keeps
+    the rest of what it writes.
+    """
     th = t / t.norm()
     ranked = []
     for layer in range(m.n_layers):
@@ -311,7 +344,8 @@ def choose_edits(m: Model, head, word: str, t: torch.Tensor, acts: list[torch.Te
     ranked.sort(key=lambda r: -r[0])
     edits, vectors = [], []
     for score, matrix, layer, n, sign, cos, tensor, axis, index, old in ranked[:opts.edits]:
-        new = (-sign * th * old.norm()).to(stored.get(tensor, torch.float32))  # rounded as the checkpoint will hold it
+        new = -sign * th * old.norm() if opts.edit == "replace" else old - opts.strength * (old @ th) * th
+        new = new.to(stored.get(tensor, torch.float32))  # rounded as the checkpoint will hold it
         edits.append(Edit(word, matrix, layer, n, "+" if sign > 0 else "-", tensor, axis, index, sign * cos, score,
                           float(old.norm()), _top(head, sign * old, m.tokenizer), _top(head, sign * new.float(), m.tokenizer)))
         vectors.append(new)
@@ -360,6 +394,8 @@ def remove_concepts(m: Model, specs: list[ConceptSpec], control: ConceptSpec | N
     for k, s in enumerate(specs):
         with applied(m, edits, vectors):
             t, info, acts = targeting_vector(m, head, s.word, s.prompt, ref_mean, opts)
+            if opts.select == "unembed":
+                t = unembed_direction(m, head, s.word, s.contrast or ((control.word,) if control else ()))
             new_edits, new_vectors = choose_edits(m, head, s.word, t, acts, matrices, opts, taken, stored)
         edits, vectors = edits + new_edits, vectors + new_vectors
         with applied(m, edits, vectors):
