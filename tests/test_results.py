@@ -143,7 +143,8 @@ def test_show_to_dict(mapped, capsys, neuron, stored):
     layer, idx = (int(x) for x in neuron[1:].split("N"))
     assert (n.id, n.layer, n.neuron, n.rank_method) == (neuron, layer, idx, "stored" if stored else "exact")
     d = round_trip(n.to_dict())
-    assert list(d) == ["atlas", "id", "layer", "neuron", "rank_method", "rows"]
+    assert list(d) == ["atlas", "id", "layer", "neuron", "rank_method", "rows", "evidence"]
+    assert d["evidence"] is None  # this atlas has no `record` run; tests/test_record.py covers the filled form
     assert (d["atlas"], d["id"], d["layer"], d["neuron"], d["rank_method"]) == (str(mapped.path), n.id, n.layer, n.neuron,
                                                                                  n.rank_method)
     assert_records(d["rows"], n.rows)
@@ -164,7 +165,8 @@ def test_show_of_a_nan_vector_gives_none(mapped):
 def test_stats_to_dict(mapped, capsys):
     s = stats(open_files(mapped.path))
     d = round_trip(s.to_dict())
-    assert list(d) == ["atlas", "n_rows", "layers", "top_tokens"]
+    assert list(d) == ["atlas", "n_rows", "layers", "top_tokens", "agreement"]
+    assert d["agreement"] is None  # no evidence recorded here; tests/test_record.py covers the filled form
     assert d["atlas"] == str(mapped.path) and d["n_rows"] == s.n_rows == 288
     assert_records(d["layers"], s.layers)
     assert_records(d["top_tokens"], s.top_tokens)
