@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -140,7 +141,14 @@ def test_ctrl_c_at_start_up_gives_no_traceback(delay, atlas):
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert "Traceback" not in err, err
+    if "Traceback" in err:
+        # On a loaded machine the signal can land while CPython is still importing its own start-up modules
+        # (runpy and importlib for `-m`), before any line of neuronmap runs: CPython prints that traceback itself,
+        # and no program can intercept it. Every frame is then CPython's frozen start-up code; a frame of ours
+        # (neuronmap/__main__.py installs the handler first thing) would be our bug.
+        frames = re.findall(r'File "([^"]+)"', err)
+        assert frames and all(f.startswith("<frozen") for f in frames) and "KeyboardInterrupt" in err, err
+        return
     # Killed before Python set up its handler (-2), interrupted (130), or already done (0).
     assert proc.returncode in (0, 130, -signal.SIGINT), err
     if proc.returncode == 130:
