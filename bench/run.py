@@ -275,6 +275,33 @@ def _split_repeats(src, tmp: Path, rep: tuple[str, str], weights, device: str, n
     return {"matrices": rep[0], "layers": rep[1], "n_vectors": r.n_vectors, "ratios": ratios}
 
 
+def case_default_ratio(tmp: Path, n: int = 3) -> dict:
+    """Issue 13's first target wherever this runs: the default map (``--dtype auto``) of the demo's up layers 0-9
+    against the bare bf16 and bare fp32 products of the same vectors, the three in turn ``n`` times in one process.
+    On a CPU without AVX512-BF16 ``auto`` is float32; the machine's flags say which path ran."""
+    import torch
+
+    from neuronmap import native
+    from neuronmap.mapper import MapOptions, map_model
+    from neuronmap.sources import open_weights, resolve_source
+
+    src = resolve_source(None)
+    weights = open_weights(src)
+    flags = native.cpu_flags()
+    res = {"case": "default-ratio", "machine": machine(), "matrices": DEMO_REPEAT[0], "layers": DEMO_REPEAT[1],
+           "avx512_bf16": "avx512_bf16" in flags, "avx2": "avx2" in flags, "runs": []}
+    for i in range(n):
+        r = map_model(src, tmp / f"d{i}", MapOptions(matrices=DEMO_REPEAT[0], layers=DEMO_REPEAT[1]))
+        b16 = bare_product_seconds(r.n_vectors, weights.d_model, weights.d_vocab, "cpu", torch.bfloat16)
+        b32 = bare_product_seconds(r.n_vectors, weights.d_model, weights.d_vocab, "cpu", torch.float32)
+        res["runs"].append({"map_s": round(r.seconds, 2), "bare_bf16_s": round(b16, 2), "bare_fp32_s": round(b32, 2),
+                            "map_over_bare_bf16": round(r.seconds / b16, 2), "map_over_bare_fp32": round(r.seconds / b32, 2)})
+        res["dtype"], res["kernel"], res["n_vectors"] = r.meta["dtype"], r.meta.get("kernel"), r.n_vectors
+        shutil.rmtree(tmp / f"d{i}", ignore_errors=True)
+    res["peak_rss_mb"] = peak_rss_mb()
+    return res
+
+
 def _param_count(weights) -> int:
     d, f, v, n = weights.d_model, weights.d_mlp, weights.d_vocab, weights.n_layers
     return 2 * v * d + n * (3 * d * f + 4 * d * d)  # embed + head, layers (attention as d x d blocks: an upper bound)
@@ -491,6 +518,8 @@ def run_case(name: str, device: str) -> dict:
             return case_record(tmp)
         if name == "record-memory":
             return case_record_memory(tmp)
+        if name == "default-ratio":
+            return case_default_ratio(tmp)
         if name in SHAPES:
             # Written by a separate process, so the generator's memory is not this case's.
             (tmp / "ckpt").mkdir()
@@ -512,7 +541,7 @@ def _fmt_s(x) -> str:
 def write_markdown() -> None:
     results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
     order = [c for c in ("demo", "llama-3.2-1b", "llama-3.2-1b-split", "llama-3.1-8b-up", "llama-3.1-8b-up-l0", "atlas-8b",
-                         "viewer", "ray-overhead", "record", "record-memory") if c in results]
+                         "viewer", "ray-overhead", "record", "record-memory", "default-ratio") if c in results]
     lines = [START, ""]
     machines = {json.dumps({k: v for k, v in r["machine"].items() if k != "date"}, sort_keys=True) for r in results.values()}
     for m in map(json.loads, sorted(machines)):
@@ -523,7 +552,7 @@ def write_markdown() -> None:
               "naive / map | read MB | peak RSS MB |", "|" + "---|" * 15]
     for c in order:
         r = results[c]
-        if c in ("atlas-8b", "viewer", "ray-overhead", "record", "record-memory"):
+        if c in ("atlas-8b", "viewer", "ray-overhead", "record", "record-memory", "default-ratio"):
             continue
         for dtype in ("split", "bfloat16", "float32"):
             if dtype not in r:
@@ -570,6 +599,15 @@ def write_markdown() -> None:
                          f"tokens/s), plain forward {r['plain_s']} s ({r['plain_tokens_per_s']:,} tokens/s), record / plain "
                          f"{r['record_over_plain']}. Running state {r['state_mb']} MB whatever the corpus size (histograms, "
                          f"top and bottom N, counts); peak RSS {r['peak_rss_mb']} MB.")
+            continue
+        if c == "default-ratio":
+            runs = "; ".join(f"{x['map_s']} s against bf16 {x['bare_bf16_s']} s and fp32 {x['bare_fp32_s']} s "
+                             f"(**{x['map_over_bare_bf16']}x** bf16, {x['map_over_bare_fp32']}x fp32)" for x in r["runs"])
+            lines.append(f"- **default-ratio** ({r['machine']['date']}, {r['machine']['cpu']}, AVX512-BF16: "
+                         f"{'yes' if r['avx512_bf16'] else 'no'}, AVX2: {'yes' if r['avx2'] else 'no'}): the default map "
+                         f"(`auto` = {r['dtype']}, kernel {r['kernel']}) of the demo's {r['matrices']} layers {r['layers']} "
+                         f"({r['n_vectors']:,} vectors) and the bare products of the same vectors, in turn: {runs}. "
+                         f"Peak RSS {r['peak_rss_mb']} MB.")
             continue
         if c == "record-memory":
             runs = "; ".join(f"{x['tokens']:,} tokens ({x['sequences']:,} sequences) in {x['seconds']} s, peak RSS "
@@ -627,7 +665,7 @@ def main() -> int:
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
     cases = args.only.split(",") if args.only else ["demo", "llama-3.2-1b", "llama-3.1-8b-up-l0", "atlas-8b", "viewer",
-                                                    "ray-overhead", "record", "record-memory"] + (["llama-3.1-8b-up"] if args.llama8b else [])
+                                                    "ray-overhead", "record", "record-memory", "default-ratio"] + (["llama-3.1-8b-up"] if args.llama8b else [])
     for c in cases:
         print(f"bench: {c} ...", flush=True)
         t = time.perf_counter()

@@ -111,7 +111,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     """The decode dtype a ``--dtype`` value stands for: ``auto`` is the exact ``split`` where it runs, else ``float32``.
 
     ``split`` runs on a CPU with AVX512-BF16 and a C compiler (the fused kernel, neuronmap.fused) and on CUDA
-    (bf16 products with fp32 output). Elsewhere ``auto`` is ``float32``, equally exact and 2-4x slower.
+    (bf16 products with fp32 output). Elsewhere ``auto`` is ``float32``, equally exact: 2-4x slower than split
+    where the kernel runs, and on CPUs without AVX512-BF16 faster than torch's emulated bf16 product (docs/benchmarks.md).
     bf16 screening is never chosen automatically: ask for ``bfloat16``.
 
     Args:
