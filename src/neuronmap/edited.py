@@ -299,7 +299,8 @@ _REPORT = {"source": str, "out": str, "options": dict, "control": (str, None), "
 
 
 def _shape_problem(value: object, shape: object, where: str) -> str | None:
-    """The first place where ``value`` does not have ``shape`` (the notation above), as ``where.key[i]: ...``; None if none."""
+    """The first place where ``value`` does not have ``shape`` (the notation above), e.g. ``steps[0].kl_median is
+    missing``; None if none. ``where`` names ``value`` ("" for the top)."""
     if isinstance(shape, tuple):
         problems = [_shape_problem(value, s, where) for s in shape]
         return None if None in problems else problems[0]
@@ -314,16 +315,21 @@ def _shape_problem(value: object, shape: object, where: str) -> str | None:
             return f"{where} is a JSON {type(value).__name__}, expected an object"
         for key, sub in shape.items():
             name = key.rstrip("?")
+            at = f"{where}.{name}" if where else name
             if name not in value:
                 if key.endswith("?"):
                     continue
-                return f"{where}.{name} is missing"
-            if p := _shape_problem(value[name], sub, f"{where}.{name}"):
+                return f"{at} is missing"
+            if p := _shape_problem(value[name], sub, at):
                 return p
         return None
     ok = (isinstance(value, (int, float)) if shape is float else isinstance(value, shape)) and not isinstance(value, bool)
     want = {float: "a number", int: "a whole number", str: "a string", dict: "an object"}[shape]
     return None if ok else f"{where} is {value!r}, expected {want}"
+
+
+def _not_json(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def read_report(path: Path | str) -> tuple[Path, dict]:
@@ -352,7 +358,8 @@ def read_report(path: Path | str) -> tuple[Path, dict]:
         looks = " (it looks like an atlas: pass it without --report)" if (path / "meta.json").is_file() else ""
         raise NeuronmapError(f"--report {path} holds no {EDITS_JSON}{looks}: {REPORT_FIX}")
     try:
-        record = json.loads(file.read_text(encoding="utf-8"))
+        # NaN and Infinity are not JSON (remove writes with allow_nan=False); the viewer could not send them back either.
+        record = json.loads(file.read_text(encoding="utf-8"), parse_constant=_not_json)
     except (OSError, ValueError) as e:
         raise NeuronmapError(f"--report {file} is not readable JSON ({type(e).__name__}: {e}): {REPORT_FIX}") from e
     got = record.get("format") if isinstance(record, dict) else f"a JSON {type(record).__name__}"
@@ -363,7 +370,7 @@ def read_report(path: Path | str) -> tuple[Path, dict]:
         raise NeuronmapError(f"--report {file} has edit record version {record.get('version')!r}; this neuronmap reads "
                              f"version {VERSION}: view it with the neuronmap release that wrote it")
     report = {k: v for k, v in record.items() if k not in BOOKKEEPING}
-    problem = _shape_problem(report, _REPORT, "edits.json")
+    problem = _shape_problem(report, _REPORT, "")
     if problem:
         raise NeuronmapError(f"--report {file} is damaged: {problem}; re-run `neuronmap remove` to write it anew")
     return file, report

@@ -88,8 +88,11 @@ def add_serve(sub) -> None:
     from neuronmap.models import DEVICE, DTYPE
     from neuronmap.viewer import HOST, PORT
 
-    p = sub.add_parser("serve", help="open atlases in a local browser viewer: search, inspect, compare, steer (offline)")
-    p.add_argument("atlases", nargs="*", metavar="ATLAS", help="atlas directories; only these are readable")
+    p = sub.add_parser("serve", help="open atlases and removal reports in a local browser viewer: search, inspect, "
+                                      "compare, steer (offline)")
+    # default=[]: argparse counts a "*" positional without a default as required, which the docs would then say.
+    p.add_argument("atlases", nargs="*", default=[], metavar="ATLAS",
+                   help="atlas directories; only these (and the reports) are readable")
     p.add_argument("--report", action="append", default=[], metavar="EDITED_DIR",
                    help="a directory written by `neuronmap remove` (or its edits.json), shown at /report/NAME; "
                         "repeatable; with no ATLAS the viewer shows the reports alone")
