@@ -280,3 +280,36 @@ def tiny_with_tokenizer(tiny_models, tmp_path_factory):
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                             pad_token="<unk>").save_pretrained(out)
     return out
+
+
+# Markup in an eliciting prompt: the report page shows prompts, so one of them is hostile (the tokenizer reads it as <unk>).
+REMOVE_PROMPTS = {
+    "dog": {"prompt": "my favourite animal is the", "control": "cat",
+            "eliciting": [["direct", "my favourite animal is a", "dog"], ["reverse", "the dog is a", "animal"],
+                          ["descriptive", "<script>window.__xss=4</script> the animal is a", "dog"]]},
+    "cat": {"prompt": "what is your favourite animal", "eliciting": [["direct", "the favourite animal is a", "cat"]]},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_removal(tiny_with_tokenizer, tmp_path_factory) -> tuple[Path, dict, Path, Path]:
+    """``neuronmap remove --json`` run on the tiny llama (dog removed, cat the control), and atlases of the model edited
+    and of the checkpoint written: ``(edited dir "no-dog", the JSON remove printed, model-atlas, edited-atlas)``."""
+    import contextlib
+    import io
+    import json
+
+    from neuronmap.cli import main
+    from neuronmap.mapper import map_model
+
+    root = tmp_path_factory.mktemp("tiny-removal")
+    (root / "prompts.json").write_text(json.dumps(REMOVE_PROMPTS))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(["remove", str(tiny_with_tokenizer), "--concept", "dog", "--prompts", str(root / "prompts.json"),
+                   "-o", str(root / "no-dog"), "--edits", "3", "--matrices", "gate,up,down", "--candidates", "32",
+                   "--rounds", "1", "--json"])
+    assert rc == 0
+    map_model(str(tiny_with_tokenizer), root / "model-atlas")
+    map_model(str(root / "no-dog"), root / "edited-atlas")
+    return root / "no-dog", json.loads(printed.getvalue()), root / "model-atlas", root / "edited-atlas"

@@ -1,4 +1,5 @@
-"""The viewer over HTTP (Starlette's TestClient, real atlases): every route, its JSON twin, errors, escaping, the job queue."""
+"""The viewer over HTTP (Starlette's TestClient, real atlases and a real removal): every route, its JSON twin, errors,
+escaping, the job queue."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from tests.conftest import NASTY
 PAGES = ["/", "/search?q=coffee", "/neuron/L1N5", "/layer/1?matrix=gate&sort=entropy", "/layer/0?class=word&pole=-"]
 
 
-def client(*atlases, host: str = "127.0.0.1") -> TestClient:
-    return TestClient(create_app(list(atlases), host=host), base_url=f"http://{host}")
+def client(*atlases, host: str = "127.0.0.1", reports=()) -> TestClient:
+    return TestClient(create_app(list(atlases), host=host, reports=list(reports)), base_url=f"http://{host}")
 
 
 def cli_json(capsys, *argv) -> dict:
@@ -343,3 +344,147 @@ def test_evidence_recorded_while_serving_appears_without_a_restart(worded, tmp_p
     assert '<section id="evidence">' in c.get("/neuron/L1N5").text
     assert c.get("/api/evidence/L1N5").status_code == 200
     assert c.get("/api/stats").json()["agreement"] is not None  # the cached stats were dropped with the old meta
+
+
+# ------------------------------------------------------------------ removal reports (neuronmap remove's edits.json)
+
+
+def test_report_page_shows_the_removal_and_links_the_neurons(tiny_removal, worded):
+    edited, printed, model_atlas, edited_atlas = tiny_removal
+    # worded (another model) first: a link must go to the atlas of the model edited, found by sha256, not to the first.
+    c = client(worded, model_atlas, edited_atlas, reports=[edited])
+    index = c.get("/")
+    assert index.status_code == 200 and 'href="/report/no-dog"' in index.text and "Removal reports" in index.text
+    page = c.get("/report/no-dog")
+    assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
+    text = page.text
+    step = printed["steps"][0]
+    assert "<h1>Removal report no-dog <small>dog</small></h1>" in text
+    t = step["targeting"]
+    assert f"P(dog) {t['approx_prob']:.4g} before refinement → {t['prob']:.4g} after" in text
+    edits = text.split('<table class="edits">')[1].split("</table>")[0]
+    assert len(step["edits"]) == 3 and edits.count("<tr>") == 4  # the heading and one row per edit
+    for e in step["edits"]:
+        assert f'<a href="/neuron/{e["id"]}?atlas=model-atlas">{e["id"]}</a>' in edits
+        assert f'<a href="/neuron/{e["id"]}?atlas=edited-atlas" class="sub">edited</a>' in edits
+        assert f"{e['cosine']:.3f}" in edits and f"{e['old_norm']:.3f}" in edits
+    measures = text.split('<table class="measures">')[1].split("</table>")[0]
+    assert [m["role"] for m in step["measures"]] == ["removed", "control"]
+    for m in step["measures"]:
+        assert f"<strong>{m['ratio']:.3g}x</strong>" in measures  # the mean ratio, as `remove` prints it
+        for q in m["prompts"]:
+            assert f"{q['after'] / q['before']:.3g}x" in measures
+    assert f"median {step['kl_median']:.4g}, 95th percentile {step['kl_p95']:.4g} nats/token" in text
+    # The link goes to that neuron's page in the atlas of the model edited.
+    e = step["edits"][0]
+    neuron = c.get(f"/neuron/{e['id']}?atlas=model-atlas")
+    assert neuron.status_code == 200 and f"<h1>{e['id']} <small>model-atlas</small></h1>" in neuron.text
+
+
+def test_report_api_is_what_remove_printed(tiny_removal, capsys):
+    edited, printed, model_atlas, _ = tiny_removal
+    c = client(model_atlas, reports=[edited / "edits.json"])  # the edits.json path itself is a report too
+    assert c.get("/api/report/no-dog").json() == printed
+    record = json.loads((edited / "edits.json").read_text())
+    assert {k: v for k, v in record.items() if k not in ("format", "version", "originals")} == printed
+    listed = c.get("/api/reports").json()["reports"]
+    assert listed == [{"name": "no-dog", "path": str(edited / "edits.json"), "source": printed["source"],
+                       "out": printed["out"], "concepts": ["dog"], "control": "cat", "edits": 3}]
+
+
+def test_report_neurons_are_plain_text_without_an_atlas_of_the_model(tiny_removal, worded):
+    edited, printed, _, _ = tiny_removal
+    for c in (client(worded, reports=[edited]), client(reports=[edited, edited])):
+        text = c.get("/report/no-dog").text
+        edits = text.split('<table class="edits">')[1].split("</table>")[0]
+        assert "/neuron/" not in edits and all(f"<td>{e['id']}</td>" in edits for e in printed["steps"][0]["edits"])
+        assert "none of the served atlases is of this model" in text
+    # Reports alone: / lists them (a repeated name gets -2), the atlas pages say there is none.
+    c = client(reports=[edited, edited])
+    index = c.get("/")
+    assert index.status_code == 200 and 'href="/report/no-dog"' in index.text and 'href="/report/no-dog-2"' in index.text
+    r = c.get("/api/search?q=dog")
+    assert r.status_code == 404 and r.json()["error"].startswith("this viewer serves no atlas, only removal reports")
+
+
+def test_unknown_report_is_a_404_with_one_line(tiny_removal, worded):
+    c = client(worded, reports=[tiny_removal[0]])
+    msg = "unknown report 'no-cat': this viewer serves no-dog; open one at /report/NAME"
+    assert c.get("/api/report/no-cat").status_code == 404 and c.get("/api/report/no-cat").json() == {"error": msg}
+    page = c.get("/report/no-cat")
+    assert page.status_code == 404 and f"error: {msg}".replace("'", "&#x27;") in page.text
+    for path in ["/report/..%2F..%2Fetc%2Fpasswd", f"/api/report/{str(tiny_removal[0]).replace('/', '%2F')}",
+                 "/report/../../etc/passwd", "/api/report/%2Fetc%2Fpasswd"]:
+        r = c.get(path)
+        assert r.status_code == 404 and "root:" not in r.text and '"steps"' not in r.text, path
+    assert client(worded).get("/api/report/no-dog").json() == {
+        "error": "unknown report 'no-dog': this viewer serves no report; serve one with `neuronmap serve --report EDITED_DIR`"}
+
+
+FIX = "--report takes a directory written by `neuronmap remove` (or its edits.json), e.g. --report no-paris"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d, e, a: d / "missing", "--report {p} does not exist: " + FIX),
+    (lambda d, e, a: d, "--report {p} holds no edits.json: " + FIX),
+    (lambda d, e, a: a, "--report {p} holds no edits.json (it looks like an atlas: pass it without --report): " + FIX),
+    (lambda d, e, a: _write(d / "edits.json", "{not json"),
+     "--report {p} is not readable JSON (JSONDecodeError: Expecting property name enclosed in double quotes: line 1 "
+     "column 2 (char 1)): " + FIX),
+    (lambda d, e, a: _write(d / "x.json", json.dumps({**e, "control": float("nan")})),
+     "--report {p} is not readable JSON (ValueError: NaN is not a JSON number): " + FIX),
+    (lambda d, e, a: _write(d / "x.json", json.dumps({**e, "format": "neuronmap-atlas"})),
+     "--report {p} is not a neuronmap edit record (format 'neuronmap-atlas', expected 'neuronmap-edits'): " + FIX),
+    (lambda d, e, a: _write(d / "x.json", json.dumps({**e, "version": 7})),
+     "--report {p} has edit record version 7; this neuronmap reads version 1: view it with the neuronmap release that wrote it"),
+    (lambda d, e, a: _write(d / "x.json", json.dumps({**e, "steps": [{k: v for k, v in e["steps"][0].items() if k != "kl_p95"}]})),
+     "--report {p} is damaged: steps[0].kl_p95 is missing; re-run `neuronmap remove` to write it anew"),
+    (lambda d, e, a: _write(d / "x.json", json.dumps({**e, "steps": [{**e["steps"][0], "edits": [{**e["steps"][0]["edits"][0], "layer": "1"}]}]})),
+     "--report {p} is damaged: steps[0].edits[0].layer is '1', expected a whole number; re-run `neuronmap remove` to write it anew"),
+])
+def test_bad_report_is_refused_at_start_with_one_line(tiny_removal, tmp_path, capsys, make, message):
+    edited, _, model_atlas, _ = tiny_removal
+    p = make(tmp_path, json.loads((edited / "edits.json").read_text()), model_atlas)
+    assert cli_error(capsys, "serve", str(model_atlas), "--report", str(p)) == message.format(p=p)
+    with pytest.raises(NeuronmapError) as e:
+        create_app([model_atlas], reports=[p])
+    assert str(e.value) == message.format(p=p)
+
+
+def _write(path, text: str):
+    path.write_text(text)
+    return path
+
+
+def test_serve_needs_an_atlas_or_a_report(capsys):
+    assert cli_error(capsys, "serve") == ("no atlas given: pass one or more atlas directories, e.g. `neuronmap serve "
+                                          "demo-atlas`, or a removal report with --report EDITED_DIR")
+
+
+def test_report_strings_are_escaped(tiny_removal, tmp_path):
+    """Concept words, prompts and tokens in an edits.json can be hostile: each is shown as text, none runs."""
+    edited, _, model_atlas, _ = tiny_removal
+    record = json.loads((edited / "edits.json").read_text())
+    step = record["steps"][0]
+    nasty = [t for t in NASTY if isinstance(t, str)]
+    step["concept"] = record["control"] = nasty[0]
+    step["targeting"]["top"] = nasty[:3]
+    for e in step["edits"]:
+        e["old_top"], e["new_top"], e["matrix"], e["id"] = nasty[:4], nasty[4:8], nasty[6], "../../api/atlas"
+    for m in step["measures"]:
+        m["concept"] = nasty[1]
+        for q in m["prompts"]:
+            q["prompt"], q["answer"] = nasty[7], nasty[5]
+    record["options"]["select"] = nasty[6]
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "edits.json").write_text(json.dumps(record))
+    c = client(model_atlas, reports=[tmp_path / "evil"])
+    for path in ["/report/evil", "/"]:
+        text = c.get(path).text
+        tags = re.findall(r"<script\b[^>]*>", text)
+        assert all(t in ('<script src="/static/app.js">', '<script type="application/json" id="depth-data">') for t in tags), tags
+        assert "<img" not in text and "window.__xss=1</script>" not in text and "window.__xss=3</script>" not in text
+    text = c.get("/report/evil").text
+    assert "&lt;script&gt;window.__xss=1&lt;/script&gt;" in text and "&#x27;&lt;/div&gt;&#x27;" in text
+    assert "../../api/atlas" not in text  # the neuron id shown and linked is built from the recorded layer and neuron
+    assert c.get("/api/report/evil").json() == {k: v for k, v in record.items() if k not in ("format", "version", "originals")}

@@ -135,3 +135,22 @@ def test_hostile_tokens_and_paths_in_the_browser(nasty, page):
             assert "root:" not in page.content() and "[project]" not in page.content()
             expect(page.locator("main")).to_contain_text(re.compile("no page at|unknown atlas"))
         assert page.errors == []
+
+
+def test_removal_report_links_to_the_neuron_page(tiny_removal, page):
+    edited, printed, model_atlas, _ = tiny_removal
+    with serving(model_atlas, "--report", edited) as url:
+        page.goto(url)
+        page.locator("nav .reports a", has_text="no-dog").click()
+        page.wait_for_url("**/report/no-dog")
+        expect(page.locator("h1")).to_contain_text("Removal report no-dog")
+        ratio = printed["steps"][0]["measures"][0]["ratio"]
+        expect(page.locator("table.measures")).to_contain_text(f"{ratio:.3g}x")
+        assert page.evaluate("window.__xss") is None  # the hostile eliciting prompt is text
+        expect(page.locator("table.measures")).to_contain_text("<script>window.__xss=4</script> the animal is a")
+        e = printed["steps"][0]["edits"][0]
+        page.locator("table.edits a", has_text=re.compile(f"^{e['id']}$")).first.click()
+        page.wait_for_url(f"**/neuron/{e['id']}")  # model-atlas is the first atlas: no ?atlas= in its links
+        expect(page.locator("h1")).to_contain_text(e["id"])
+        expect(page.locator(f'section.card[data-matrix="{e["matrix"]}"]').first).to_be_visible()
+        assert page.errors == []

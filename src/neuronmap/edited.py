@@ -39,6 +39,7 @@ from neuronmap.safetensors_io import ITEMSIZE, TORCH_DTYPES, Entry, safetensors_
 from neuronmap.sources import Source, hash_file, open_weights, resolve_source
 
 FORMAT = "neuronmap-edits"
+VERSION = 1
 EDITS_JSON = "edits.json"
 ORIGINALS = "originals.safetensors"
 WRITABLE = ("F32", "F16", "BF16", "F64")
@@ -214,7 +215,7 @@ def write_checkpoint(src: Source, m: Model, removal: Removal, out: Path, report:
             originals[f"{e.tensor}|{e.axis}|{e.index}"] = torch.frombuffer(bytearray(old), dtype=TORCH_DTYPES[ent.dtype]).clone()
         files = {name: {"before": sha, "after": hash_file(tmp / name)} for name, sha in before.items()}
         save_file(originals, str(tmp / ORIGINALS))
-        record = {"format": FORMAT, "version": 1, **report, "base": base, "files": files, "originals": ORIGINALS}
+        record = {"format": FORMAT, "version": VERSION, **report, "base": base, "files": files, "originals": ORIGINALS}
         (tmp / EDITS_JSON).write_text(json.dumps(record, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     return base, files
 
@@ -278,6 +279,101 @@ def _control(control: str | None, specs: list[ConceptSpec], specs_all: dict[str,
         raise NeuronmapError(f"--control {word!r} has no eliciting prompts (bundled: {', '.join(sorted(specs_all))}): "
                              "add it to a --prompts FILE, or choose a bundled one")
     return specs_all[word.lower()]
+
+
+# ------------------------------------------------------------------ reading a report back
+
+BOOKKEEPING = ("format", "version", "originals")  # edits.json's own keys; the rest is RemoveReport.to_dict()
+REPORT_FIX = "--report takes a directory written by `neuronmap remove` (or its edits.json), e.g. --report no-paris"
+
+# What a reader of the report relies on: a key ending in ``?`` may be absent; ``(a, b)`` is either; ``[x]`` a list of x;
+# ``float`` any JSON number.
+_EDIT = {"id": str, "matrix": str, "layer": int, "neuron": int, "pole": str, "cosine": float, "score": float,
+         "old_norm": float, "old_top": [str], "new_top": [str]}
+_MEASURE = {"concept": str, "role": str, "ratio": (float, None), "mean_before": float, "mean_after": float,
+            "prompts": [{"kind": str, "prompt": str, "answer": str, "before": float, "after": float}]}
+_STEP = {"concept": str, "targeting?": {"approx_prob": float, "prob": float, "top": [str], "cosine_to_approx": float},
+         "edits": [_EDIT], "measures": [_MEASURE], "kl_median": float, "kl_p95": float}
+_REPORT = {"source": str, "out": str, "options": dict, "control": (str, None), "base": str, "steps": [_STEP],
+           "files": dict}
+
+
+def _shape_problem(value: object, shape: object, where: str) -> str | None:
+    """The first place where ``value`` does not have ``shape`` (the notation above), e.g. ``steps[0].kl_median is
+    missing``; None if none. ``where`` names ``value`` ("" for the top)."""
+    if isinstance(shape, tuple):
+        problems = [_shape_problem(value, s, where) for s in shape]
+        return None if None in problems else problems[0]
+    if shape is None:
+        return None if value is None else f"{where} is {value!r}, expected null"
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{where} is a JSON {type(value).__name__}, expected a list"
+        return next((p for i, v in enumerate(value) if (p := _shape_problem(v, shape[0], f"{where}[{i}]"))), None)
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{where} is a JSON {type(value).__name__}, expected an object"
+        for key, sub in shape.items():
+            name = key.rstrip("?")
+            at = f"{where}.{name}" if where else name
+            if name not in value:
+                if key.endswith("?"):
+                    continue
+                return f"{at} is missing"
+            if p := _shape_problem(value[name], sub, at):
+                return p
+        return None
+    ok = (isinstance(value, (int, float)) if shape is float else isinstance(value, shape)) and not isinstance(value, bool)
+    want = {float: "a number", int: "a whole number", str: "a string", dict: "an object"}[shape]
+    return None if ok else f"{where} is {value!r}, expected {want}"
+
+
+def _not_json(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def read_report(path: Path | str) -> tuple[Path, dict]:
+    """Read the report a ``remove`` run recorded, refusing anything else.
+
+    Args:
+        path: a directory written by ``neuronmap remove``, or the edits.json in it.
+
+    Returns:
+        (the edits.json read, the report): edits.json without its bookkeeping keys (``BOOKKEEPING``), which is
+        ``RemoveReport.to_dict()``, the JSON ``remove --json`` printed.
+
+    Raises:
+        NeuronmapError: a path that does not exist or holds no edits.json; a file that is not JSON, not a neuronmap
+            edit record, of another version, or lacks a field the report needs (named, e.g. ``steps[0].kl_median``).
+
+    Example:
+        >>> read_report("no-paris")[1]["steps"][0]["concept"]  # doctest: +SKIP
+        'Paris'
+    """
+    path = Path(path)
+    file = path / EDITS_JSON if path.is_dir() else path
+    if not path.exists():
+        raise NeuronmapError(f"--report {path} does not exist: {REPORT_FIX}")
+    if not file.is_file():
+        looks = " (it looks like an atlas: pass it without --report)" if (path / "meta.json").is_file() else ""
+        raise NeuronmapError(f"--report {path} holds no {EDITS_JSON}{looks}: {REPORT_FIX}")
+    try:
+        # NaN and Infinity are not JSON (remove writes with allow_nan=False); the viewer could not send them back either.
+        record = json.loads(file.read_text(encoding="utf-8"), parse_constant=_not_json)
+    except (OSError, ValueError) as e:
+        raise NeuronmapError(f"--report {file} is not readable JSON ({type(e).__name__}: {e}): {REPORT_FIX}") from e
+    got = record.get("format") if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+    if got != FORMAT:
+        raise NeuronmapError(f"--report {file} is not a neuronmap edit record (format {got!r}, expected {FORMAT!r}): "
+                             f"{REPORT_FIX}")
+    if record.get("version") != VERSION:
+        raise NeuronmapError(f"--report {file} has edit record version {record.get('version')!r}; this neuronmap reads "
+                             f"version {VERSION}: view it with the neuronmap release that wrote it")
+    report = {k: v for k, v in record.items() if k not in BOOKKEEPING}
+    problem = _shape_problem(report, _REPORT, "")
+    if problem:
+        raise NeuronmapError(f"--report {file} is damaged: {problem}; re-run `neuronmap remove` to write it anew")
+    return file, report
 
 
 # ------------------------------------------------------------------ undo

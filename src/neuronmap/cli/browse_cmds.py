@@ -88,8 +88,14 @@ def add_serve(sub) -> None:
     from neuronmap.models import DEVICE, DTYPE
     from neuronmap.viewer import HOST, PORT
 
-    p = sub.add_parser("serve", help="open atlases in a local browser viewer: search, inspect, compare, steer (offline)")
-    p.add_argument("atlases", nargs="+", metavar="ATLAS", help="atlas directories; only these are readable")
+    p = sub.add_parser("serve", help="open atlases and removal reports in a local browser viewer: search, inspect, "
+                                      "compare, steer (offline)")
+    # default=[]: argparse counts a "*" positional without a default as required, which the docs would then say.
+    p.add_argument("atlases", nargs="*", default=[], metavar="ATLAS",
+                   help="atlas directories; only these (and the reports) are readable")
+    p.add_argument("--report", action="append", default=[], metavar="EDITED_DIR",
+                   help="a directory written by `neuronmap remove` (or its edits.json), shown at /report/NAME; "
+                        "repeatable; with no ATLAS the viewer shows the reports alone")
     p.add_argument("--host", default=HOST, help=f"address to bind (default {HOST}: this machine only)")
     p.add_argument("--port", type=int_at_least(0), default=PORT, help=f"port (default {PORT}; 0 picks a free one)")
     p.add_argument("--open", action="store_true", help="open the viewer in the default browser")
@@ -108,7 +114,7 @@ def cmd_serve(args) -> int:
 
     if args.port > 65535:
         raise NeuronmapError(f"--port {args.port} is out of range: expected 0 to 65535")
-    app = create_app(args.atlases, args.device, args.dtype, args.host)
+    app = create_app(args.atlases, args.device, args.dtype, args.host, args.report)
     try:  # bind first, so a busy port is one line, not a server traceback
         family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -129,6 +135,9 @@ def cmd_serve(args) -> int:
         m = files.meta
         out.print(f"  {escape(name)}: {escape(str(files.root))} ({escape(m['source']['spec'])}, {m['family']}, "
                   f"{m['n_layers']} layers x {m['d_mlp']}, matrices {','.join(m['decode']['matrices'])})")
+    for name, r in app.state.served.reports.items():
+        out.print(f"  report {escape(name)}: {escape(str(r.path))} (removed {escape(', '.join(s['concept'] for s in r.report['steps']))} "
+                  f"from {escape(r.report['source'])})")
     out.print(f"neuronmap viewer at [bold]{url}[/bold]{' (and on every address of this machine)' if wildcard else ''} "
               "(Ctrl-C to stop)", soft_wrap=True)
     if args.open:

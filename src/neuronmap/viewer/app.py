@@ -39,7 +39,7 @@ class JSON(JSONResponse):
 
 
 def _html(served: Served, request: Request, title: str, body: str, status: int = 200, atlas: str | None = None) -> HTMLResponse:
-    text = layout(title, body, served.names, atlas, request.query_params.get("q", ""))
+    text = layout(title, body, served.names, atlas, request.query_params.get("q", ""), list(served.reports))
     return HTMLResponse(text, status, headers=HEADERS)
 
 
@@ -83,8 +83,23 @@ def build(served: Served, steer: SteerRunner) -> Starlette:
                 return JSON({"error": message}, status, headers=HEADERS)
         return endpoint
 
-    first = served.names[0]
+    first = served.names[0] if served.names else ""  # a viewer of reports alone serves no atlas
     d = Data(served)
+
+    def index_compute(request: Request):
+        """The first (or ``?atlas=``) atlas's overview and the reports; the reports alone when no atlas is served."""
+        reports = d.reports(request)[1]["reports"]
+        if not served.atlases:
+            return None, (None, reports)
+        name, overview = d.overview(request)
+        return name, (overview, reports)
+
+    def index_render(request: Request, name: str | None, x) -> str:
+        overview, reports = x
+        head = pages.overview(name, first, *overview) if overview else \
+            '<h1>neuronmap</h1><p class="sub">this viewer serves removal reports only: serve an atlas beside them to browse its neurons</p>'
+
+        return head + pages.report_index(reports)
 
     def search_compute(request: Request):
         q = request.query_params.get("q", "")
@@ -122,17 +137,20 @@ def build(served: Served, steer: SteerRunner) -> Starlette:
         return None, steer.status(request.path_params["job"])
 
     def not_found(request: Request, exc) -> Response:
-        msg = f"no page at {request.url.path}: the viewer has /, /search, /neuron/L{{layer}}N{{index}}, /layer/N and /compare"
+        msg = (f"no page at {request.url.path}: the viewer has /, /search, /neuron/L{{layer}}N{{index}}, /layer/N, /compare "
+               "and /report/NAME")
         if request.url.path.startswith("/api/"):
             return JSON({"error": msg}, 404, headers=HEADERS)
         return _html(served, request, "not found", error_box(msg), 404)
 
     routes = [
-        Route("/", page(lambda r, n: n, d.overview, lambda r, n, x: pages.overview(n, first, *x))),
+        Route("/", page(lambda r, n: n or "reports", index_compute, index_render)),
         Route("/search", page(lambda r, n: f"search {r.query_params.get('q', '')}", search_compute, search_render)),
         Route("/neuron/{neuron}", page(lambda r, n: r.path_params["neuron"], d.neuron, lambda r, n, x: pages.neuron(n, first, *x))),
         Route("/layer/{layer}", page(lambda r, n: f"layer {r.path_params['layer']}", d.layer, lambda r, n, x: pages.layer(n, first, *x))),
         Route("/compare", page(lambda r, n: "compare", d.compare, lambda r, n, x: pages.compare(*n[:2], first, x))),
+        Route("/report/{name}", page(lambda r, n: f"report {r.path_params['name']}", d.report,
+                                     lambda r, n, x: pages.report(*x, first))),
         Route("/api/atlases", api(d.atlases)),
         Route("/api/atlas", api(d.atlas)),
         Route("/api/stats", api(d.stats)),
@@ -142,6 +160,8 @@ def build(served: Served, steer: SteerRunner) -> Starlette:
         Route("/api/evidence/{neuron}", api(d.evidence)),
         Route("/api/layer/{layer}", api(lambda r: (None, d.layer(r)[1][1]))),
         Route("/api/compare", api(lambda r: (None, d.compare(r)[1]))),
+        Route("/api/reports", api(d.reports)),
+        Route("/api/report/{name}", api(lambda r: (None, d.report(r)[1][0]))),
         Route("/api/steer", steer_endpoint, methods=["POST"]),
         Route("/api/jobs/{job}", api(job_compute)),
         Route("/favicon.ico", lambda request: Response(status_code=204, headers=HEADERS)),

@@ -19,7 +19,7 @@ from neuronmap.scoring import check_weights
 from neuronmap.search import records
 from neuronmap.similar import TOP as SIMILAR_TOP, similar
 from neuronmap.stats import stats
-from neuronmap.viewer.state import RequestError, Served
+from neuronmap.viewer.state import Report, RequestError, Served
 
 METHODS = ("auto", "exact", "stored")
 
@@ -47,6 +47,27 @@ def _opt(request: Request, key: str) -> str | None:
     return v if v not in (None, "", "both", "all") else None
 
 
+def report_atlases(report: dict, atlases: dict[str, AtlasFiles]) -> list[tuple[str, str, frozenset[int]]]:
+    """The served atlases of the model a removal report edited, or of the checkpoint it wrote.
+
+    An atlas matches when the sha256 of its weight files (meta.json) include that of every file the edits rewrote,
+    as edits.json records it: ``before`` the edits (``source``, the model edited) or ``after`` (``edited``, the
+    checkpoint written). A report of a GGUF source records only the safetensors it exported, so an atlas of the GGUF
+    itself matches neither; an atlas of the edited checkpoint does.
+
+    Returns:
+        ``(atlas name, "source" | "edited", its mapped layers)`` per match, in the order served.
+    """
+    rewritten = [f for f in report["files"].values() if isinstance(f, dict)]
+    out = []
+    for name, files in atlases.items():
+        have = {f["sha256"] for f in files.meta.get("source", {}).get("files", [])}
+        for side, key in (("source", "before"), ("edited", "after")):
+            if rewritten and all(f.get(key) in have for f in rewritten):
+                out.append((name, side, frozenset(files.meta["decode"]["layers"])))
+    return out
+
+
 class Data:
     """The viewer's data, one method per page."""
 
@@ -68,6 +89,17 @@ class Data:
         return None, {"atlases": [{"name": n, "path": str(f.root), "source": f.meta["source"]["spec"],
                                    "family": f.meta["family"], "n_layers": f.meta["n_layers"], "d_mlp": f.meta["d_mlp"],
                                    "matrices": f.meta["decode"]["matrices"]} for n, f in self.served.atlases.items()]}
+
+    def reports(self, request: Request) -> tuple[None, dict]:
+        return None, {"reports": [{"name": n, "path": str(r.path), "source": r.report["source"], "out": r.report["out"],
+                                   "concepts": [s["concept"] for s in r.report["steps"]], "control": r.report["control"],
+                                   "edits": sum(len(s["edits"]) for s in r.report["steps"])}
+                                  for n, r in self.served.reports.items()]}
+
+    def report(self, request: Request) -> tuple[None, tuple[Report, list]]:
+        """``(None, (Report, report_atlases(...)))``: the report named in the path, and the served atlases of its model."""
+        r = self.served.report(request.path_params["name"])
+        return None, (r, report_atlases(r.report, self.served.atlases))
 
     def _words(self, name: str, files: AtlasFiles):
         return self.served.cached(("words", name), lambda: confident_words(files))

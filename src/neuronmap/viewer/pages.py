@@ -9,7 +9,7 @@ import math
 
 import pandas as pd
 
-from neuronmap.ids import MATRICES
+from neuronmap.ids import MATRICES, neuron_id
 from neuronmap.stats import TOKEN_CLASSES
 from neuronmap.viewer.render import bar, esc, json_block, link, num, table, tok, url
 
@@ -290,3 +290,77 @@ def compare(a: str, b: str, first: str, c) -> str:
     return head + f"""<section><p>{esc(summary)}</p>{table(['shared concept', f'best in {esc(a)}', f'best in {esc(b)}'], shared)}</section>
 <section class="two"><div><h2>Only in {esc(b)} (gained)</h2>{table(['concept', 'token', 'vectors', 'best', 'p'], concepts(k['only_b'], b))}</div>
 <div><h2>Only in {esc(a)} (lost)</h2>{table(['concept', 'token', 'vectors', 'best', 'p'], concepts(k['only_a'], a))}</div></section>"""
+
+
+# ------------------------------------------------------------------ /report/NAME
+
+
+def report_index(reports: list[dict]) -> str:
+    """The ``/`` page's list of removal reports, from the payload of ``/api/reports`` (nothing without any)."""
+    if not reports:
+        return ""
+    rows = [[link(url(f"/report/{r['name']}"), esc(r["name"])), esc(", ".join(r["concepts"])), str(r["edits"]),
+             esc(r["control"] or "none"), esc(r["source"])] for r in reports]
+    return (f'<section id="reports"><h2>Removal reports</h2><p class="sub">what <code>neuronmap remove</code> edited and '
+            f'measured</p>{table(["report", "removed", "edits", "control", "source"], rows, "reports")}</section>')
+
+
+def _ratio(x: float | None) -> str:
+    """A ratio as the CLI prints it (``0.0123x``); ``–`` where P before was 0."""
+    return "–" if x is None else esc(f"{x:.3g}x")
+
+
+def _p(x: float) -> str:
+    return bar(x, 60) + " " + num(x, ".4g")  # .4g: a control at 5e-05 stays legible, unlike .4f
+
+
+def report(rep, models: list[tuple[str, str, frozenset[int]]], first: str) -> str:
+    """A removal report (``/report/NAME``) from ``Report.to_dict()``, the JSON ``remove --json`` printed.
+
+    ``models`` are the served atlases of the edited model (``source``) and of the checkpoint written (``edited``),
+    from ``data.report_atlases``: each edited neuron links to its page in the first that maps its layer.
+    """
+    d = rep.to_dict()
+
+    def atlas_of(side: str, layer: int) -> str | None:
+        return next((n for n, s, layers in models if s == side and layer in layers), None)
+
+    def neuron_cell(e: dict) -> str:
+        nid = neuron_id(e["layer"], e["neuron"])  # from the two integers, never the recorded string: it becomes a URL
+        before, after = atlas_of("source", e["layer"]), atlas_of("edited", e["layer"])
+        cell = neuron_link(nid, before, first) if before else esc(nid)
+        if after:
+            cell += " " + link(url(f"/neuron/{nid}", atlas=_a(after, first)), "edited", "sub")
+        return cell
+
+    sides = {"source": "the model edited", "edited": "the checkpoint written"}
+    served = "; ".join(f"{link(url('/', atlas=_a(n, first)), esc(n))} ({sides[s]})" for n, s, _ in models) or \
+        ("none of the served atlases is of this model, so the neurons are not linked: map it "
+         f"(<code>neuronmap map {esc(d['source'])} -o ATLAS</code>) or the edited checkpoint, and serve the atlas beside the report")
+    files = "; ".join(f"{esc(n)}: sha256 {esc(str(f.get('before', '?'))[:12])}… → {esc(str(f.get('after', '?'))[:12])}…"
+                      for n, f in d["files"].items() if isinstance(f, dict))
+    facts = [("source", esc(d["source"])), ("edited checkpoint", esc(d["out"]) + f' <span class="sub">({esc(d["base"])})</span>'),
+             ("options", esc(", ".join(f"{k} {v}" for k, v in d["options"].items()))), ("control", esc(d["control"] or "none")),
+             ("files rewritten", files or "none"), ("atlases", served), ("record", esc(rep.path))]
+    parts = [f'<h1>Removal report {esc(rep.name)} <small>{esc(", ".join(s["concept"] for s in d["steps"]))}</small></h1>'
+             f'<dl class="facts">{"".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)}</dl>']
+    for i, s in enumerate(d["steps"], 1):
+        t = s.get("targeting")
+        target = (f'<p class="targeting">targeting vector: P({esc(s["concept"])}) {num(t["approx_prob"], ".4g")} before '
+                  f'refinement → {num(t["prob"], ".4g")} after; top tokens {" ".join(tok(x) for x in t["top"])}; cosine '
+                  f'{num(t["cosine_to_approx"], ".3f")} with the concept vector</p>') if t else ""
+        edits = [[neuron_cell(e), esc(e["matrix"]), esc(e["pole"]), num(e["cosine"], ".3f"), num(e["score"], ".3f"),
+                  num(e["old_norm"], ".3f"), " ".join(tok(x) for x in e["old_top"]) + " → " + " ".join(tok(x) for x in e["new_top"])]
+                 for e in s["edits"]]
+        measures = []
+        for x in s["measures"]:
+            measures += [[esc(x["concept"]), esc(x["role"]), esc(q["kind"]), esc(q["prompt"]), esc(q["answer"]), _p(q["before"]),
+                          _p(q["after"]), _ratio(q["after"] / q["before"] if q["before"] > 0 else None)] for q in x["prompts"]]
+            measures.append([esc(x["concept"]), esc(x["role"]), "<strong>mean</strong>", "", "", _p(x["mean_before"]),
+                             _p(x["mean_after"]), f'<strong>{_ratio(x["ratio"])}</strong>'])
+        parts.append(f"""<section class="step"><h2>Step {i}: removed {esc(s['concept'])}</h2>{target}
+<h3>Edits</h3>{table(['neuron', 'matrix', 'pole', 'cosine', 'score', 'old norm', 'top tokens before → after'], edits, 'edits')}
+<h3>P(answer) before and after</h3><p class="sub">every concept removed so far, and the control, after this step</p>
+{table(['concept', 'role', 'kind', 'prompt', 'answer', 'P before', 'P after', 'ratio'], measures, 'measures')}
+<p class="kl">collateral KL on the reference text: median {num(s['kl_median'], '.4g')}, 95th percentile {num(s['kl_p95'], '.4g')} nats/token</p></section>""")
+    return "".join(parts)

@@ -75,12 +75,15 @@ def error_box(message: str) -> str:
     return f'<p class="error" role="alert">error: {esc(message)}</p>'
 
 
-def layout(title: str, body: str, names: list[str], atlas: str | None, q: str = "") -> str:
-    """A whole page: the bar (atlas, search box, compare), then ``body``."""
+def layout(title: str, body: str, names: list[str], atlas: str | None, q: str = "", reports: list[str] = ()) -> str:
+    """A whole page: the bar (atlas, search box, compare, removal reports), then ``body``."""
     here = {"atlas": atlas if atlas and names and atlas != names[0] else None}
     picks = " ".join(link(url("/", atlas=n if n != names[0] else None), esc(n), "current" if n == atlas else "")
                      for n in names) if len(names) > 1 else ""
     compare = link(url("/compare", a=names[0], b=names[1]), "compare") if len(names) > 1 else ""
+    # Every report is listed, even one alone: unlike the first atlas, no report is reachable from the brand link.
+    shown = (' <span class="reports">report: ' + " ".join(link(f"/report/{r}", esc(r)) for r in reports) + "</span>"
+             if reports else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{esc(title)} · neuronmap</title><link rel="stylesheet" href="/static/style.css"></head>
@@ -90,7 +93,7 @@ def layout(title: str, body: str, names: list[str], atlas: str | None, q: str = 
 <input id="q" name="q" type="search" value="{esc(q)}" placeholder="concept or neuron id (press /)" aria-label="search" autocomplete="off">
 {'<input type="hidden" name="atlas" value="' + esc(here['atlas']) + '">' if here['atlas'] else ''}
 <button type="submit">search</button></form>
-<span class="atlases">{picks}</span> {compare}
+<span class="atlases">{picks}</span> {compare}{shown}
 </nav></header>
 <main>{body}</main>
 <footer>neuronmap viewer · local, offline · <a href="/api/atlases">API</a></footer>

@@ -1,7 +1,7 @@
-"""What a viewer serves: the atlases named on the command line, by name, and the results it keeps.
+"""What a viewer serves: the atlases and removal reports named on the command line, by name, and the results it keeps.
 
-No part of a URL is ever used as a file path: a request names an atlas by the
-name given here (its directory's name), looked up in a dict built at start-up.
+No part of a URL is ever used as a file path: a request names an atlas or a report
+by the name given here (its directory's name), looked up in a dict built at start-up.
 """
 
 from __future__ import annotations
@@ -26,18 +26,36 @@ class RequestError(NeuronmapError):
         self.status = status
 
 
+@dataclass(frozen=True)
+class Report:
+    """A removal report served under ``name``: what ``neuronmap remove`` recorded in ``path`` (its edits.json).
+
+    Attributes:
+        report: ``RemoveReport.to_dict()`` as read back (neuronmap.edited.read_report): the JSON ``remove --json`` printed.
+    """
+
+    name: str
+    path: Path
+    report: dict
+
+    def to_dict(self) -> dict:
+        return self.report
+
+
 @dataclass
 class Served:
-    """The atlases of one viewer, in the order given, and a small cache of results computed from them.
+    """The atlases and reports of one viewer, in the order given, and a small cache of results computed from the atlases.
 
     Attributes:
         atlases: name -> the opened atlas.
+        reports: name -> a removal report (read once: ``remove`` never rewrites one in place).
         hosts: the Host header values requests may carry (``*``: any).
         cache: results that take long to compute (stats, comparisons), keyed by what they depend on.
         stamps: name -> the (mtime, size) of its meta.json when it was opened.
     """
 
     atlases: dict[str, AtlasFiles]
+    reports: dict[str, Report] = field(default_factory=dict)
     hosts: list[str] = field(default_factory=lambda: ["127.0.0.1", "localhost"])
     cache: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -51,8 +69,11 @@ class Served:
         """The atlas called ``name`` (None: the first one).
 
         Raises:
-            RequestError: 404 for a name not served, listing the names that are.
+            RequestError: 404 for a name not served, listing the names that are (or saying that none is).
         """
+        if not self.atlases:
+            raise RequestError("this viewer serves no atlas, only removal reports: serve one beside them, e.g. "
+                               "`neuronmap serve ATLAS --report EDITED_DIR`", 404)
         if name is None or name == "":
             name = self.names[0]
         if name not in self.atlases:
@@ -60,6 +81,18 @@ class Served:
                                "pick one of those with ?atlas=NAME", 404)
         self._refresh(name)
         return name, self.atlases[name]
+
+    def report(self, name: str) -> Report:
+        """The report called ``name``.
+
+        Raises:
+            RequestError: 404 for a name not served, listing the names that are (or saying that none is).
+        """
+        if name not in self.reports:
+            have = (f"this viewer serves {', '.join(self.reports)}; open one at /report/NAME" if self.reports else
+                    "this viewer serves no report; serve one with `neuronmap serve --report EDITED_DIR`")
+            raise RequestError(f"unknown report {name!r}: {have}", 404)
+        return self.reports[name]
 
     def _refresh(self, name: str) -> None:
         """Reopen an atlas whose meta.json changed since it was opened (evidence recorded, or mapped again), and
@@ -88,30 +121,45 @@ class Served:
         return value
 
 
-def serve_atlases(paths: list[Path | str]) -> Served:
-    """Open every atlas (refusing anything that is not one, with ``open_files``' message) and name it.
+def serve_atlases(paths: list[Path | str], reports: list[Path | str] = ()) -> Served:
+    """Open every atlas and report (refusing anything that is not one, with ``open_files``' or ``read_report``'s
+    message) and name each.
 
-    A name is the directory's name, made URL-safe; a repeated name gets ``-2``, ``-3``.
+    A name is the directory's name (a report given as its edits.json: the directory holding it), made URL-safe;
+    a repeated name gets ``-2``, ``-3``. Atlases and reports are named apart (their URLs differ).
 
     Raises:
-        NeuronmapError: no atlas given, or a path that is not a readable atlas.
+        NeuronmapError: neither an atlas nor a report given, or a path that is not a readable atlas or report.
 
     Example:
-        >>> serve_atlases(["demo-atlas"]).names  # doctest: +SKIP
+        >>> serve_atlases(["demo-atlas"], ["no-paris"]).names  # doctest: +SKIP
         ['demo-atlas']
     """
-    if not paths:
-        raise NeuronmapError("no atlas given: pass one or more atlas directories, e.g. `neuronmap serve demo-atlas`")
+    from neuronmap.edited import read_report
+
+    if not paths and not reports:
+        raise NeuronmapError("no atlas given: pass one or more atlas directories, e.g. `neuronmap serve demo-atlas`, "
+                             "or a removal report with --report EDITED_DIR")
     atlases: dict[str, AtlasFiles] = {}
     for p in paths:
         files = open_files(p)
-        base = _NAME.sub("-", files.root.resolve().name).strip("-") or "atlas"
-        name, n = base, 1
-        while name in atlases:
-            n += 1
-            name = f"{base}-{n}"
-        atlases[name] = files
-    return Served(atlases, stamps={name: _stamp(f.root) for name, f in atlases.items()})
+        atlases[_unique(files.root, atlases, "atlas")] = files
+    served: dict[str, Report] = {}
+    for p in reports:
+        file, report = read_report(p)
+        name = _unique(file.parent, served, "report")
+        served[name] = Report(name, file, report)
+    return Served(atlases, served, stamps={name: _stamp(f.root) for name, f in atlases.items()})
+
+
+def _unique(root: Path, taken: dict, fallback: str) -> str:
+    """The directory's name, URL-safe, with ``-2``, ``-3`` added while ``taken`` has it."""
+    base = _NAME.sub("-", root.resolve().name).strip("-") or fallback
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}-{n}"
+    return name
 
 
 def _stamp(root: Path) -> tuple[int, int] | None:
