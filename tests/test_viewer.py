@@ -392,6 +392,23 @@ def test_report_api_is_what_remove_printed(tiny_removal, capsys):
                        "out": printed["out"], "concepts": ["dog"], "control": "cat", "edits": 3}]
 
 
+def test_report_finds_the_atlas_of_the_source_by_its_own_files(tiny_removal):
+    """A GGUF source (the demo model) is edited through a safetensors export, so the rewritten files' ``before``
+    sha256 are the export's, which no atlas of the GGUF records: the report's ``source_files`` tie it to that atlas."""
+    from neuronmap.atlas import open_files
+    from neuronmap.viewer.data import report_atlases
+
+    _, printed, model_atlas, edited_atlas = tiny_removal
+    atlases = {"model-atlas": open_files(model_atlas), "edited-atlas": open_files(edited_atlas)}
+    meta_files = atlases["model-atlas"].meta["source"]["files"]
+    assert printed["source_files"] == [{"name": f["name"], "sha256": f["sha256"]} for f in meta_files]
+    as_if_gguf = {**printed, "files": {k: {**v, "before": "0" * 64} for k, v in printed["files"].items()}}
+    assert [(n, side) for n, side, _ in report_atlases(as_if_gguf, atlases)] == [("model-atlas", "source"),
+                                                                                  ("edited-atlas", "edited")]
+    assert [(n, side) for n, side, _ in report_atlases({**as_if_gguf, "source_files": []}, atlases)] == [
+        ("edited-atlas", "edited")]
+
+
 def test_report_neurons_are_plain_text_without_an_atlas_of_the_model(tiny_removal, worded):
     edited, printed, _, _ = tiny_removal
     for c in (client(worded, reports=[edited]), client(reports=[edited, edited])):

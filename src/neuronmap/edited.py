@@ -36,7 +36,7 @@ from neuronmap.models import DEVICE, Model, load_model, require_tokenizer
 from neuronmap.elicit import ConceptSpec, concept_specs, resolve_spec
 from neuronmap.removal import Removal, RemoveOptions, Step, remove_concepts
 from neuronmap.safetensors_io import ITEMSIZE, TORCH_DTYPES, Entry, safetensors_reader
-from neuronmap.sources import Source, hash_file, open_weights, resolve_source
+from neuronmap.sources import Source, file_sha256, hash_file, open_weights, resolve_source
 
 FORMAT = "neuronmap-edits"
 VERSION = 1
@@ -179,6 +179,9 @@ class RemoveReport:
         steps: one per concept, in removal order (neuronmap.removal.Step).
         base: how the unedited files were made (copied, or exported from a GGUF).
         files: per rewritten weight file, its sha256 ``before`` and ``after`` the edits.
+        source_files: the source's own weight files, ``{"name", "sha256"}`` each, as an atlas's meta.json records
+            them: for a GGUF source ``files`` holds its safetensors export, and this is what ties the report to an
+            atlas of the GGUF itself (the viewer's neuron links).
     """
 
     source: str
@@ -188,11 +191,13 @@ class RemoveReport:
     base: str
     steps: tuple[Step, ...]
     files: dict
+    source_files: tuple[dict, ...] = ()
 
     def to_dict(self) -> dict:
         """JSON types only: the form ``remove --json`` prints (and edits.json holds)."""
         return {"source": self.source, "out": self.out, "options": self.options.to_dict(), "control": self.control,
-                "base": self.base, "steps": [s.to_dict() for s in self.steps], "files": self.files}
+                "base": self.base, "steps": [s.to_dict() for s in self.steps], "files": self.files,
+                "source_files": list(self.source_files)}
 
 
 def write_checkpoint(src: Source, m: Model, removal: Removal, out: Path, report: dict) -> tuple[str, dict]:
@@ -261,9 +266,10 @@ def remove(source: str | None, concepts: list[str], out: Path | str, prompts: li
     stored = stored_dtypes(src, sorted({w.family.vector_slot(x, i, 0, w.d_mlp)[0] for x in matrices for i in range(w.n_layers)}))
     m = load_model(src, device)
     removal = remove_concepts(m, specs, ctrl, options, stored)
-    report = RemoveReport(src.spec, str(out), options, ctrl.word if ctrl else None, "", removal.steps, {})
+    source_files = tuple({"name": f.name, "sha256": file_sha256(f)} for f in src.files)  # cached: hashed once per file
+    report = RemoveReport(src.spec, str(out), options, ctrl.word if ctrl else None, "", removal.steps, {}, source_files)
     base, files = write_checkpoint(src, m, removal, out, report.to_dict())
-    return RemoveReport(src.spec, str(out), options, report.control, base, removal.steps, files)
+    return RemoveReport(src.spec, str(out), options, report.control, base, removal.steps, files, source_files)
 
 
 def _control(control: str | None, specs: list[ConceptSpec], specs_all: dict[str, ConceptSpec]) -> ConceptSpec | None:
@@ -295,7 +301,7 @@ _MEASURE = {"concept": str, "role": str, "ratio": (float, None), "mean_before": 
 _STEP = {"concept": str, "targeting?": {"approx_prob": float, "prob": float, "top": [str], "cosine_to_approx": float},
          "edits": [_EDIT], "measures": [_MEASURE], "kl_median": float, "kl_p95": float}
 _REPORT = {"source": str, "out": str, "options": dict, "control": (str, None), "base": str, "steps": [_STEP],
-           "files": dict}
+           "files": dict, "source_files?": [{"name": str, "sha256": str}]}
 
 
 def _shape_problem(value: object, shape: object, where: str) -> str | None:

@@ -50,20 +50,21 @@ def _opt(request: Request, key: str) -> str | None:
 def report_atlases(report: dict, atlases: dict[str, AtlasFiles]) -> list[tuple[str, str, frozenset[int]]]:
     """The served atlases of the model a removal report edited, or of the checkpoint it wrote.
 
-    An atlas matches when the sha256 of its weight files (meta.json) include that of every file the edits rewrote,
-    as edits.json records it: ``before`` the edits (``source``, the model edited) or ``after`` (``edited``, the
-    checkpoint written). A report of a GGUF source records only the safetensors it exported, so an atlas of the GGUF
-    itself matches neither; an atlas of the edited checkpoint does.
+    An atlas is of the model edited (``source``) when the sha256 of its weight files (meta.json) are those of the
+    source's own files (edits.json's ``source_files``: a GGUF for the demo model), or include that of every file the
+    edits rewrote ``before`` the edits; it is of the checkpoint written (``edited``) when they include every such
+    file's sha256 ``after`` them.
 
     Returns:
         ``(atlas name, "source" | "edited", its mapped layers)`` per match, in the order served.
     """
     rewritten = [f for f in report["files"].values() if isinstance(f, dict)]
+    own = {f["sha256"] for f in report.get("source_files", [])}
     out = []
     for name, files in atlases.items():
         have = {f["sha256"] for f in files.meta.get("source", {}).get("files", [])}
         for side, key in (("source", "before"), ("edited", "after")):
-            if rewritten and all(f.get(key) in have for f in rewritten):
+            if (rewritten and all(f.get(key) in have for f in rewritten)) or (side == "source" and own and own == have):
                 out.append((name, side, frozenset(files.meta["decode"]["layers"])))
     return out
 
