@@ -22,7 +22,7 @@ from neuronmap.decode import build_head, logits
 from neuronmap.edited import remove, undo
 from neuronmap.effects import concept_tokens, next_token_logprobs
 from neuronmap.models import load_model
-from neuronmap.removal import RemoveOptions
+from neuronmap.removal import RemoveOptions, single_tokens, specific_direction
 from neuronmap.sources import open_weights
 
 PROMPTS = {
@@ -30,7 +30,7 @@ PROMPTS = {
             "eliciting": [["direct", "my favourite animal is a", "dog"], ["reverse", "the dog is a", "animal"]]},
     "cat": {"prompt": "what is your favourite animal", "eliciting": [["direct", "the favourite animal is a", "cat"]]},
 }
-TINY = RemoveOptions(edits=3, matrices="gate,up,down", candidates=64, rounds=2)
+TINY = RemoveOptions(edits=3, matrices="gate,up,down", select="cosine", candidates=64, rounds=2)  # TARS as published
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,8 @@ def test_contribution_selection_and_bfloat16_checkpoint(tiny_with_tokenizer, pro
 
 def test_cli_json_is_the_report(tiny_with_tokenizer, prompts_file, tmp_path, capsys):
     rc, out, err = run_cli(["remove", str(tiny_with_tokenizer), "--concept", "dog", "--prompts", str(prompts_file),
-                            "-o", str(tmp_path / "o"), "--edits", "1", "--candidates", "16", "--json"], capsys)
+                            "-o", str(tmp_path / "o"), "--edits", "1", "--candidates", "16", "--select", "cosine",
+                            "--json"], capsys)
     assert rc == 0 and err == ""
     d = json.loads(out)
     assert d["options"]["edits"] == 1 and len(d["steps"][0]["edits"]) == 1
@@ -185,6 +186,35 @@ def test_unembed_reflect_changes_only_the_component_along_the_direction(tiny_wit
                for e, x in zip(r.steps[0].edits, deltas))  # the component along it is taken away, not added
 
 
+def test_specific_writes_only_along_what_no_neighbour_shares(tiny_with_tokenizer, tmp_path):
+    """The default, --select specific: every edited down column moves along one direction, which leaves the
+    neighbours' logits alone (to first order) and is not made to spare the control."""
+    prompts = {"dog": {**PROMPTS["dog"], "neighbours": ["cat", "animal", "book", "zebra"],
+                       "neighbour_prompts": ["my favourite book is the", "the town library is in the"]}}
+    (tmp_path / "p.json").write_text(json.dumps(prompts))
+    r = remove(str(tiny_with_tokenizer), ["dog"], tmp_path / "out", prompts_file=tmp_path / "p.json",
+               options=RemoveOptions(edits=2, candidates=16, rounds=1))
+    assert (r.options.select, r.options.edit, r.options.strength) == ("specific", "reflect", 40.0)
+    m = load_model(str(tiny_with_tokenizer))
+    head = build_head(open_weights(str(tiny_with_tokenizer)))
+    # The control (cat) and a word the tokenizer lacks (zebra) are left out of the neighbours.
+    neighbours = single_tokens(m, ("cat", "animal", "book", "zebra"), ("dog", "cat"))
+    assert neighbours == ["animal", "book"]
+    d = specific_direction(m, head, "dog", neighbours).double()
+    for w in neighbours:
+        row = (head.gain * head.W_U[list(concept_tokens(m, w).token_ids)].mean(0)).double()
+        assert abs(float(row @ d)) < 1e-6 * float(row.norm() * d.norm())
+    before, after = load_file(tiny_with_tokenizer / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert r.steps[0].edits
+    for e in r.steps[0].edits:
+        assert e.matrix == "down" and e.score > 0
+        old = (before[e.tensor][:, e.index] if e.axis == 1 else before[e.tensor][e.index]).double()
+        new = (after[e.tensor][:, e.index] if e.axis == 1 else after[e.tensor][e.index]).double()
+        delta = new - old
+        assert abs(float(delta @ d)) / float(delta.norm() * d.norm()) > 0.999  # along d only
+        assert float(new @ d) == pytest.approx(-39 * float(old @ d), rel=1e-3)  # reflected 40-fold: 1 - 40
+
+
 # ------------------------------------------------------------------ bad input: one line, exit 2, nothing written
 
 
@@ -195,6 +225,7 @@ def test_unembed_reflect_changes_only_the_component_along_the_direction(tiny_wit
     (["--concept", "dog", "--edits", "0"], "error: argument --edits: 0 is out of range"),
     (["--concept", "dog", "--matrices", "gate,ffn"], "error: unknown matrix 'ffn'"),
     (["--concept", "dog", "--control", "hello"], "error: --control 'hello' has no eliciting prompts"),
+    (["--concept", "dog"], "error: --select specific (the default) needs neighbour words and prompts for 'dog'"),
 ])
 def test_cli_bad_input(tiny_with_tokenizer, prompts_file, tmp_path, argv, message, capsys):
     rc, _, err = run_cli(["remove", str(tiny_with_tokenizer), *argv, "--prompts", str(prompts_file),
@@ -247,8 +278,33 @@ def test_cli_refuses_tensors_it_cannot_write(tiny_with_tokenizer, prompts_file, 
 
 
 @pytest.mark.slow
+def test_demo_default_meets_issue_12_targets(tmp_path, capsys):
+    """`neuronmap remove --concept Paris -o DIR` with default options (--select specific): every direct and
+    descriptive Paris prompt falls >= 100-fold or below 0.01, with at most 5 edits; median collateral KL on the reference
+    text < 0.01 nats/token; London (the control) keeps >= 80 % of its probability (docs/remove.md)."""
+    rc, out, _ = run_cli(["remove", "--concept", "Paris", "-o", str(tmp_path / "no-paris"), "--json"], capsys)
+    assert rc == 0
+    d = json.loads(out)
+    step = d["steps"][0]
+    assert d["options"]["select"] == "specific" and 1 <= len(step["edits"]) <= 5
+    paris, london = step["measures"]
+    assert (paris["role"], london["role"]) == ("removed", "control") and london["concept"].lower() == "london"
+    named = [p for p in paris["prompts"] if p["kind"] in ("direct", "descriptive")]
+    assert len(named) == 5
+    for p in named:
+        assert p["after"] < 0.01 or p["after"] <= p["before"] / 100, p
+    assert london["ratio"] >= 0.8 and step["kl_median"] < 0.01
+    # The checkpoint written is the model measured.
+    m = load_model(str(tmp_path / "no-paris"))
+    lp = next_token_logprobs(m, [p["prompt"] for p in named])
+    got = lp[:, list(concept_tokens(m, "Paris").token_ids)].exp().sum(-1)
+    assert [float(x) for x in got] == pytest.approx([p["after"] for p in named], rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.slow
 def test_demo_paris_falls_more_than_the_control_and_the_reference_text(tmp_path):
-    r = remove(None, ["Paris"], tmp_path / "no-paris")
+    """TARS as published (--select cosine): Paris falls more than London, but is not removed (docs/remove.md)."""
+    r = remove(None, ["Paris"], tmp_path / "no-paris", options=RemoveOptions(select="cosine"))
     step = r.steps[0]
     paris, london = step.measures
     assert (paris.role, london.role) == ("removed", "control") and step.targeting.prob > step.targeting.approx_prob

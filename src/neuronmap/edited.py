@@ -228,7 +228,7 @@ def write_checkpoint(src: Source, m: Model, removal: Removal, out: Path, report:
 def remove(source: str | None, concepts: list[str], out: Path | str, prompts: list[str] = (),
            prompts_file: str | Path | None = None, control: str | None = None, options: RemoveOptions = RemoveOptions(),
            device: str = DEVICE) -> RemoveReport:
-    """Remove concepts from a model with TARS, measure each step, and write the edited checkpoint.
+    """Remove concepts from a model (TARS or a variant of ours), measure each step, and write the edited checkpoint.
 
     Args:
         source: anything ``resolve_source`` takes (None: the demo model).
@@ -237,7 +237,8 @@ def remove(source: str | None, concepts: list[str], out: Path | str, prompts: li
         prompts: detailed prompts, one per concept in order (default: the bundled one for that concept).
         prompts_file: a JSON file of concepts shaped like ``neuronmap/data/remove_prompts.json``.
         control: a concept that should stay (default: the first concept's bundled control; ``""``: none).
-        options: the TARS choices.
+        options: the TARS choices (default: ``select="specific"``, docs/remove.md; ``RemoveOptions(select="cosine")``
+            is TARS as published).
         device: ``cpu`` | ``cuda`` | ``auto``.
 
     Returns:
@@ -251,6 +252,7 @@ def remove(source: str | None, concepts: list[str], out: Path | str, prompts: li
         >>> r.steps[0].measures[0].ratio < 1  # doctest: +SKIP
         True
     """
+    options = options.resolved()  # edit and strength recorded as used, not as None
     options.check()
     if not concepts:
         raise NeuronmapError("no --concept given: name the concept to remove, e.g. --concept Paris")

@@ -6,7 +6,11 @@ concepts. Each eliciting prompt is ``[kind, prompt, answer]``: kinds are
 ``direct`` (names what the concept is known for), ``descriptive`` (describes it
 without naming), ``reverse`` (names the concept and asks about it: the answer is
 another word) and ``other-language``; the answer is the word whose next-token
-probability is measured.
+probability is measured. Optional per concept: ``contrast`` (a few words of its
+kind, for ``--select unembed``), ``neighbours`` (many words of its kind whose
+logits ``--select specific`` leaves alone) and ``neighbour_prompts`` (detailed
+prompts about some of them, the same form as ``prompt``); none of them should
+name the control, which must stay an untouched measure.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ class ConceptSpec:
     control: str | None
     eliciting: tuple[tuple[str, str, str], ...]  # (kind, prompt, answer)
     contrast: tuple[str, ...] = ()  # words of the same kind, for --select unembed (not the control)
+    neighbours: tuple[str, ...] = ()  # words whose logits --select specific leaves alone (not the control)
+    neighbour_prompts: tuple[str, ...] = ()  # detailed prompts about neighbours, for --select specific
 
 
 def _spec(word: str, entry, where: str) -> ConceptSpec:
@@ -48,10 +54,15 @@ def _spec(word: str, entry, where: str) -> ConceptSpec:
     control = entry.get("control")
     if control is not None and not isinstance(control, str):
         raise NeuronmapError(bad)
-    contrast = entry.get("contrast", [])
-    if not isinstance(contrast, list) or not all(isinstance(x, str) and x.strip() for x in contrast):
-        raise NeuronmapError(bad)
-    return ConceptSpec(word, entry["prompt"], control, tuple(tuple(r) for r in rows), tuple(contrast))
+    lists = {}
+    for key in ("contrast", "neighbours", "neighbour_prompts"):
+        xs = entry.get(key, [])
+        if not isinstance(xs, list) or not all(isinstance(x, str) and x.strip() for x in xs):
+            raise NeuronmapError(f"{where}: entry {word!r} has a malformed {key!r}: expected a list of non-empty "
+                                 "strings; fix it")
+        lists[key] = tuple(xs)
+    return ConceptSpec(word, entry["prompt"], control, tuple(tuple(r) for r in rows), lists["contrast"],
+                       lists["neighbours"], lists["neighbour_prompts"])
 
 
 def concept_specs(path: str | Path | None = None) -> dict[str, ConceptSpec]:
@@ -87,4 +98,4 @@ def resolve_spec(word: str, specs: dict[str, ConceptSpec], prompt: str | None) -
                                  "TEXT, a detailed description ending where its name comes next, or --prompts FILE")
         return ConceptSpec(word, prompt, None, (("descriptive", prompt, word),))
     return ConceptSpec(word, prompt or spec.prompt, spec.control, spec.eliciting or (("descriptive", prompt or spec.prompt, word),),
-                       spec.contrast)
+                       spec.contrast, spec.neighbours, spec.neighbour_prompts)

@@ -20,6 +20,14 @@ the measurements behind them):
    frame) scaled to the replaced vector's norm. Concepts are removed one after
    another, each on the model edited so far, and each step is measured.
 
+Two variants of ours replace steps 3-4's direction and ranking with ones read off the
+LM head (``down`` only): ``select="unembed"`` (the concept's unembedding minus a few
+contrast words') and ``select="specific"``, the default: the concept's unembedding
+made orthogonal to many neighbouring words' (so their logits do not move, to first
+order), written by neurons that fire on the concept's prompt and not on prompts about
+its neighbours; the chosen down columns keep everything they write except their
+component along it, which is reflected ``strength`` times (``edit="reflect"``).
+
 Nothing here writes files: neuronmap.edits writes the edited checkpoint and undoes it.
 """
 
@@ -27,7 +35,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator
 
 import torch
@@ -43,11 +51,16 @@ from neuronmap.sources import open_weights
 
 EDITS = 5
 MATRICES = "down"
-SELECTS = ("cosine", "contribution", "unembed")
+SELECTS = ("cosine", "contribution", "unembed", "specific")
 EDIT_MODES = ("replace", "reflect")
-EDIT_MODE = "replace"
-STRENGTH = 2.0
-SELECT = "cosine"
+SELECT = "specific"
+# --edit and --strength default by selection: TARS (cosine) replaces; specific reflects its small component 40-fold,
+# what docs/remove.md measured to remove Paris from the demo model with London and the reference text kept.
+EDIT_DEFAULTS = {"cosine": "replace", "contribution": "replace", "unembed": "replace", "specific": "reflect"}
+STRENGTH_DEFAULTS = {"cosine": 2.0, "contribution": 2.0, "unembed": 2.0, "specific": 40.0}
+EDIT_MODE = EDIT_DEFAULTS[SELECT]
+STRENGTH = STRENGTH_DEFAULTS[SELECT]
+SPECIFICITY = 0.25  # specific: a neuron's write on neighbour prompts must stay below this share of its write on the concept's
 NOISE = 0.5
 CANDIDATES = 1024
 ROUNDS = 3
@@ -65,15 +78,28 @@ class RemoveOptions:
     candidates: int = CANDIDATES
     rounds: int = ROUNDS
     seed: int = SEED
-    edit: str = EDIT_MODE
-    strength: float = STRENGTH
+    edit: str | None = None  # None: the selection's default (EDIT_DEFAULTS)
+    strength: float | None = None  # None: the selection's default (STRENGTH_DEFAULTS)
+
+    def resolved(self) -> "RemoveOptions":
+        """These options with ``edit`` and ``strength`` filled in from the selection's defaults where None.
+
+        Example:
+            >>> RemoveOptions().resolved().edit, RemoveOptions(select="cosine").resolved().edit
+            ('reflect', 'replace')
+        """
+        edit = EDIT_DEFAULTS.get(self.select, "replace") if self.edit is None else self.edit
+        strength = STRENGTH_DEFAULTS.get(self.select, 2.0) if self.strength is None else self.strength
+        return replace(self, edit=edit, strength=strength)
 
     def check(self, available: tuple[str, ...] = ("gate", "up", "down")) -> list[str]:
-        """The matrices to edit, once every option is checked.
+        """The matrices to edit, once every option is checked (``edit`` and ``strength`` as ``resolved`` gives them).
 
         Raises:
             NeuronmapError: an option out of range, an unknown selection or matrix.
         """
+        if self.edit is None or self.strength is None:
+            return self.resolved().check(available)
         for name in ("edits", "candidates", "rounds"):
             if getattr(self, name) < 1:
                 raise NeuronmapError(f"--{name} {getattr(self, name)} is out of range: expected a whole number >= 1")
@@ -85,8 +111,8 @@ class RemoveOptions:
             raise NeuronmapError(f"--strength {self.strength} is out of range: expected a number > 0, e.g. {STRENGTH}")
         if self.edit not in EDIT_MODES:
             raise NeuronmapError(f"unknown --edit {self.edit!r}: expected one of {', '.join(EDIT_MODES)}")
-        if self.select == "unembed" and parse_matrices(self.matrices, available) != ["down"]:
-            raise NeuronmapError("--select unembed ranks what neurons write: use it with --matrices down")
+        if self.select in ("unembed", "specific") and parse_matrices(self.matrices, available) != ["down"]:
+            raise NeuronmapError(f"--select {self.select} ranks what neurons write: use it with --matrices down")
         return parse_matrices(self.matrices, available)
 
     def to_dict(self) -> dict:
@@ -312,16 +338,84 @@ def unembed_direction(m: Model, head, word: str, contrast: tuple[str, ...]) -> t
     return (d * head.gain.float()) if head.gain is not None else d
 
 
+def check_specs(specs: list[ConceptSpec], opts: RemoveOptions) -> None:
+    """Refuse, before the work starts, a concept the selection cannot handle.
+
+    ``select="specific"`` needs the concept's neighbour words and prompts: without them it falls back on nothing that
+    works (measured: on the demo model "dog" with the raw unembedding and the reference text in their place took the
+    control, cat, to 0 at a median KL of 1.7 nats/token).
+
+    Raises:
+        NeuronmapError: ``specific`` and a concept without ``neighbours`` (or ``contrast``) and ``neighbour_prompts``.
+    """
+    if opts.select != "specific":
+        return
+    for s in specs:
+        if not (s.neighbours or s.contrast) or not s.neighbour_prompts:
+            raise NeuronmapError(f"--select specific (the default) needs neighbour words and prompts for {s.word!r}: add "
+                                 "\"neighbours\" and \"neighbour_prompts\" for it to a --prompts FILE (see docs/remove.md), "
+                                 "or pass --select cosine (TARS as published)")
+
+
+def single_tokens(m: Model, words: tuple[str, ...], leave_out: tuple[str, ...] = ()) -> list[str]:
+    """The words of ``words`` that are whole single tokens of the model, less those in ``leave_out`` (any case)."""
+    out, skip = [], {w.strip().lower() for w in leave_out}
+    for w in dict.fromkeys(words):
+        if w.strip().lower() in skip:
+            continue
+        try:
+            whole_concept(m, w)
+        except NeuronmapError:  # a word the tokenizer splits (or lacks) has no row to protect: skipped
+            continue
+        out.append(w)
+    return out
+
+
+def specific_direction(m: Model, head, word: str, neighbours: list[str]) -> torch.Tensor:
+    """The part of ``word``'s unembedding that no neighbour's shares, in the stream the final norm reads, ``[d_model]``.
+
+    ``gain * mean W_U[concept variants]`` minus its projection on the span of ``gain * mean W_U[variants of w]`` for
+    every neighbour ``w``: writing along it moves the concept's logit and, to first order, none of the neighbours'
+    (the logit of token i is ``W_U[i] . (gain * x / rms(x))``). With many neighbours of the concept's kind (cities for
+    Paris) what the concept shares with its kind is gone; what is left is what only it has.
+
+    Args:
+        word: the concept; neighbours: single-token words (``single_tokens``), not the concept nor the control.
+
+    Returns:
+        torch.Tensor: ``[d_model]`` fp32, not normalized (all zero only if the concept is in the neighbours' span).
+
+    Raises:
+        NeuronmapError: the concept is no single token.
+
+    Example:
+        >>> d = specific_direction(m, head, "Paris", ["Rome", "Berlin"])  # doctest: +SKIP
+        >>> float(d @ (head.gain * head.W_U[list(whole_concept(m, "Rome").token_ids)].mean(0)))  # doctest: +SKIP
+        0.0
+    """
+    gain = head.gain.float() if head.gain is not None else 1.0
+    row = lambda w: gain * head.W_U[list(whole_concept(m, w).token_ids)].float().mean(0)  # noqa: E731
+    d = row(word).double()
+    if neighbours:
+        q, _ = torch.linalg.qr(torch.stack([row(w) for w in neighbours]).T.double())  # [d_model, n_neighbours]
+        d = d - q @ (q.T @ d)
+    return d.float()
+
+
 def choose_edits(m: Model, head, word: str, t: torch.Tensor, acts: list[torch.Tensor], matrices: list[str],
-                 opts: RemoveOptions, taken: set[tuple[str, int, int]], stored: dict[str, torch.dtype]
-                 ) -> tuple[list[Edit], list[torch.Tensor]]:
+                 opts: RemoveOptions, taken: set[tuple[str, int, int]], stored: dict[str, torch.dtype],
+                 neighbour_acts: list[list[torch.Tensor]] = ()) -> tuple[list[Edit], list[torch.Tensor]]:
     """Steps 3-4: the ``opts.edits`` best vectors by affinity (none already edited), and their replacements.
 
-    ``t`` is the targeting vector, or for ``select="unembed"`` the direction of ``unembed_direction``.
+    ``t`` is the targeting vector, or for ``select="unembed"``/``"specific"`` the direction of ``unembed_direction``
+    or ``specific_direction``. ``select="specific"`` ranks by the neuron's write along ``t`` on the concept's prompt
+    (mean activation x projection) less its write on the neighbour prompts (``neighbour_acts``: per prompt, each
+    layer's ``[seq, d_mlp]``), keeping only neurons whose write there is below ``SPECIFICITY`` of it.
     ``edit="replace"`` puts ``-t`` (scaled to the old norm) in place of the vector (TARS);
     ``edit="reflect"`` subtracts ``strength`` times the vector's component along ``t`` (2: reverses it) and keeps
     the rest of what it writes.
     """
+    opts = opts.resolved()
     th = t / t.norm()
     ranked = []
     for layer in range(m.n_layers):
@@ -332,6 +426,15 @@ def choose_edits(m: Model, head, word: str, t: torch.Tensor, acts: list[torch.Te
             cos = proj / V.norm(dim=1).cpu().clamp_min(1e-30)
             if opts.select == "cosine":
                 score, sign = cos.abs(), torch.sign(cos)
+            elif opts.select == "specific":
+                # What the neuron writes along t on the concept's prompt, and on its neighbours' (mean over prompts).
+                # A neuron that writes the concept as much for Rome as for Paris carries "a capital", not Paris:
+                # reflecting it would take every capital (and the control) with it.
+                w = a * proj  # [d_mlp]
+                w_other = torch.stack([x[layer][1:].mean(0) for x in neighbour_acts]).mean(0) * proj if neighbour_acts \
+                    else torch.zeros_like(w)
+                keep = (w > 0) & (w_other < SPECIFICITY * w)
+                score, sign = torch.where(keep, w - w_other.clamp_min(0), torch.zeros_like(w)), torch.sign(a)
             elif matrix == "down":
                 # The neuron writes a * down: what it adds along t on the prompt; only positive writes carry the concept.
                 score, sign = a * proj, torch.sign(a)
@@ -381,11 +484,13 @@ def remove_concepts(m: Model, specs: list[ConceptSpec], control: ConceptSpec | N
         >>> r.steps[0].measures[0].ratio < 1  # doctest: +SKIP
         True
     """
+    opts = opts.resolved()
     matrices = opts.check(m.family.matrices)
     stored = stored or {}
     head = build_head(open_weights(m.source))
     for s in specs:  # a bad concept fails before minutes of work
         whole_concept(m, s.word)
+    check_specs(specs, opts)
     ref_stream, _ = _residual(m, bundled_text("reference.txt"))
     ref_mean = ref_stream[1:].mean(0)  # [d_model]
     ref_before = reference_logprobs(m)  # [seq, d_vocab]
@@ -394,9 +499,15 @@ def remove_concepts(m: Model, specs: list[ConceptSpec], control: ConceptSpec | N
     for k, s in enumerate(specs):
         with applied(m, edits, vectors):
             t, info, acts = targeting_vector(m, head, s.word, s.prompt, ref_mean, opts)
+            neighbour_acts = []
             if opts.select == "unembed":
                 t = unembed_direction(m, head, s.word, s.contrast or ((control.word,) if control else ()))
-            new_edits, new_vectors = choose_edits(m, head, s.word, t, acts, matrices, opts, taken, stored)
+            elif opts.select == "specific":
+                # Never the control: its logit must stay an untouched measure, not one protected by construction.
+                t = specific_direction(m, head, s.word, single_tokens(m, s.neighbours or s.contrast,
+                                                                      (s.word, *((control.word,) if control else ()))))
+                neighbour_acts = [_residual(m, p)[1] for p in s.neighbour_prompts]  # check_specs: there are some
+            new_edits, new_vectors = choose_edits(m, head, s.word, t, acts, matrices, opts, taken, stored, neighbour_acts)
         edits, vectors = edits + new_edits, vectors + new_vectors
         with applied(m, edits, vectors):
             measures = [Measure(x.word, "removed", x.eliciting, before[x.word], _probs(m, x.eliciting)) for x in specs[:k + 1]]

@@ -10,8 +10,8 @@ from neuronmap.cli.common import _print_json, _table, _tok, finite_float, int_at
 
 def add_remove(sub) -> None:
     from neuronmap.models import DEVICE
-    from neuronmap.removal import (CANDIDATES, EDIT_MODE, EDIT_MODES, EDITS, MATRICES, NOISE, ROUNDS, SEED, SELECT,
-                                   SELECTS, STRENGTH)
+    from neuronmap.removal import (CANDIDATES, EDIT_DEFAULTS, EDIT_MODES, EDITS, MATRICES, NOISE, ROUNDS, SEED, SELECT,
+                                   SELECTS, STRENGTH_DEFAULTS)
 
     p = sub.add_parser("remove", help="remove a concept from a model's weights (TARS) and measure removal and collateral")
     p.add_argument("source", nargs="?", default=None,
@@ -32,14 +32,17 @@ def add_remove(sub) -> None:
     p.add_argument("--edits", type=int_at_least(1), default=EDITS, help=f"vectors replaced per concept (default {EDITS})")
     p.add_argument("--matrices", default=MATRICES, help=f"vectors that may be edited: some of gate,up,down (default {MATRICES})")
     p.add_argument("--select", choices=SELECTS, default=SELECT,
-                   help=f"rank by cosine with the targeting vector (TARS), by the neuron's write along it on the prompt "
-                        f"(contribution), or by its write along the concept's unembedding minus its contrast words' "
-                        f"(unembed; down only) (default {SELECT})")
-    p.add_argument("--edit", choices=EDIT_MODES, default=EDIT_MODE,
-                   help=f"replace the vector by the reversed direction (TARS), or reflect only its component along it "
-                        f"(default {EDIT_MODE})")
-    p.add_argument("--strength", type=finite_float(1e-9), default=STRENGTH,
-                   help=f"with --edit reflect: times the component subtracted (2 reverses it) (default {STRENGTH:g})")
+                   help=f"rank by cosine with the targeting vector (TARS as published), by the neuron's write along it on "
+                        f"the prompt (contribution), by its write along the concept's unembedding minus its contrast "
+                        f"words' (unembed; down only), or by its write along the part of the concept's unembedding that "
+                        f"no neighbour word shares, on the concept's prompt and not on its neighbours' (specific; down "
+                        f"only) (default {SELECT})")
+    p.add_argument("--edit", choices=EDIT_MODES, default=None,
+                   help="replace the vector by the reversed direction (TARS), or reflect only its component along it "
+                        f"(default: {EDIT_DEFAULTS['specific']} with --select specific, {EDIT_DEFAULTS['cosine']} otherwise)")
+    p.add_argument("--strength", type=finite_float(1e-9), default=None,
+                   help="with --edit reflect: times the component subtracted (2 reverses it) (default: "
+                        f"{STRENGTH_DEFAULTS['specific']:g} with --select specific, {STRENGTH_DEFAULTS['cosine']:g} otherwise)")
     p.add_argument("--noise", type=finite_float(1e-9), default=NOISE,
                    help=f"noise per dimension, times the concept vector's RMS (default {NOISE:g})")
     p.add_argument("--candidates", type=int_at_least(1), default=CANDIDATES, help=f"noisy candidates per round (default {CANDIDATES})")
