@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from neuronmap.cli import build_parser, main
 from neuronmap.decode import build_head, logits
 from neuronmap.edited import remove, undo
+from neuronmap.elicit import ConceptSpec
 from neuronmap.effects import concept_tokens, next_token_logprobs
 from neuronmap.models import load_model
 from neuronmap.removal import RemoveOptions, single_tokens, specific_direction
@@ -187,14 +188,15 @@ def test_unembed_reflect_changes_only_the_component_along_the_direction(tiny_wit
 
 
 def test_specific_writes_only_along_what_no_neighbour_shares(tiny_with_tokenizer, tmp_path):
-    """The default, --select specific: every edited down column moves along one direction, which leaves the
-    neighbours' logits alone (to first order) and is not made to spare the control."""
+    """The default, --select auto, is specific for a concept with neighbours: every edited down column moves along
+    one direction, which leaves the neighbours' logits alone (to first order) and is not made to spare the control."""
     prompts = {"dog": {**PROMPTS["dog"], "neighbours": ["cat", "animal", "book", "zebra"],
                        "neighbour_prompts": ["my favourite book is the", "the town library is in the"]}}
     (tmp_path / "p.json").write_text(json.dumps(prompts))
     r = remove(str(tiny_with_tokenizer), ["dog"], tmp_path / "out", prompts_file=tmp_path / "p.json",
                options=RemoveOptions(edits=2, candidates=16, rounds=1))
-    assert (r.options.select, r.options.edit, r.options.strength) == ("specific", "reflect", 40.0)
+    assert (r.options.select, r.options.edit, r.options.strength) == ("auto", None, None)
+    assert r.steps[0].method == {"select": "specific", "edit": "reflect", "strength": 40.0}
     m = load_model(str(tiny_with_tokenizer))
     head = build_head(open_weights(str(tiny_with_tokenizer)))
     # The control (cat) and a word the tokenizer lacks (zebra) are left out of the neighbours.
@@ -215,6 +217,23 @@ def test_specific_writes_only_along_what_no_neighbour_shares(tiny_with_tokenizer
         assert float(new @ d) == pytest.approx(-39 * float(old @ d), rel=1e-3)  # reflected 40-fold: 1 - 40
 
 
+def test_auto_takes_cosine_for_a_concept_without_neighbours_and_says_so(tiny_with_tokenizer, prompts_file, tmp_path,
+                                                                        capsys):
+    """--select auto (the default) on a concept with no bundled neighbours, or with more than down edited, is TARS as
+    published (cosine, replace); each step records what removed it, and the CLI prints it."""
+    for extra, method in (([], "cosine"), (["--matrices", "gate,up,down"], "cosine")):
+        out = tmp_path / f"o{len(extra)}"
+        rc, printed, _ = run_cli(["remove", str(tiny_with_tokenizer), "--concept", "dog", "--prompts", str(prompts_file),
+                                  "-o", str(out), "--edits", "2", "--candidates", "16", "--rounds", "1", *extra], capsys)
+        assert rc == 0 and "Edits for 'dog' (cosine, replace)" in printed
+        step = json.loads((out / "edits.json").read_text())["steps"][0]
+        assert step["method"] == {"select": method, "edit": "replace", "strength": 2.0}
+    spec = ConceptSpec("Paris", "The capital of France is", None, (), neighbours=("Rome",), neighbour_prompts=("x",))
+    assert RemoveOptions().for_concept(spec).select == "specific"
+    assert RemoveOptions(matrices="up,down").for_concept(spec, ("gate", "up", "down")).select == "cosine"
+    assert RemoveOptions(select="specific", edit="replace").for_concept(spec).edit == "replace"  # asked for: kept
+
+
 # ------------------------------------------------------------------ bad input: one line, exit 2, nothing written
 
 
@@ -225,7 +244,7 @@ def test_specific_writes_only_along_what_no_neighbour_shares(tiny_with_tokenizer
     (["--concept", "dog", "--edits", "0"], "error: argument --edits: 0 is out of range"),
     (["--concept", "dog", "--matrices", "gate,ffn"], "error: unknown matrix 'ffn'"),
     (["--concept", "dog", "--control", "hello"], "error: --control 'hello' has no eliciting prompts"),
-    (["--concept", "dog"], "error: --select specific (the default) needs neighbour words and prompts for 'dog'"),
+    (["--concept", "dog", "--select", "specific"], "error: --select specific needs neighbour words and prompts for 'dog'"),
 ])
 def test_cli_bad_input(tiny_with_tokenizer, prompts_file, tmp_path, argv, message, capsys):
     rc, _, err = run_cli(["remove", str(tiny_with_tokenizer), *argv, "--prompts", str(prompts_file),
@@ -279,14 +298,15 @@ def test_cli_refuses_tensors_it_cannot_write(tiny_with_tokenizer, prompts_file, 
 
 @pytest.mark.slow
 def test_demo_default_meets_issue_12_targets(tmp_path, capsys):
-    """`neuronmap remove --concept Paris -o DIR` with default options (--select specific): every direct and
+    """`neuronmap remove --concept Paris -o DIR` with default options (--select auto: specific for Paris): every direct and
     descriptive Paris prompt falls >= 100-fold or below 0.01, with at most 5 edits; median collateral KL on the reference
     text < 0.01 nats/token; London (the control) keeps >= 80 % of its probability (docs/remove.md)."""
     rc, out, _ = run_cli(["remove", "--concept", "Paris", "-o", str(tmp_path / "no-paris"), "--json"], capsys)
     assert rc == 0
     d = json.loads(out)
     step = d["steps"][0]
-    assert d["options"]["select"] == "specific" and 1 <= len(step["edits"]) <= 5
+    assert d["options"]["select"] == "auto" and step["method"] == {"select": "specific", "edit": "reflect", "strength": 40.0}
+    assert 1 <= len(step["edits"]) <= 5
     paris, london = step["measures"]
     assert (paris["role"], london["role"]) == ("removed", "control") and london["concept"].lower() == "london"
     named = [p for p in paris["prompts"] if p["kind"] in ("direct", "descriptive")]

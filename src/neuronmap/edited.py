@@ -252,7 +252,7 @@ def remove(source: str | None, concepts: list[str], out: Path | str, prompts: li
         >>> r.steps[0].measures[0].ratio < 1  # doctest: +SKIP
         True
     """
-    options = options.resolved()  # edit and strength recorded as used, not as None
+    options = options.resolved()  # edit and strength recorded as used, not as None (auto: per step, in its "method")
     options.check()
     if not concepts:
         raise NeuronmapError("no --concept given: name the concept to remove, e.g. --concept Paris")
@@ -300,7 +300,7 @@ _EDIT = {"id": str, "matrix": str, "layer": int, "neuron": int, "pole": str, "co
          "old_norm": float, "old_top": [str], "new_top": [str]}
 _MEASURE = {"concept": str, "role": str, "ratio": (float, None), "mean_before": float, "mean_after": float,
             "prompts": [{"kind": str, "prompt": str, "answer": str, "before": float, "after": float}]}
-_STEP = {"concept": str, "targeting?": {"approx_prob": float, "prob": float, "top": [str], "cosine_to_approx": float},
+_STEP = {"concept": str, "method?": {"select": str, "edit": str, "strength": float}, "targeting?": {"approx_prob": float, "prob": float, "top": [str], "cosine_to_approx": float},
          "edits": [_EDIT], "measures": [_MEASURE], "kl_median": float, "kl_p95": float}
 _REPORT = {"source": str, "out": str, "options": dict, "control": (str, None), "base": str, "steps": [_STEP],
            "files": dict, "source_files?": [{"name": str, "sha256": str}]}

@@ -51,15 +51,16 @@ from neuronmap.sources import open_weights
 
 EDITS = 5
 MATRICES = "down"
-SELECTS = ("cosine", "contribution", "unembed", "specific")
+SELECTS = ("auto", "cosine", "contribution", "unembed", "specific")
 EDIT_MODES = ("replace", "reflect")
-SELECT = "specific"
+# auto: specific for a concept it can handle (bundled neighbour words and prompts, --matrices down), else cosine.
+SELECT = "auto"
 # --edit and --strength default by selection: TARS (cosine) replaces; specific reflects its small component 40-fold,
 # what docs/remove.md measured to remove Paris from the demo model with London and the reference text kept.
 EDIT_DEFAULTS = {"cosine": "replace", "contribution": "replace", "unembed": "replace", "specific": "reflect"}
 STRENGTH_DEFAULTS = {"cosine": 2.0, "contribution": 2.0, "unembed": 2.0, "specific": 40.0}
-EDIT_MODE = EDIT_DEFAULTS[SELECT]
-STRENGTH = STRENGTH_DEFAULTS[SELECT]
+EDIT_MODE = EDIT_DEFAULTS["cosine"]
+STRENGTH = STRENGTH_DEFAULTS["cosine"]
 SPECIFICITY = 0.25  # specific: a neuron's write on neighbour prompts must stay below this share of its write on the concept's
 NOISE = 0.5
 CANDIDATES = 1024
@@ -82,15 +83,33 @@ class RemoveOptions:
     strength: float | None = None  # None: the selection's default (STRENGTH_DEFAULTS)
 
     def resolved(self) -> "RemoveOptions":
-        """These options with ``edit`` and ``strength`` filled in from the selection's defaults where None.
+        """These options with ``edit`` and ``strength`` filled in from the selection's defaults where None; with
+        ``select="auto"`` unchanged (``for_concept`` chooses the selection, and so these defaults, per concept).
 
         Example:
-            >>> RemoveOptions().resolved().edit, RemoveOptions(select="cosine").resolved().edit
+            >>> RemoveOptions(select="specific").resolved().edit, RemoveOptions(select="cosine").resolved().edit
             ('reflect', 'replace')
         """
-        edit = EDIT_DEFAULTS.get(self.select, "replace") if self.edit is None else self.edit
-        strength = STRENGTH_DEFAULTS.get(self.select, 2.0) if self.strength is None else self.strength
+        if self.select == "auto":
+            return self
+        edit = EDIT_DEFAULTS.get(self.select, EDIT_MODE) if self.edit is None else self.edit
+        strength = STRENGTH_DEFAULTS.get(self.select, STRENGTH) if self.strength is None else self.strength
         return replace(self, edit=edit, strength=strength)
+
+    def for_concept(self, spec: ConceptSpec, available: tuple[str, ...] = ("gate", "up", "down")) -> "RemoveOptions":
+        """The options one concept is removed with: ``select="auto"`` made ``specific`` where it can run (the concept
+        has neighbour words and prompts, and only ``down`` is edited), else ``cosine`` (TARS as published); then
+        ``resolved``.
+
+        Example:
+            >>> RemoveOptions().for_concept(ConceptSpec("dog", "The dog is a", None, ())).select
+            'cosine'
+        """
+        if self.select != "auto":
+            return self.resolved()
+        can = bool((spec.neighbours or spec.contrast) and spec.neighbour_prompts
+                   and parse_matrices(self.matrices, available) == ["down"])
+        return replace(self, select="specific" if can else "cosine").resolved()
 
     def check(self, available: tuple[str, ...] = ("gate", "up", "down")) -> list[str]:
         """The matrices to edit, once every option is checked (``edit`` and ``strength`` as ``resolved`` gives them).
@@ -98,6 +117,10 @@ class RemoveOptions:
         Raises:
             NeuronmapError: an option out of range, an unknown selection or matrix.
         """
+        if self.select == "auto":  # checked as either of the selections it may become
+            matrices = replace(self, select="cosine").check(available)
+            replace(self, select="specific", matrices="down").check(available)
+            return matrices
         if self.edit is None or self.strength is None:
             return self.resolved().check(available)
         for name in ("edits", "candidates", "rounds"):
@@ -207,10 +230,12 @@ class Step:
     measures: tuple[Measure, ...]
     kl_median: float
     kl_p95: float
+    method: dict  # what removed this concept: {"select", "edit", "strength"} (``--select auto`` chooses per concept)
 
     def to_dict(self) -> dict:
-        return {"concept": self.concept, "targeting": self.targeting.to_dict(), "edits": [e.to_dict() for e in self.edits],
-                "measures": [x.to_dict() for x in self.measures], "kl_median": self.kl_median, "kl_p95": self.kl_p95}
+        return {"concept": self.concept, "method": self.method, "targeting": self.targeting.to_dict(),
+                "edits": [e.to_dict() for e in self.edits], "measures": [x.to_dict() for x in self.measures],
+                "kl_median": self.kl_median, "kl_p95": self.kl_p95}
 
 
 @dataclass(frozen=True)
@@ -343,7 +368,8 @@ def check_specs(specs: list[ConceptSpec], opts: RemoveOptions) -> None:
 
     ``select="specific"`` needs the concept's neighbour words and prompts: without them it falls back on nothing that
     works (measured: on the demo model "dog" with the raw unembedding and the reference text in their place took the
-    control, cat, to 0 at a median KL of 1.7 nats/token).
+    control, cat, to 0 at a median KL of 1.7 nats/token). ``select="auto"`` (the default) takes ``cosine`` for such a
+    concept instead (``RemoveOptions.for_concept``).
 
     Raises:
         NeuronmapError: ``specific`` and a concept without ``neighbours`` (or ``contrast``) and ``neighbour_prompts``.
@@ -352,9 +378,9 @@ def check_specs(specs: list[ConceptSpec], opts: RemoveOptions) -> None:
         return
     for s in specs:
         if not (s.neighbours or s.contrast) or not s.neighbour_prompts:
-            raise NeuronmapError(f"--select specific (the default) needs neighbour words and prompts for {s.word!r}: add "
+            raise NeuronmapError(f"--select specific needs neighbour words and prompts for {s.word!r}: add "
                                  "\"neighbours\" and \"neighbour_prompts\" for it to a --prompts FILE (see docs/remove.md), "
-                                 "or pass --select cosine (TARS as published)")
+                                 "or pass --select auto (specific where it can run, else cosine: TARS as published)")
 
 
 def single_tokens(m: Model, words: tuple[str, ...], leave_out: tuple[str, ...] = ()) -> list[str]:
@@ -484,8 +510,7 @@ def remove_concepts(m: Model, specs: list[ConceptSpec], control: ConceptSpec | N
         >>> r.steps[0].measures[0].ratio < 1  # doctest: +SKIP
         True
     """
-    opts = opts.resolved()
-    matrices = opts.check(m.family.matrices)
+    matrices = opts.check(m.family.matrices)  # edit/strength stay None here: for_concept fills them per concept
     stored = stored or {}
     head = build_head(open_weights(m.source))
     for s in specs:  # a bad concept fails before minutes of work
@@ -497,17 +522,18 @@ def remove_concepts(m: Model, specs: list[ConceptSpec], control: ConceptSpec | N
     before = {s.word: _probs(m, s.eliciting) for s in [*specs, *([control] if control else [])]}
     steps, edits, vectors, taken = [], [], [], set()
     for k, s in enumerate(specs):
+        o = opts.for_concept(s, m.family.matrices)
         with applied(m, edits, vectors):
-            t, info, acts = targeting_vector(m, head, s.word, s.prompt, ref_mean, opts)
+            t, info, acts = targeting_vector(m, head, s.word, s.prompt, ref_mean, o)
             neighbour_acts = []
-            if opts.select == "unembed":
+            if o.select == "unembed":
                 t = unembed_direction(m, head, s.word, s.contrast or ((control.word,) if control else ()))
-            elif opts.select == "specific":
+            elif o.select == "specific":
                 # Never the control: its logit must stay an untouched measure, not one protected by construction.
                 t = specific_direction(m, head, s.word, single_tokens(m, s.neighbours or s.contrast,
                                                                       (s.word, *((control.word,) if control else ()))))
                 neighbour_acts = [_residual(m, p)[1] for p in s.neighbour_prompts]  # check_specs: there are some
-            new_edits, new_vectors = choose_edits(m, head, s.word, t, acts, matrices, opts, taken, stored, neighbour_acts)
+            new_edits, new_vectors = choose_edits(m, head, s.word, t, acts, matrices, o, taken, stored, neighbour_acts)
         edits, vectors = edits + new_edits, vectors + new_vectors
         with applied(m, edits, vectors):
             measures = [Measure(x.word, "removed", x.eliciting, before[x.word], _probs(m, x.eliciting)) for x in specs[:k + 1]]
@@ -516,5 +542,5 @@ def remove_concepts(m: Model, specs: list[ConceptSpec], control: ConceptSpec | N
                                         _probs(m, control.eliciting)))
             per_token = kl_rows(reference_logprobs(m), ref_before)  # [seq]
         steps.append(Step(s.word, info, tuple(new_edits), tuple(measures), float(per_token.median()),
-                          float(per_token.quantile(0.95))))
+                          float(per_token.quantile(0.95)), {"select": o.select, "edit": o.edit, "strength": o.strength}))
     return Removal(tuple(steps), tuple(vectors))

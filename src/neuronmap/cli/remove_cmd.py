@@ -36,13 +36,14 @@ def add_remove(sub) -> None:
                         f"the prompt (contribution), by its write along the concept's unembedding minus its contrast "
                         f"words' (unembed; down only), or by its write along the part of the concept's unembedding that "
                         f"no neighbour word shares, on the concept's prompt and not on its neighbours' (specific; down "
-                        f"only) (default {SELECT})")
+                        f"only); auto: specific for a concept with bundled neighbour words and prompts (Paris) when "
+                        f"only down is edited, else cosine (default {SELECT})")
     p.add_argument("--edit", choices=EDIT_MODES, default=None,
                    help="replace the vector by the reversed direction (TARS), or reflect only its component along it "
-                        f"(default: {EDIT_DEFAULTS['specific']} with --select specific, {EDIT_DEFAULTS['cosine']} otherwise)")
+                        f"(default: {EDIT_DEFAULTS['specific']} where the selection is specific, {EDIT_DEFAULTS['cosine']} otherwise)")
     p.add_argument("--strength", type=finite_float(1e-9), default=None,
                    help="with --edit reflect: times the component subtracted (2 reverses it) (default: "
-                        f"{STRENGTH_DEFAULTS['specific']:g} with --select specific, {STRENGTH_DEFAULTS['cosine']:g} otherwise)")
+                        f"{STRENGTH_DEFAULTS['specific']:g} where the selection is specific, {STRENGTH_DEFAULTS['cosine']:g} otherwise)")
     p.add_argument("--noise", type=finite_float(1e-9), default=NOISE,
                    help=f"noise per dimension, times the concept vector's RMS (default {NOISE:g})")
     p.add_argument("--candidates", type=int_at_least(1), default=CANDIDATES, help=f"noisy candidates per round (default {CANDIDATES})")
@@ -81,7 +82,8 @@ def cmd_remove(args) -> int:
         out.print(f"[bold]Removed {escape(repr(s.concept))}[/bold]: targeting vector P(concept) {t.approx_prob:.4f} -> "
                   f"{t.prob:.4f} (top {', '.join(_tok(x) for x in t.top)}); collateral KL on the reference text: "
                   f"median {s.kl_median:.4f}, 95th percentile {s.kl_p95:.4f} nats/token")
-        tab = Table(title=f"Edits for {escape(repr(s.concept))} ({r.options.select})")
+        how = s.method["select"] + (f", reflect x{s.method['strength']:g}" if s.method["edit"] == "reflect" else ", replace")
+        tab = Table(title=f"Edits for {escape(repr(s.concept))} ({how})")
         for c in ("vector", "cosine", "score", "old norm", "old top tokens", "new top tokens"):
             tab.add_column(c)
         for e in s.edits:

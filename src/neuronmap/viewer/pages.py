@@ -358,7 +358,10 @@ def report(rep, models: list[tuple[str, str, frozenset[int]]], first: str) -> st
                           _p(q["after"]), _ratio(q["after"] / q["before"] if q["before"] > 0 else None)] for q in x["prompts"]]
             measures.append([esc(x["concept"]), esc(x["role"]), "<strong>mean</strong>", "", "", _p(x["mean_before"]),
                              _p(x["mean_after"]), f'<strong>{_ratio(x["ratio"])}</strong>'])
-        parts.append(f"""<section class="step"><h2>Step {i}: removed {esc(s['concept'])}</h2>{target}
+        how = s.get("method")  # absent in reports written before --select auto
+        method = (f'<p class="method">removed with <code>--select {esc(how["select"])} --edit {esc(how["edit"])} '
+                  f'--strength {num(how["strength"], "g")}</code></p>') if how else ""
+        parts.append(f"""<section class="step"><h2>Step {i}: removed {esc(s['concept'])}</h2>{method}{target}
 <h3>Edits</h3>{table(['neuron', 'matrix', 'pole', 'cosine', 'score', 'old norm', 'top tokens before → after'], edits, 'edits')}
 <h3>P(answer) before and after</h3><p class="sub">every concept removed so far, and the control, after this step</p>
 {table(['concept', 'role', 'kind', 'prompt', 'answer', 'P before', 'P after', 'ratio'], measures, 'measures')}
