@@ -237,7 +237,8 @@ def remove(source: str | None, concepts: list[str], out: Path | str, prompts: li
         prompts: detailed prompts, one per concept in order (default: the bundled one for that concept).
         prompts_file: a JSON file of concepts shaped like ``neuronmap/data/remove_prompts.json``.
         control: a concept that should stay (default: the first concept's bundled control; ``""``: none).
-        options: the TARS choices (default: ``select="specific"``, docs/remove.md; ``RemoveOptions(select="cosine")``
+        options: the TARS choices (default: ``select="auto"``, specific where the concept has bundled neighbours,
+            else cosine; docs/remove.md; ``RemoveOptions(select="cosine")``
             is TARS as published).
         device: ``cpu`` | ``cuda`` | ``auto``.
 

@@ -22,7 +22,8 @@ the measurements behind them):
 
 Two variants of ours replace steps 3-4's direction and ranking with ones read off the
 LM head (``down`` only): ``select="unembed"`` (the concept's unembedding minus a few
-contrast words') and ``select="specific"``, the default: the concept's unembedding
+contrast words') and ``select="specific"`` (what the default, ``auto``, takes for a
+concept with bundled neighbour words and prompts; else ``cosine``): the concept's unembedding
 made orthogonal to many neighbouring words' (so their logits do not move, to first
 order), written by neurons that fire on the concept's prompt and not on prompts about
 its neighbours; the chosen down columns keep everything they write except their
