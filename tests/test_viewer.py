@@ -361,6 +361,8 @@ def test_report_page_shows_the_removal_and_links_the_neurons(tiny_removal, worde
     step = printed["steps"][0]
     assert "<h1>Removal report no-dog <small>dog</small></h1>" in text
     how = step["method"]
+    # --select auto leaves edit and strength to each concept's selection: the options say so instead of "None".
+    assert "edit per selection (see each step), strength per selection (see each step)" in text
     assert f'removed with <code>--select {how["select"]} --edit {how["edit"]} --strength {how["strength"]:g}</code>' in text
     t = step["targeting"]
     assert f"P(dog) {t['approx_prob']:.4g} before refinement → {t['prob']:.4g} after" in text

@@ -340,7 +340,8 @@ def report(rep, models: list[tuple[str, str, frozenset[int]]], first: str) -> st
     files = "; ".join(f"{esc(n)}: sha256 {esc(str(f.get('before', '?'))[:12])}… → {esc(str(f.get('after', '?'))[:12])}…"
                       for n, f in d["files"].items() if isinstance(f, dict))
     facts = [("source", esc(d["source"])), ("edited checkpoint", esc(d["out"]) + f' <span class="sub">({esc(d["base"])})</span>'),
-             ("options", esc(", ".join(f"{k} {v}" for k, v in d["options"].items()))), ("control", esc(d["control"] or "none")),
+             ("options", esc(", ".join(f"{k} {'per selection (see each step)' if v is None else v}"
+                                       for k, v in d["options"].items()))), ("control", esc(d["control"] or "none")),
              ("files rewritten", files or "none"), ("atlases", served), ("record", esc(rep.path))]
     parts = [f'<h1>Removal report {esc(rep.name)} <small>{esc(", ".join(s["concept"] for s in d["steps"]))}</small></h1>'
              f'<dl class="facts">{"".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)}</dl>']
