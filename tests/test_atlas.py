@@ -14,11 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_tiny
-from neuronmap.atlas import atlas_writer, open_files, read_meta
+from neuronmap.atlas.format import atlas_writer, open_files, read_meta
 from neuronmap.cli import main
-from neuronmap.errors import NeuronmapError
-from neuronmap.mapper import MapOptions, map_model
-from neuronmap.stats import stats
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.mapping.mapper import map_model
+from neuronmap.mapping.part import MapOptions
+from neuronmap.atlas.stats import stats
 
 
 def _tree(root: Path) -> dict[str, str]:

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from neuronmap.atlas import open_files
-from neuronmap.browse import confident_words, layer_rows
+from neuronmap.atlas.format import open_files
+from neuronmap.atlas.browse import confident_words, layer_rows
 from neuronmap.cli import main
-from neuronmap.errors import NeuronmapError
-from neuronmap.similar import similar
-from neuronmap.stats import token_class
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.atlas.similar import similar
+from neuronmap.atlas.stats import token_class
 from tests.conftest import WORDS
 
 
@@ -81,7 +81,7 @@ def test_confident_words_are_the_best_row_per_word(worded):
 
 
 def test_confident_words_of_an_atlas_without_words_is_empty(tmp_path):
-    from neuronmap.synthetic import synthetic_atlas
+    from neuronmap.testing.synthetic import synthetic_atlas
 
     assert confident_words(open_files(synthetic_atlas(tmp_path / "syn", 2, 8, 100, k=3))).empty  # " tok12": no words
 

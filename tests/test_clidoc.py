@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from neuronmap.cli import build_parser
-from neuronmap.clidoc import README_END, README_START, WIDTH, commands, main, readme_table, render, splice, usage
+from neuronmap.cli.doc import README_END, README_START, WIDTH, commands, main, readme_table, render, splice, usage
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,9 +17,10 @@ from transformers import AutoModelForCausalLM
 
 from neuronmap.cli import main
 from neuronmap.compare import compare, normalise, plot, row_stats
-from neuronmap.errors import NeuronmapError
-from neuronmap.mapper import MapOptions, map_model
-from neuronmap.synthetic import synthetic_atlas
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.mapping.mapper import map_model
+from neuronmap.mapping.part import MapOptions
+from neuronmap.testing.synthetic import synthetic_atlas
 
 # ------------------------------------------------------------------ brute force
 

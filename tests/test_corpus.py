@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import WORDS, atlas_with_tokens
-from neuronmap.atlas import open_files
+from neuronmap.atlas.format import open_files
 from neuronmap.cli import main
-from neuronmap.corpus import documents, open_corpus
-from neuronmap.errors import NeuronmapError
-from neuronmap.evidence import neuron_evidence
-from neuronmap.record import record
+from neuronmap.evidence.corpus import documents, open_corpus
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.atlas.evidence import neuron_evidence
+from neuronmap.evidence.record import record
 
 GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
 

@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from neuronmap.decode import (
-    Head, _compile_failed, build_head, choose_reducer, compiled_reduce, decode_block, reduce_logits, resolve_device, resolve_dtype,
-)
-from neuronmap import fused
-from neuronmap.errors import NeuronmapError
-from neuronmap.sources import open_weights
+from neuronmap.decode.engine import _compile_failed, build_head, choose_reducer, compiled_reduce, decode_block, reduce_logits, resolve_device, resolve_dtype
+from neuronmap.decode.head import Head
+from neuronmap.decode import fused
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.sources.resolve import open_weights
 
 # The fused split kernel needs AVX512-BF16 and a C compiler; elsewhere `auto` is float32 and these cases skip.
 needs_kernel = pytest.mark.skipif(fused.status() != "ok", reason=f"fused kernel: {fused.status()}")
@@ -224,7 +223,7 @@ def test_bf16_screening_keeps_a_bf16_head_only_once(tiny_models, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from neuronmap.sources import open_weights
+    from neuronmap.sources.resolve import open_weights
 
     path = tiny_models("llama")
     bf = tmp_path / "bf16"
@@ -262,7 +261,7 @@ def test_fused_kernel_gives_the_same_bits_on_any_number_of_threads():
 
 def test_auto_falls_back_to_float32_without_avx512_bf16(monkeypatch):
     # A CPU without the instruction (its flags read from /proc/cpuinfo): auto is exact fp32, split is refused in one line.
-    from neuronmap import native
+    from neuronmap.decode import native
 
     monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
     native.load.cache_clear()

@@ -14,8 +14,9 @@ import pytest
 import ray
 
 from neuronmap.cli import main
-from neuronmap.errors import NeuronmapError
-from neuronmap.mapper import MapOptions, map_model
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.mapping.mapper import map_model
+from neuronmap.mapping.part import MapOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def test_tiny_model_on_ray_gives_the_single_process_atlas(cluster, ckpt, atlas, 
 
 
 def test_map_many_on_ray(cluster, tiny_models, tmp_path):
-    from neuronmap.trajectory import map_many
+    from neuronmap.compare.trajectory import map_many
 
     run = [str(tiny_models("llama", seed=1)), str(tiny_models("llama", seed=0))]
     here = map_many(run, tmp_path / "here", MapOptions(layers="1"))

@@ -7,10 +7,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import TINY_FAMILIES, tiny_config
-from neuronmap.errors import NeuronmapError
-from neuronmap.families import FAMILIES, family_for_gguf_arch, family_for_model_type
-from neuronmap.decode import resolve_dtype
-from neuronmap.mapper import MapOptions, map_model
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.sources.families import FAMILIES, family_for_gguf_arch, family_for_model_type
+from neuronmap.decode.engine import resolve_dtype
+from neuronmap.mapping.mapper import map_model
+from neuronmap.mapping.part import MapOptions
 
 
 def _final_norm_and_head(model):

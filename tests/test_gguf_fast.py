@@ -5,7 +5,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 
-from neuronmap.gguf_fast import GGUFReader
+from neuronmap.sources.gguf_fast import GGUFReader
 
 
 def _same(path) -> None:

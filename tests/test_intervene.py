@@ -15,17 +15,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from neuronmap.atlas import open_files
+from neuronmap.atlas.format import open_files
 from neuronmap.cli import main
-from neuronmap.concepts import variant_strings
-from neuronmap.effects import clamp, concept_tokens, generate, mentions, next_token_logprobs
-from neuronmap.errors import NeuronmapError
-from neuronmap.intervene import (
+from neuronmap.atlas.concepts import variant_strings
+from neuronmap.intervene.effects import clamp, concept_tokens, generate, mentions, next_token_logprobs
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.runtime.hooks import (
     POSITIONS, Intervention, Value, intervene, natural_range, parse_spec, parse_sweep, recording, resolve,
 )
-from neuronmap.models import find_module, load_model, module_name, wrap_model
-from neuronmap.sources import resolve_source
-from neuronmap.verify import candidates, verify
+from neuronmap.runtime.models import find_module, load_model, module_name, wrap_model
+from neuronmap.sources.resolve import resolve_source
+from neuronmap.intervene.verify import candidates, verify
 
 PROMPT = "The picture on the wall shows a"
 # Measured on the bundled 20 prompts: L29N808=20x raises P(dog variants) from 0.0040 to 0.386 on average.
@@ -282,7 +282,8 @@ def test_generate_pairs_samples_by_seed(demo):
 
 
 def test_verify_finds_and_confirms_the_dog_neuron(demo, tmp_path, capsys):
-    from neuronmap.mapper import MapOptions, map_model
+    from neuronmap.mapping.mapper import map_model
+    from neuronmap.mapping.part import MapOptions
 
     atlas = tmp_path / "atlas"
     map_model(None, atlas, MapOptions(layers="29", device="cpu"))
@@ -395,7 +396,8 @@ def test_clamp_and_generate_results_serialize_and_are_what_the_cli_prints(tiny_w
 @pytest.fixture()
 def tiny_atlas(tiny_with_tokenizer, tmp_path):
     """A private copy of the tokenized tiny checkpoint and its atlas: ``(checkpoint, atlas)``."""
-    from neuronmap.mapper import MapOptions, map_model
+    from neuronmap.mapping.mapper import map_model
+    from neuronmap.mapping.part import MapOptions
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_with_tokenizer, ckpt)

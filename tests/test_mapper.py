@@ -9,10 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from neuronmap.atlas import read_meta
+from neuronmap.atlas.format import read_meta
 from neuronmap.cli import main
-from neuronmap.errors import NeuronmapError
-from neuronmap.mapper import MapOptions, map_model
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.mapping.mapper import map_model
+from neuronmap.mapping.part import MapOptions
 
 COLUMNS = ["matrix", "layer", "neuron", "id", "pole", "token_ids", "tokens", "probs", "logits", "logsumexp", "entropy", "weight_norm"]
 

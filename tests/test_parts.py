@@ -1,4 +1,4 @@
-"""Resumable maps (neuronmap.parts): SIGKILL at several points then --resume gives the rows of an uninterrupted map."""
+"""Resumable maps (neuronmap.mapping.parts): SIGKILL at several points then --resume gives the rows of an uninterrupted map."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from neuronmap.cli import main
-from neuronmap.errors import NeuronmapError
-from neuronmap.mapper import MapOptions, map_model
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.mapping.mapper import map_model
+from neuronmap.mapping.part import MapOptions
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
 N_PARTS = 6 * 3

@@ -3,7 +3,7 @@
 The tiny llama of ``atlas_with_tokens`` has a real tokenizer (byte-level words), so
 text runs through it; the brute force runs each sequence alone through
 transformers with its own hooks on the down projections, with nothing of
-neuronmap.record in the loop.
+neuronmap.evidence.record in the loop.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ import pytest
 import torch
 
 from conftest import WORDS, atlas_with_tokens, make_tiny
-from neuronmap.atlas import open_files
+from neuronmap.atlas.format import open_files
 from neuronmap.cli import main
-from neuronmap.errors import NeuronmapError
-from neuronmap.evidence import neuron_evidence
-from neuronmap.bins import N_BINS, hist_edges, positive_edges
-from neuronmap.record import QUANTILES, record
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.atlas.evidence import neuron_evidence
+from neuronmap.atlas.bins import N_BINS, hist_edges, positive_edges
+from neuronmap.evidence.record import record
+from neuronmap.atlas.format import QUANTILES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT, EXAMPLES = 16, 5
@@ -39,7 +40,7 @@ NEAR_ZERO = 2.0 ** -11
 
 
 def bins_of(a: np.ndarray, per_octave: int) -> np.ndarray:
-    """The bins of neuronmap.bins computed another way: a search among the edge values, by sign and magnitude."""
+    """The bins of neuronmap.atlas.bins computed another way: a search among the edge values, by sign and magnitude."""
     j = np.searchsorted(positive_edges(per_octave), np.abs(a), side="right")
     side = len(positive_edges(per_octave))
     return np.where(np.signbit(a), side - j, side + 1 + j)
@@ -285,7 +286,7 @@ def test_damaged_evidence_file_is_caught_by_open_files(recorded, tmp_path):
 
 
 def test_map_overwrite_replaces_an_atlas_with_evidence(recorded, tmp_path):
-    from neuronmap.mapper import map_model
+    from neuronmap.mapping.mapper import map_model
 
     out = tmp_path / "atlas"
     shutil.copytree(recorded, out)
@@ -352,7 +353,7 @@ def test_demo_dog_and_coffee_neurons_fire_on_their_concepts(demo_atlas, tmp_path
 
 
 def test_fast_bins_equal_the_bit_arithmetic_on_edges_and_random_bit_patterns():
-    from neuronmap.bins import bin_index, bin_index_fast
+    from neuronmap.atlas.bins import bin_index, bin_index_fast
 
     edges = torch.tensor(positive_edges(), dtype=torch.float32)
     near = torch.cat([edges, torch.nextafter(edges, torch.tensor(0.0)), torch.nextafter(edges, torch.tensor(1e9))])
@@ -366,7 +367,7 @@ def test_fast_bins_equal_the_bit_arithmetic_on_edges_and_random_bit_patterns():
 
 
 def _running_pair(d_mlp: int, n: int):
-    from neuronmap.record import Running
+    from neuronmap.evidence.record import Running
 
     return Running(d_mlp, n, torch.device("cpu")), Running(d_mlp, n, torch.device("cpu"))
 
@@ -396,7 +397,7 @@ def test_native_kernel_keeps_the_same_statistics_as_the_torch_path():
 
 
 def test_native_kernel_falls_back_with_a_reason(monkeypatch, tmp_path, recorded, corpus, capsys):
-    from neuronmap import native
+    from neuronmap.decode import native
 
     native.load.cache_clear()
     try:
@@ -437,7 +438,7 @@ def test_native_kernel_falls_back_with_a_reason(monkeypatch, tmp_path, recorded,
 
 
 def test_show_carries_the_evidence_examples_prints(recorded, capsys):
-    from neuronmap.search import show
+    from neuronmap.atlas.search import show
 
     files = open_files(recorded)
     rep = show(files, "L1N3", stored=True, examples=2)
@@ -450,7 +451,7 @@ def test_show_carries_the_evidence_examples_prints(recorded, capsys):
 
 
 def test_search_sort_agreement_ranks_by_next_token_hits(recorded, capsys):
-    from neuronmap.search import POOL, search
+    from neuronmap.atlas.search import POOL, search
 
     files = open_files(recorded)
     by_prob = search(files, ["dog"], top=200, stored=True)
@@ -478,7 +479,7 @@ def test_search_sort_agreement_without_evidence_is_one_line(worded, capsys):
 def test_stats_adds_agreement_against_depth(recorded, worded, tmp_path, capsys):
     from PIL import Image
 
-    from neuronmap.stats import stats
+    from neuronmap.atlas.stats import stats
 
     want = open_files(recorded).meta["evidence"]["agreement"]
     assert stats(open_files(recorded)).to_dict()["agreement"] == want and len(want) == 2 * 3 * 2

@@ -18,13 +18,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from neuronmap.cli import build_parser, main
-from neuronmap.decode import build_head, logits
-from neuronmap.edited import remove, undo
-from neuronmap.elicit import ConceptSpec
-from neuronmap.effects import concept_tokens, next_token_logprobs
-from neuronmap.models import load_model
-from neuronmap.removal import RemoveOptions, single_tokens, specific_direction
-from neuronmap.sources import open_weights
+from neuronmap.decode.engine import build_head
+from neuronmap.decode.head import logits
+from neuronmap.removal.edited import remove, undo
+from neuronmap.intervene.elicit import ConceptSpec
+from neuronmap.intervene.effects import concept_tokens, next_token_logprobs
+from neuronmap.runtime.models import load_model
+from neuronmap.removal.method import RemoveOptions, single_tokens, specific_direction
+from neuronmap.sources.resolve import open_weights
 
 PROMPTS = {
     "dog": {"prompt": "my favourite animal is the", "control": "cat",

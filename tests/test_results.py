@@ -18,11 +18,12 @@ import pandas as pd
 import pytest
 
 from conftest import make_tiny
-from neuronmap.atlas import open_files
+from neuronmap.atlas.format import open_files
 from neuronmap.cli import main
-from neuronmap.mapper import MapOptions, _highlights, _track_best, map_model
-from neuronmap.search import records, search, show
-from neuronmap.stats import stats
+from neuronmap.mapping.mapper import _highlights, _track_best, map_model
+from neuronmap.mapping.part import MapOptions
+from neuronmap.atlas.search import records, search, show
+from neuronmap.atlas.stats import stats
 
 NAN_LAYER, NAN_NEURON = 1, 5
 

@@ -10,16 +10,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from neuronmap.atlas import open_files
-from neuronmap.atlasdb import Atlas, token_index_file
+from neuronmap.atlas.format import open_files
+from neuronmap.atlas.store import token_index_file
+from neuronmap.atlas.handle import Atlas
 from neuronmap.cli import main
-from neuronmap.decode import build_head, logits
-from neuronmap.errors import NeuronmapError
-from neuronmap.concepts import expand_concept, variant_strings, vocab_index
-from neuronmap.mapper import MapOptions, map_model
-from neuronmap.scoring import exact_token_probs
-from neuronmap.search import search, show
-from neuronmap.sources import open_weights
+from neuronmap.decode.engine import build_head
+from neuronmap.decode.head import logits
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.atlas.concepts import expand_concept, variant_strings, vocab_index
+from neuronmap.mapping.mapper import map_model
+from neuronmap.mapping.part import MapOptions
+from neuronmap.atlas.scoring import exact_token_probs
+from neuronmap.atlas.search import search, show
+from neuronmap.sources.resolve import open_weights
 
 
 # ------------------------------------------------------------------ helpers
@@ -386,7 +389,7 @@ def test_demo_show_coffee_neuron(demo_atlas):
 
 
 def test_rows_writer_makes_big_row_groups(tmp_path):
-    from neuronmap.atlas import SCHEMA, RowsWriter
+    from neuronmap.atlas.format import SCHEMA, RowsWriter
 
     import pyarrow as pa
 

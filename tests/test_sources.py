@@ -14,9 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from neuronmap.cli import main
-from neuronmap.errors import NeuronmapError
-from neuronmap.mapper import MapOptions, map_model
-from neuronmap.sources import file_sha256, open_weights, packaged_gguf, resolve_source
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.mapping.mapper import map_model
+from neuronmap.mapping.part import MapOptions
+from neuronmap.sources.resolve import open_weights, packaged_gguf, resolve_source
+from neuronmap.core.cache import file_sha256
 
 
 def _top1(atlas: Path):
@@ -559,8 +561,8 @@ def test_sha256_sees_an_edit_whose_mtime_was_restored(tmp_path, monkeypatch):
 
 
 def test_exact_search_refuses_weights_edited_with_mtime_restored(tiny_models, tmp_path, monkeypatch):
-    from neuronmap.atlas import open_files
-    from neuronmap.search import search
+    from neuronmap.atlas.format import open_files
+    from neuronmap.atlas.search import search
 
     monkeypatch.setenv("NEURONMAP_CACHE", str(tmp_path / "cache"))
     ck = _copy(tiny_models, tmp_path)
@@ -591,7 +593,7 @@ def test_gguf_float_types_read_alike(tmp_path):
 
 
 def test_safetensors_header_length_past_the_format_limit(tmp_path):
-    from neuronmap.safetensors_io import MAX_HEADER, safetensors_header
+    from neuronmap.sources.safetensors_io import MAX_HEADER, safetensors_header
 
     f = tmp_path / "big.safetensors"
     with open(f, "wb") as fh:

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from neuronmap.errors import NeuronmapError
-from neuronmap.sources import open_weights
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.sources.resolve import open_weights
 from test_sources import write_tiny_gguf
 
 SEED = 15
@@ -224,7 +224,7 @@ def test_tokenizer_json_mutations(base):
 @pytest.fixture(scope="module")
 def gguf_base(tmp_path_factory):
     """(case path, bytes, where the tensor data begins, {name: (data offset, bytes)}) of a tiny llama GGUF."""
-    from neuronmap.gguf_fast import GGUFReader
+    from neuronmap.sources.gguf_fast import GGUFReader
 
     d = tmp_path_factory.mktemp("fuzz-gguf")
     path = write_tiny_gguf(d / "base.gguf")

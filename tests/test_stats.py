@@ -8,12 +8,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from neuronmap.atlas import open_files
+from neuronmap.atlas.format import open_files
 from neuronmap.cli import main
-from neuronmap.errors import NeuronmapError
-from neuronmap.mapper import MapOptions, map_model
-from neuronmap.atlasdb import Atlas
-from neuronmap.stats import TOKEN_CLASSES, plot, stats, token_class
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.mapping.mapper import map_model
+from neuronmap.mapping.part import MapOptions
+from neuronmap.atlas.handle import Atlas
+from neuronmap.atlas.stats import TOKEN_CLASSES, plot, stats, token_class
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from neuronmap.cli import main
-from neuronmap.errors import NeuronmapError
-from neuronmap.synthetic import synthetic_atlas
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.testing.synthetic import synthetic_atlas
 from neuronmap.viewer import create_app
 from neuronmap.viewer.jobs import JobQueue
 from tests.conftest import NASTY
@@ -272,7 +272,7 @@ HOSTILE_TEXT = ' <script>window</script> <img src=x onerror=alert(1)> " & \' {{ 
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory):
     """A tiny atlas whose tokenizer reads markup as tokens, with evidence recorded over markup-laden text."""
-    from neuronmap.record import record
+    from neuronmap.evidence.record import record
     from tests.conftest import atlas_with_tokens
 
     root = tmp_path_factory.mktemp("hostile")
@@ -332,7 +332,7 @@ def test_search_sort_by_agreement_in_the_page_and_its_api(hostile, worded, capsy
 
 
 def test_evidence_recorded_while_serving_appears_without_a_restart(worded, tmp_path):
-    from neuronmap.record import record
+    from neuronmap.evidence.record import record
 
     atlas = tmp_path / "atlas"
     shutil.copytree(worded, atlas)
@@ -399,7 +399,7 @@ def test_report_api_is_what_remove_printed(tiny_removal, capsys):
 def test_report_finds_the_atlas_of_the_source_by_its_own_files(tiny_removal):
     """A GGUF source (the demo model) is edited through a safetensors export, so the rewritten files' ``before``
     sha256 are the export's, which no atlas of the GGUF records: the report's ``source_files`` tie it to that atlas."""
-    from neuronmap.atlas import open_files
+    from neuronmap.atlas.format import open_files
     from neuronmap.viewer.data import report_atlases
 
     _, printed, model_atlas, edited_atlas = tiny_removal

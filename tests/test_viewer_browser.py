@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from neuronmap.atlasdb import Atlas
-from neuronmap.synthetic import synthetic_atlas
+from neuronmap.atlas.handle import Atlas
+from neuronmap.testing.synthetic import synthetic_atlas
 
 CHROMIUM = "/usr/bin/chromium"
 

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from neuronmap.core.version import VERSION as __version__
 
 # Imported on first use: `import neuronmap` (and so the CLI's start) must not pay for torch before it is needed.
 _EXPORTS = {
-    "Atlas": "neuronmap.atlasdb",
-    "NeuronmapError": "neuronmap.errors",
-    "MapOptions": "neuronmap.mapper",
-    "MapResult": "neuronmap.mapper",
-    "map_model": "neuronmap.mapper",
-    "open_weights": "neuronmap.sources",
-    "remove": "neuronmap.edited",
-    "RemoveOptions": "neuronmap.removal",
-    "resolve_source": "neuronmap.sources",
+    "Atlas": "neuronmap.atlas.handle",
+    "NeuronmapError": "neuronmap.core.errors",
+    "MapOptions": "neuronmap.mapping.mapper",
+    "MapResult": "neuronmap.mapping.mapper",
+    "map_model": "neuronmap.mapping.mapper",
+    "open_weights": "neuronmap.sources.resolve",
+    "remove": "neuronmap.removal.edited",
+    "RemoveOptions": "neuronmap.removal.method",
+    "resolve_source": "neuronmap.sources.resolve",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -19,7 +19,7 @@ def _early(signum, frame) -> None:
 def main() -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _early)
-    from neuronmap.fsio import exit_on_signals
+    from neuronmap.core.fsio import exit_on_signals
 
     exit_on_signals()
     from neuronmap.cli import main as run

@@ -17,8 +17,8 @@ from neuronmap.cli.evidence_cmds import add_examples, add_record
 from neuronmap.cli.model_cmds import add_clamp, add_generate, add_verify
 from neuronmap.cli.remove_cmd import add_remove
 from neuronmap.cli.series_cmds import add_map_many, add_trajectory
-from neuronmap.errors import NeuronmapError, damaged_data
-from neuronmap.fsio import exit_on_signals, restore_signals
+from neuronmap.core.errors import NeuronmapError, damaged_data
+from neuronmap.core.fsio import exit_on_signals, restore_signals
 
 COMMANDS = [add_map, add_search, add_show, add_layer, add_similar, add_stats, add_clamp, add_generate, add_verify, add_compare,
             add_map_many, add_trajectory, add_remove, add_record, add_examples, add_serve]
@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from neuronmap import __version__
+    from neuronmap.core.version import VERSION as __version__
 
     parser = _Parser(prog="neuronmap", description="Decode MLP neurons with the model's own LM head.")
     parser.add_argument("--version", action="version", version=f"neuronmap {__version__}")

@@ -10,12 +10,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from neuronmap.cli.common import _print_json, _table, _tok, err, finite_float, int_at_least, out
-from neuronmap.fsio import check_png
+from neuronmap.core.fsio import check_png
 
 
 def map_arguments(p) -> None:
     """What to map and how, where to run it, and --overwrite/--resume: shared by ``map`` and ``map-many``."""
-    from neuronmap.mapper import MapOptions
+    from neuronmap.mapping.part import MapOptions
 
     d = MapOptions()
     p.add_argument("--matrices", default=None, help="comma list of gate,up,down (default: all the model has)")
@@ -41,7 +41,7 @@ def map_arguments(p) -> None:
 
 def map_options(args):
     """The ``MapOptions`` that ``map_arguments`` parsed."""
-    from neuronmap.mapper import MapOptions
+    from neuronmap.mapping.part import MapOptions
 
     return MapOptions(matrices=args.matrices, layers=args.layers, top_k=args.top_k, device=args.device,
                       dtype=args.dtype, norm=args.norm, fold_input_norm=args.fold_input_norm, kernel=args.kernel)
@@ -60,7 +60,7 @@ def add_map(sub) -> None:
 def cmd_map(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from neuronmap.mapper import map_model
+    from neuronmap.mapping.mapper import map_model
 
     opts = map_options(args)
     show = not args.json and err.is_terminal or os.environ.get("NEURONMAP_PROGRESS") == "1"
@@ -112,14 +112,14 @@ def _weights_options(p) -> None:
 
 
 def _note_index(files, stored: bool) -> None:
-    from neuronmap.atlasdb import token_index_ready
+    from neuronmap.atlas.store import token_index_ready
 
     if stored and token_index_ready(files) is None:
         err.print("building the atlas's token index for --stored lookups (once; saved as token_index.parquet)", markup=False)
 
 
 def add_search(sub) -> None:
-    from neuronmap.search import MIN_PROB, POOL, SORTS, TOP
+    from neuronmap.atlas.search import MIN_PROB, POOL, SORTS, TOP
 
     p = sub.add_parser("search", help="rank an atlas's vectors by the probability they decode to a concept")
     p.add_argument("atlas", help="atlas directory (from `neuronmap map`)")
@@ -148,8 +148,8 @@ def _method_line(method: str, n_scored: int, top_k: int) -> str:
 
 
 def cmd_search(args) -> int:
-    from neuronmap.atlas import open_files
-    from neuronmap.search import search
+    from neuronmap.atlas.format import open_files
+    from neuronmap.atlas.search import search
 
     files = open_files(args.atlas)
     _note_index(files, args.stored)
@@ -205,8 +205,8 @@ def add_show(sub) -> None:
 
 
 def cmd_show(args) -> int:
-    from neuronmap.atlas import open_files
-    from neuronmap.search import show
+    from neuronmap.atlas.format import open_files
+    from neuronmap.atlas.search import show
 
     files = open_files(args.atlas)
     _note_index(files, args.stored)
@@ -245,8 +245,8 @@ def add_stats(sub) -> None:
 
 
 def cmd_stats(args) -> int:
-    from neuronmap.atlas import open_files
-    from neuronmap.stats import TOKEN_CLASSES, plot, stats
+    from neuronmap.atlas.format import open_files
+    from neuronmap.atlas.stats import TOKEN_CLASSES, plot, stats
 
     files = open_files(args.atlas)
     if args.plot:
@@ -258,7 +258,7 @@ def cmd_stats(args) -> int:
         _print_json(s.to_dict())
         return 0
     out.print(f"[bold]stats[/bold] {escape(args.atlas)}: {s.n_rows:,} rows (vector x pole); confident = top token p > 0.5; "
-              "token classes of the top token, as defined in `neuronmap.stats.token_class`")
+              "token classes of the top token, as defined in `neuronmap.atlas.stats.token_class`")
     tab = Table(show_edge=False)
     short = {"word": "word", "subword": "sub", "number": "num", "punctuation": "punct", "whitespace": "space", "other": "other"}
     for col in ("layer", "matrix", "rows", "confident", "H p10", "H p50", "H p90", *[short[k] for k in TOKEN_CLASSES],

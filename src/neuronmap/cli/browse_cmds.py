@@ -1,4 +1,4 @@
-"""``layer``, ``similar``, ``serve``: parse, call the API (neuronmap.browse, neuronmap.similar, neuronmap.viewer), render."""
+"""``layer``, ``similar``, ``serve``: parse, call the API (neuronmap.atlas.browse, neuronmap.atlas.similar, neuronmap.viewer), render."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from neuronmap.cli.common import _print_json, _table, _tok, err, int_at_least, out
-from neuronmap.errors import NeuronmapError
+from neuronmap.core.errors import NeuronmapError
 
 
 def add_layer(sub) -> None:
-    from neuronmap.browse import MAX_PAGE, PAGE, SORTS
-    from neuronmap.stats import TOKEN_CLASSES
+    from neuronmap.atlas.browse import MAX_PAGE, PAGE, SORTS
+    from neuronmap.atlas.stats import TOKEN_CLASSES
 
     p = sub.add_parser("layer", help="the neurons of one layer and matrix, sorted by confidence, entropy or norm")
     p.add_argument("atlas", help="atlas directory")
@@ -30,8 +30,8 @@ def add_layer(sub) -> None:
 
 
 def cmd_layer(args) -> int:
-    from neuronmap.atlas import open_files
-    from neuronmap.browse import layer_rows
+    from neuronmap.atlas.format import open_files
+    from neuronmap.atlas.browse import layer_rows
 
     files = open_files(args.atlas)
     r = layer_rows(files, args.layer, args.matrix, args.pole, args.sort, args.descending, args.token_class, args.offset, args.limit)
@@ -53,7 +53,7 @@ def cmd_layer(args) -> int:
 
 
 def add_similar(sub) -> None:
-    from neuronmap.similar import TOP
+    from neuronmap.atlas.similar import TOP
 
     p = sub.add_parser("similar", help="the vectors most aligned with one neuron's, per matrix (|cosine| over the weights)")
     p.add_argument("atlas", help="atlas directory (its weights must be where meta.json says, or at --weights)")
@@ -66,8 +66,8 @@ def add_similar(sub) -> None:
 
 
 def cmd_similar(args) -> int:
-    from neuronmap.atlas import open_files
-    from neuronmap.similar import similar
+    from neuronmap.atlas.format import open_files
+    from neuronmap.atlas.similar import similar
 
     r = similar(open_files(args.atlas), args.neuron, args.matrices, args.top, args.weights)
     if args.json:
@@ -85,7 +85,7 @@ def cmd_similar(args) -> int:
 
 
 def add_serve(sub) -> None:
-    from neuronmap.models import DEVICE, DTYPE
+    from neuronmap.runtime.models import DEVICE, DTYPE
     from neuronmap.viewer import HOST, PORT
 
     p = sub.add_parser("serve", help="open atlases and removal reports in a local browser viewer: search, inspect, "

@@ -5,12 +5,12 @@ from __future__ import annotations
 from rich.table import Table
 
 from neuronmap.cli.common import _print_json, err, finite_float, int_at_least, out
-from neuronmap.fsio import check_png
+from neuronmap.core.fsio import check_png
 
 
 def add_compare(sub) -> None:
     from neuronmap.compare import LEVELS, MIN_PROB, TOP
-    from neuronmap.mapper import MapOptions
+    from neuronmap.mapping.part import MapOptions
 
     p = sub.add_parser("compare", help="what changed between two models' neuron maps (e.g. base vs fine-tuned)")
     p.add_argument("a", help="atlas directory or model source (mapped once into the cache)")
@@ -36,7 +36,7 @@ def _pct(x: float) -> str:
 
 def cmd_compare(args) -> int:
     from neuronmap.compare import compare, plot
-    from neuronmap.mapper import MapOptions
+    from neuronmap.mapping.part import MapOptions
 
     if args.plot:
         check_png(args.plot)  # before minutes of mapping, not after

@@ -12,8 +12,8 @@ from neuronmap.cli.common import _print_json, _table, _tok, err, int_at_least, o
 
 
 def add_record(sub) -> None:
-    from neuronmap.models import DEVICE
-    from neuronmap.record import BATCH_TOKENS, CONTEXT, EXAMPLES
+    from neuronmap.runtime.models import DEVICE
+    from neuronmap.evidence.record import BATCH_TOKENS, CONTEXT, EXAMPLES
 
     p = sub.add_parser("record", help="add activation evidence to an atlas: what each neuron fires on in a corpus")
     p.add_argument("atlas", help="atlas directory made by `neuronmap map`")
@@ -40,7 +40,7 @@ def add_record(sub) -> None:
 def cmd_record(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from neuronmap.record import record
+    from neuronmap.evidence.record import record
 
     show = not args.json and err.is_terminal or os.environ.get("NEURONMAP_PROGRESS") == "1"
     with Progress(TextColumn("[bold]recording"), BarColumn(), TextColumn("{task.completed:,.0f} tokens"),
@@ -63,11 +63,11 @@ def cmd_record(args) -> int:
               f"{e['tokens_per_s']:,.0f} tokens/s on {e['device']}; {e['examples']} top and bottom examples per neuron.")
     out.print(f"Atlas: {r.path}")
     if e.get("kernel") == "torch" and e["device"] == "cpu":
-        from neuronmap import native
+        from neuronmap.decode import native
 
         err.print(f"note: the C kernel for record was not used ({escape(str(native.why_not('record')))}); the torch path "
                   "gave the same statistics, about 1.4x slower")
-    from neuronmap.agreement import overall
+    from neuronmap.evidence.agreement import overall
 
     _agreement(overall(e["agreement"]), "Agreement of decoded tokens with activations, mean over neurons", "neurons")
     return 0
@@ -102,8 +102,8 @@ def context_line(ex: dict, width: int = 12) -> str:
 
 
 def cmd_examples(args) -> int:
-    from neuronmap.atlas import open_files
-    from neuronmap.evidence import neuron_evidence
+    from neuronmap.atlas.format import open_files
+    from neuronmap.atlas.evidence import neuron_evidence
 
     files = open_files(args.atlas)
     ev = neuron_evidence(files, args.neuron, args.n)

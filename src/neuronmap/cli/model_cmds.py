@@ -9,8 +9,8 @@ from neuronmap.cli.common import _print_json, _table, _tok, err, finite_float, i
 
 
 def _model_args(p, source: bool = True) -> None:
-    from neuronmap.intervene import POSITIONS, POSITIONS_DEFAULT
-    from neuronmap.models import DEVICE, DTYPE
+    from neuronmap.runtime.hooks import POSITIONS, POSITIONS_DEFAULT
+    from neuronmap.runtime.models import DEVICE, DTYPE
 
     if source:
         p.add_argument("source", nargs="?", default=None,
@@ -32,8 +32,8 @@ def _note_approximate(concept) -> None:
 
 
 def add_clamp(sub) -> None:
-    from neuronmap.effects import DEFAULT_SWEEP
-    from neuronmap.intervene import SPEC_HELP
+    from neuronmap.intervene.effects import DEFAULT_SWEEP
+    from neuronmap.runtime.hooks import SPEC_HELP
 
     p = sub.add_parser("clamp", help="clamp neurons and measure a concept's next-token probability on neutral prompts")
     p.add_argument("--neuron", action="append", required=True, metavar="SPEC",
@@ -47,9 +47,9 @@ def add_clamp(sub) -> None:
 
 
 def cmd_clamp(args) -> int:
-    from neuronmap.effects import clamp, read_prompts
-    from neuronmap.intervene import check_positions, check_values, parse_spec, parse_sweep
-    from neuronmap.models import load_model
+    from neuronmap.intervene.effects import clamp, read_prompts
+    from neuronmap.runtime.hooks import check_positions, check_values, parse_spec, parse_sweep
+    from neuronmap.runtime.models import load_model
 
     specs = [parse_spec(s) for s in args.neuron]
     if args.sweep:
@@ -85,8 +85,8 @@ def cmd_clamp(args) -> int:
 
 
 def add_generate(sub) -> None:
-    from neuronmap.effects import MAX_NEW_TOKENS, N_SAMPLES, SEED, TEMPERATURE
-    from neuronmap.intervene import SPEC_HELP
+    from neuronmap.intervene.effects import MAX_NEW_TOKENS, N_SAMPLES, SEED, TEMPERATURE
+    from neuronmap.runtime.hooks import SPEC_HELP
 
     p = sub.add_parser("generate", help="sample answers without and with neurons clamped, side by side")
     p.add_argument("--clamp", action="append", required=True, metavar="SPEC", help=f"repeatable: {SPEC_HELP}")
@@ -103,9 +103,9 @@ def add_generate(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    from neuronmap.effects import generate
-    from neuronmap.intervene import check_positions, check_values, parse_spec
-    from neuronmap.models import load_model
+    from neuronmap.intervene.effects import generate
+    from neuronmap.runtime.hooks import check_positions, check_values, parse_spec
+    from neuronmap.runtime.models import load_model
 
     specs = [parse_spec(s) for s in args.clamp]
     check_values(specs, None)
@@ -131,7 +131,7 @@ def cmd_generate(args) -> int:
 
 
 def add_verify(sub) -> None:
-    from neuronmap.verify import MIN_RATIO, SWEEP, TOP
+    from neuronmap.intervene.verify import MIN_RATIO, SWEEP, TOP
 
     p = sub.add_parser("verify", help="clamp an atlas's top neurons for a concept and report which raise it")
     p.add_argument("atlas", help="atlas directory made by `neuronmap map`")
@@ -148,8 +148,8 @@ def add_verify(sub) -> None:
 
 
 def cmd_verify(args) -> int:
-    from neuronmap.effects import read_prompts
-    from neuronmap.verify import verify
+    from neuronmap.intervene.effects import read_prompts
+    from neuronmap.intervene.verify import verify
 
     prompts = read_prompts(args.prompts) if args.prompts else None
     r = verify(args.atlas, args.concept, args.source, args.top, args.sweep, args.min_ratio, prompts, args.positions,

@@ -1,4 +1,4 @@
-"""``remove``: parse, call ``neuronmap.edited.remove`` (or ``undo``), render."""
+"""``remove``: parse, call ``neuronmap.removal.edited.remove`` (or ``undo``), render."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from neuronmap.cli.common import _print_json, _table, _tok, finite_float, int_at
 
 
 def add_remove(sub) -> None:
-    from neuronmap.models import DEVICE
-    from neuronmap.removal import (CANDIDATES, EDIT_DEFAULTS, EDIT_MODES, EDITS, MATRICES, NOISE, ROUNDS, SEED, SELECT,
+    from neuronmap.runtime.models import DEVICE
+    from neuronmap.removal.method import (CANDIDATES, EDIT_DEFAULTS, EDIT_MODES, EDITS, MATRICES, NOISE, ROUNDS, SEED, SELECT,
                                    SELECTS, STRENGTH_DEFAULTS)
 
     p = sub.add_parser("remove", help="remove a concept from a model's weights (TARS) and measure removal and collateral")
@@ -55,9 +55,9 @@ def add_remove(sub) -> None:
 
 
 def cmd_remove(args) -> int:
-    from neuronmap.edited import remove, undo
-    from neuronmap.errors import NeuronmapError
-    from neuronmap.removal import RemoveOptions
+    from neuronmap.removal.edited import remove, undo
+    from neuronmap.core.errors import NeuronmapError
+    from neuronmap.removal.method import RemoveOptions
 
     if args.undo:
         if args.concept or args.prompt:

@@ -7,7 +7,7 @@ from rich.table import Table
 from neuronmap.cli.atlas_cmds import map_arguments, map_options
 from neuronmap.cli.common import _print_json, _table, _tok, err, finite_float, int_at_least, out
 from neuronmap.cli.compare_cmd import _pct
-from neuronmap.fsio import check_png
+from neuronmap.core.fsio import check_png
 
 
 def add_map_many(sub) -> None:
@@ -22,8 +22,8 @@ def add_map_many(sub) -> None:
 
 
 def cmd_map_many(args) -> int:
-    from neuronmap.errors import NeuronmapError
-    from neuronmap.trajectory import map_many, read_source_list
+    from neuronmap.core.errors import NeuronmapError
+    from neuronmap.compare.trajectory import map_many, read_source_list
 
     if args.sources and args.from_file:
         raise NeuronmapError("give the sources as arguments or with --from FILE, not both")
@@ -47,7 +47,7 @@ def cmd_map_many(args) -> int:
 
 def add_trajectory(sub) -> None:
     from neuronmap.compare import MIN_PROB
-    from neuronmap.trajectory import TOP
+    from neuronmap.compare.trajectory import TOP
 
     p = sub.add_parser("trajectory", help="each checkpoint of a run against the last, and the concepts that appear or vanish")
     p.add_argument("dir", help="the -o of `neuronmap map-many`")
@@ -62,7 +62,7 @@ def add_trajectory(sub) -> None:
 
 
 def cmd_trajectory(args) -> int:
-    from neuronmap.trajectory import plot, trajectory
+    from neuronmap.compare.trajectory import plot, trajectory
 
     if args.plot:
         check_png(args.plot)

@@ -35,9 +35,9 @@ from neuronmap.compare.sides import (
     DECODE_KEYS, SHAPE_KEYS, Side, atlas_key, decode_differences, resolve_atlas, select_rows, shape_differences,
     side_vocab, vocab_hash,
 )
-from neuronmap.errors import NeuronmapError
-from neuronmap.ids import format_ranges
-from neuronmap.mapper import MapOptions
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.core.ids import format_ranges
+from neuronmap.mapping.part import MapOptions
 
 __all__ = ["Comparison", "ConceptComparison", "DECODE_KEYS", "LEVELS", "NeuronComparison", "Rows", "MIN_PROB", "SHAPE_KEYS", "Side", "TOP",
            "atlas_key", "compare", "compare_concepts", "compare_neurons", "confident_concepts", "decode_differences",

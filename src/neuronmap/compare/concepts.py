@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from neuronmap.compare.sides import Side, row_filters, side_vocab
-from neuronmap.ids import neuron_id
+from neuronmap.core.ids import neuron_id
 
 
 def normalise(token: str) -> str:

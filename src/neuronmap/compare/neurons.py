@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from neuronmap.compare.sides import Side, row_filters, side_vocab
-from neuronmap.errors import NeuronmapError
-from neuronmap.ids import MATRICES, POLES, neuron_id
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.core.ids import MATRICES, POLES, neuron_id
 
 CHUNK = 1 << 18  # rows per vectorised step: bounds the [rows, k, k] match tensor
 

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import pandas as pd
 
-from neuronmap.fsio import atomic_file, check_png
-
-if TYPE_CHECKING:
-    from neuronmap.compare import Comparison
+from neuronmap.core.fsio import atomic_file, check_png
 
 
-def plot(c: Comparison, out: Path | str) -> Path:
+def plot(c: Comparison, out: Path | str) -> Path:  # noqa: F821 (importing Comparison would close a circle)
     """Draw agreement against depth into a PNG (written to a temp file, then renamed).
 
     Neuron level: same top-1 share and mean JS per layer, one line per matrix (both poles).

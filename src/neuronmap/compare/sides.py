@@ -11,11 +11,13 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from neuronmap import atlas as atlas_io
-from neuronmap.atlasdb import choose_rows
-from neuronmap.errors import NeuronmapError
-from neuronmap.mapper import MapOptions, map_model
-from neuronmap.sources import PACKAGED, cache_dir, file_sha256, looks_like_hub_id, resolve_source
+from neuronmap.atlas import format as atlas_io
+from neuronmap.atlas.store import choose_rows
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.mapping.mapper import map_model
+from neuronmap.mapping.part import MapOptions
+from neuronmap.sources.resolve import PACKAGED, looks_like_hub_id, resolve_source
+from neuronmap.core.cache import cache_dir, file_sha256
 
 SHAPE_KEYS = ("n_layers", "d_model", "d_mlp", "d_vocab")
 DECODE_KEYS = ("norm", "fold_input_norm", "top_k")  # what the user chose; final norm and softcap belong to the model
@@ -101,7 +103,7 @@ def resolve_atlas(
         if p.exists():
             raise
         raise NeuronmapError(f"{spec} is not an atlas directory (no such path), nor a usable model source: {e}") from e
-    from neuronmap.decode import resolve_device, resolve_dtype
+    from neuronmap.decode.engine import resolve_device, resolve_dtype
 
     opts = replace(options, dtype=resolve_dtype(options.dtype, resolve_device(options.device)))
     shas = [file_sha256(f) for f in src.files]

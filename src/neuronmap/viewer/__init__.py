@@ -43,7 +43,7 @@ def create_app(atlases: list[Path | str], device: str = "cpu", dtype: str = "flo
         >>> TestClient(create_app([], reports=["no-paris"])).get("/api/report/no-paris").json()["steps"][0]["concept"]  # doctest: +SKIP
         'Paris'
     """
-    from neuronmap.scoring import keep_weights
+    from neuronmap.atlas.scoring import keep_weights
     from neuronmap.viewer.app import build
     from neuronmap.viewer.state import serve_atlases
     from neuronmap.viewer.steer import SteerRunner

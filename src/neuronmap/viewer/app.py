@@ -19,7 +19,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from neuronmap.errors import NeuronmapError, damaged_data
+from neuronmap.core.errors import NeuronmapError, damaged_data
 from neuronmap.viewer import pages
 from neuronmap.viewer.render import CSP, error_box, layout
 from neuronmap.viewer.state import RequestError, Served

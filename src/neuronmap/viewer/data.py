@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
-from neuronmap import search as search_api
-from neuronmap.atlas import AtlasFiles
-from neuronmap.browse import PAGE, confident_words, layer_rows
-from neuronmap.errors import NeuronmapError
-from neuronmap.evidence import has_evidence, neuron_evidence
-from neuronmap.ids import parse_neuron_id
-from neuronmap.scoring import check_weights
-from neuronmap.search import records
-from neuronmap.similar import TOP as SIMILAR_TOP, similar
-from neuronmap.stats import stats
+from neuronmap.atlas import search as search_api
+from neuronmap.atlas.format import AtlasFiles
+from neuronmap.atlas.browse import PAGE, confident_words, layer_rows
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.atlas.evidence import has_evidence, neuron_evidence
+from neuronmap.core.ids import parse_neuron_id
+from neuronmap.atlas.scoring import check_weights
+from neuronmap.atlas.search import records
+from neuronmap.atlas.similar import TOP as SIMILAR_TOP, similar
+from neuronmap.atlas.stats import stats
 from neuronmap.viewer.state import Report, RequestError, Served
 
 METHODS = ("auto", "exact", "stored")

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from neuronmap.errors import NeuronmapError
+from neuronmap.core.errors import NeuronmapError
 
 KEEP = 200  # finished jobs kept for their pages to read
 

@@ -9,8 +9,8 @@ import math
 
 import pandas as pd
 
-from neuronmap.ids import MATRICES, neuron_id
-from neuronmap.stats import TOKEN_CLASSES
+from neuronmap.core.ids import MATRICES, neuron_id
+from neuronmap.atlas.stats import TOKEN_CLASSES
 from neuronmap.viewer.render import bar, esc, json_block, link, num, table, tok, url
 
 
@@ -167,7 +167,7 @@ def _histogram(edges: list[float], counts: list[int], width: int = 400, height: 
 
 
 def _bin_label(edges: list[float], i: int) -> str:
-    """Bin ``i`` of the stored histogram: ``[lo, hi)`` at and above 0, ``(lo, hi]`` below (neuronmap.bins)."""
+    """Bin ``i`` of the stored histogram: ``[lo, hi)`` at and above 0, ``(lo, hi]`` below (neuronmap.atlas.bins)."""
     lo = f"{edges[i - 1]:.3g}" if i > 0 else "-inf"
     hi = f"{edges[i]:.3g}" if i < len(edges) else "inf"
     return f"({lo}, {hi}]" if i < len(edges) and edges[i] <= 0 else f"[{lo}, {hi})"

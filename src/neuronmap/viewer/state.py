@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from neuronmap.atlas import AtlasFiles, open_files
-from neuronmap.errors import NeuronmapError
+from neuronmap.atlas.format import AtlasFiles, open_files
+from neuronmap.core.errors import NeuronmapError
 
 _NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -31,7 +31,7 @@ class Report:
     """A removal report served under ``name``: what ``neuronmap remove`` recorded in ``path`` (its edits.json).
 
     Attributes:
-        report: ``RemoveReport.to_dict()`` as read back (neuronmap.edited.read_report): the JSON ``remove --json`` printed.
+        report: ``RemoveReport.to_dict()`` as read back (neuronmap.removal.edited.read_report): the JSON ``remove --json`` printed.
     """
 
     name: str
@@ -135,7 +135,7 @@ def serve_atlases(paths: list[Path | str], reports: list[Path | str] = ()) -> Se
         >>> serve_atlases(["demo-atlas"], ["no-paris"]).names  # doctest: +SKIP
         ['demo-atlas']
     """
-    from neuronmap.edited import read_report
+    from neuronmap.removal.edited import read_report
 
     if not paths and not reports:
         raise NeuronmapError("no atlas given: pass one or more atlas directories, e.g. `neuronmap serve demo-atlas`, "

@@ -7,12 +7,12 @@ instead of failing after the model has loaded.
 
 from __future__ import annotations
 
-from neuronmap.concepts import expand_concept, read_vocab, vocab_index
-from neuronmap.effects import MAX_NEW_TOKENS, TEMPERATURE, check_word, clamp, generate
-from neuronmap.errors import NeuronmapError
-from neuronmap.ids import parse_neuron_id
-from neuronmap.intervene import POSITIONS_DEFAULT, check_positions, check_values, parse_spec, parse_value
-from neuronmap.scoring import check_weights
+from neuronmap.atlas.concepts import expand_concept, read_vocab, vocab_index
+from neuronmap.intervene.effects import MAX_NEW_TOKENS, TEMPERATURE, check_word, clamp, generate
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.core.ids import parse_neuron_id
+from neuronmap.runtime.hooks import POSITIONS_DEFAULT, check_positions, check_values, parse_spec, parse_value
+from neuronmap.atlas.scoring import check_weights
 from neuronmap.viewer.jobs import JobQueue
 from neuronmap.viewer.state import RequestError, Served
 
@@ -78,7 +78,7 @@ class SteerRunner:
         model = {}
 
         def load(_: dict) -> dict:
-            from neuronmap.models import load_model
+            from neuronmap.runtime.models import load_model
 
             model["m"] = load_model(src, self.device, self.dtype)
             return {"source": src.spec, "device": self.device, "dtype": self.dtype}

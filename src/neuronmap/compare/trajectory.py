@@ -1,0 +1,325 @@
+"""``map-many`` and ``trajectory``: a training run's checkpoints mapped into one directory, then compared along the run.
+
+``map_many`` maps each source into ``DIR/NNN-NAME`` (in the order given) and
+records the order in ``DIR/series.json``. Every source is checked before the
+first is mapped, so a typo on line 40 of a list fails at once, not hours later.
+
+``trajectory`` compares each checkpoint with the last one at the neuron level
+(``compare.compare_neurons``: the share of vectors with the same top-1 token,
+the top-k overlap and the Jensen-Shannon divergence, per layer and matrix, both
+poles together) and lists, between consecutive checkpoints, the concepts that
+appear (some vector's confident top-1 in the later one, in no vector of the
+earlier) and vanish.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from neuronmap.atlas import format as atlas_io
+from neuronmap.core import fsio
+from neuronmap.compare import MIN_PROB, Side, compare_neurons, select_rows, shape_differences, side_vocab, vocab_hash
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.mapping.mapper import map_model
+from neuronmap.mapping.part import MapOptions
+from neuronmap.sources.resolve import resolve_source
+
+SERIES = "series.json"
+TOP = 10  # concepts listed per step and direction
+
+
+def read_source_list(path: Path | str) -> list[str]:
+    """The sources in a file, one a line (blank lines and ``#`` comments skipped), each checked to exist.
+
+    Raises:
+        NeuronmapError: the file is unreadable or lists nothing; a line names no usable source (which line, and why).
+
+    Example:
+        >>> read_source_list("run.txt")  # doctest: +SKIP
+        ['ckpt/step-1000', 'ckpt/step-2000']
+    """
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise NeuronmapError(f"--from {path}: cannot read it ({e.strerror or e}); give a text file with one source a line") from e
+    out = []
+    for i, line in enumerate(lines, 1):
+        spec = line.split("#", 1)[0].strip()
+        if not spec:
+            continue
+        try:
+            resolve_source(spec)
+        except NeuronmapError as e:
+            raise NeuronmapError(f"line {i} of {path}: {e}") from e
+        out.append(spec)
+    if not out:
+        raise NeuronmapError(f"--from {path} lists no source: write one checkpoint directory, .gguf file or hub id a line")
+    return out
+
+
+def atlas_names(specs: list[str]) -> list[str]:
+    """The atlas directory of each source: its position and last path part, e.g. ``001-step-2000``.
+
+    Example:
+        >>> atlas_names(["runs/a/step-10/", "org/model"])
+        ['000-step-10', '001-model']
+    """
+    return [f"{i:03d}-{re.sub(r'[^A-Za-z0-9._-]+', '_', Path(s.rstrip('/')).name or s)[:60]}" for i, s in enumerate(specs)]
+
+
+@dataclass(frozen=True)
+class ManyResult:
+    """What ``map_many`` did.
+
+    Attributes:
+        out: the directory holding the atlases and series.json.
+        atlases: per source, in order: ``{"name", "spec", "path", "n_rows", "seconds", "reused"}``.
+        seconds: wall time, end to end.
+        notes: one line each (atlases reused, the cluster used).
+    """
+
+    out: Path
+    atlases: list[dict]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON types only: every field."""
+        return {"out": str(self.out), "atlases": [dict(a) for a in self.atlases], "seconds": round(self.seconds, 3),
+                "notes": list(self.notes)}
+
+
+def map_many(
+    sources: list[str], out: Path | str, options: MapOptions = MapOptions(), overwrite: bool = False,
+    resume: bool = False, ray: str | None = None, progress: Callable[[str], None] | None = None,
+) -> ManyResult:
+    """Map each source into ``out/NNN-NAME``, in order, and record the order in ``out/series.json``.
+
+    Args:
+        sources: model sources, e.g. a training run's checkpoints, first to last.
+        out: the directory to hold the atlases (created if absent).
+        options: as ``map``'s, the same for every source.
+        overwrite: replace atlases already there.
+        resume: keep the atlases already complete there, and resume an interrupted one.
+        ray: as ``map_model``'s; one connection serves every source.
+        progress: called with a one-line note before each source.
+
+    Returns:
+        ManyResult.
+
+    Raises:
+        NeuronmapError: no sources; a source that does not exist (which one, before anything is mapped); anything
+            ``map_model`` raises.
+
+    Example:
+        >>> map_many(["run/step-10", "run/step-20"], "run-atlases", MapOptions(layers="0,20")).atlases[1]["name"]  # doctest: +SKIP
+        '001-step-20'
+    """
+    t0 = time.perf_counter()
+    if not sources:
+        raise NeuronmapError("map-many needs at least one SOURCE, or --from FILE with one source a line")
+    for i, spec in enumerate(sources, 1):
+        try:
+            resolve_source(spec)
+        except NeuronmapError as e:
+            raise NeuronmapError(f"source {i} of {len(sources)} ({spec}): {e}") from e
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NeuronmapError(f"-o {out} is a file: give a directory to hold one atlas per source")
+    out.mkdir(parents=True, exist_ok=True)
+    names = atlas_names(sources)
+    with fsio.atomic_file(out / SERIES, "series") as tmp:
+        tmp.write_text(json.dumps({"atlases": [{"name": n, "spec": s} for n, s in zip(names, sources)]}, indent=2) + "\n")
+    notes, done = [], []
+    started = False
+    if ray is not None:
+        from neuronmap.mapping.distributed import connect
+
+        started = connect(ray, notes.append)
+    try:
+        for i, (name, spec) in enumerate(zip(names, sources)):
+            if progress:
+                progress(f"mapping {i + 1} of {len(sources)}: {spec} -> {out / name}")
+            if resume and _complete(out / name):
+                meta = atlas_io.read_meta(out / name)
+                done.append({"name": name, "spec": spec, "path": str(out / name), "n_rows": meta["n_rows"],
+                             "seconds": 0.0, "reused": True})
+                notes.append(f"{name}: already mapped, kept (--resume)")
+                continue
+            r = map_model(spec, out / name, options, overwrite=overwrite, resume=resume,
+                          ray=None if ray is None else "auto")
+            notes += [f"{name}: {n}" for n in r.notes if not n.startswith("--ray: using")]
+            done.append({"name": name, "spec": spec, "path": str(r.path), "n_rows": r.meta["n_rows"],
+                         "seconds": round(r.seconds, 3), "reused": False})
+    finally:
+        if started:
+            import ray as ray_module
+
+            ray_module.shutdown()
+    return ManyResult(out, done, time.perf_counter() - t0, notes)
+
+
+def _complete(path: Path) -> bool:
+    try:
+        atlas_io.open_files(path)
+        return True
+    except NeuronmapError:
+        return False
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """Each checkpoint against the last, and the concepts that appear or vanish along the run.
+
+    Attributes:
+        checkpoints: ``{"name", "spec", "atlas"}`` in run order.
+        k, min_prob: tokens compared per row; the confidence threshold for concepts.
+        overall: per checkpoint: ``{"checkpoint", "name", "n", "same_top1", "topk_overlap", "js"}`` against the last.
+        layers: the same per checkpoint, matrix and layer (both poles), with ``"matrix"`` and ``"layer"``.
+        steps: per consecutive pair: ``{"from", "to", "n_gained", "n_lost", "gained", "lost"}``, each concept a
+            dict as ``compare``'s (token, n_vectors, best, matrix, pole, p).
+    """
+
+    checkpoints: list[dict]
+    k: int
+    min_prob: float
+    overall: list[dict]
+    layers: list[dict]
+    steps: list[dict]
+
+    def to_dict(self) -> dict:
+        """JSON types only: every field."""
+        return asdict(self)
+
+
+def open_series(path: Path | str) -> list[Side]:
+    """The atlases of a ``map-many`` directory, in run order (series.json; else the atlas subdirectories by name).
+
+    Raises:
+        NeuronmapError: not a directory, fewer than two atlases, or atlases of different models.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise NeuronmapError(f"{path} is not a directory: pass the -o of `neuronmap map-many`")
+    try:
+        listed = [(a["name"], a["spec"]) for a in json.loads((path / SERIES).read_text())["atlases"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = [(p.name, p.name) for p in sorted(path.iterdir()) if (p / "meta.json").is_file()]
+    if len(listed) < 2:
+        raise NeuronmapError(f"{path} holds {len(listed)} atlas(es): a trajectory needs two or more; map the run's "
+                             "checkpoints with `neuronmap map-many SOURCE... -o DIR`")
+    sides = [Side(spec, path / name, atlas_io.open_files(path / name).meta, False) for name, spec in listed]
+    last = sides[-1]
+    for s in sides[:-1]:
+        diffs = shape_differences(s.meta, last.meta, s.meta.get("d_vocab") == last.meta.get("d_vocab")
+                                  and vocab_hash(side_vocab(s)) == vocab_hash(side_vocab(last)))
+        if s.meta.get("family") != last.meta.get("family"):
+            diffs.insert(0, f"family {s.meta.get('family')} vs {last.meta.get('family')}")
+        if diffs:
+            raise NeuronmapError(f"{s.path.name} and {last.path.name} differ in {', '.join(diffs)}: a trajectory "
+                                 "compares checkpoints of one model; use `neuronmap compare --level concept` across models")
+    return sides
+
+
+def trajectory(path: Path | str, matrices: str | None = None, layers: str | None = None, min_prob: float = MIN_PROB,
+               top: int = TOP) -> Trajectory:
+    """Compare every checkpoint of a ``map-many`` directory with the last, and each with the one before.
+
+    Args:
+        path: the directory ``map_many`` wrote.
+        matrices, layers: what to compare (default: all that every atlas holds).
+        min_prob: a top-1 prob above this is confident (concepts).
+        top: concepts listed per step and direction (0: all).
+
+    Returns:
+        Trajectory.
+
+    Raises:
+        NeuronmapError: as ``open_series``; matrices or layers some atlas lacks.
+
+    Example:
+        >>> t = trajectory("run-atlases")  # doctest: +SKIP
+        >>> [round(r["same_top1"], 2) for r in t.overall]
+        [0.71, 0.83, 0.94, 1.0]
+    """
+    if not 0.0 <= min_prob < 1.0:
+        raise NeuronmapError(f"--min-prob {min_prob} is out of range: expected 0 <= p < 1")
+    sides = open_series(path)
+    chosen = [select_rows(s, s.path.name, matrices, layers) for s in sides]
+    mats = [m for m in chosen[-1][0] if all(m in c[0] for c in chosen)]
+    lays = sorted(set.intersection(*(set(c[1]) for c in chosen)))
+    if not mats or not lays:
+        raise NeuronmapError(f"the atlases in {path} share no {'matrix' if not mats else 'layer'}: map them with the "
+                             "same --matrices and --layers")
+    last = sides[-1]
+    overall, per_layer, steps = [], [], []
+    k = None
+    for i, s in enumerate(sides):
+        nc = compare_neurons(s, last, mats, lays, min_prob, 1)
+        k = nc.k
+        both = next(r for r in nc.overall if r["matrix"] == "all")
+        overall.append({"checkpoint": i, "name": s.path.name, **{c: both[c] for c in ("n", "same_top1", "topk_overlap", "js")}})
+        per_layer += [{"checkpoint": i, "name": s.path.name, **r} for r in _both_poles(nc.layers)]
+        if i:
+            step = compare_neurons(sides[i - 1], s, mats, lays, min_prob, top)
+            steps.append({"from": sides[i - 1].path.name, "to": s.path.name, "n_gained": step.n_gained,
+                          "n_lost": step.n_lost, "gained": step.gained, "lost": step.lost})
+    checkpoints = [{"name": s.path.name, "spec": s.spec, "atlas": str(s.path)} for s in sides]
+    return Trajectory(checkpoints, k, min_prob, overall, per_layer, steps)
+
+
+def _both_poles(rows: list[dict]) -> list[dict]:
+    """compare's per (matrix, layer, pole) rows as per (matrix, layer), both poles weighted by their counts."""
+    acc: dict[tuple, list[float]] = {}
+    for r in rows:
+        a = acc.setdefault((r["matrix"], r["layer"]), [0, 0.0, 0.0, 0.0])
+        a[0] += r["n"]
+        for j, c in enumerate(("same_top1", "topk_overlap", "js"), 1):
+            a[j] += r[c] * r["n"]
+    return [{"matrix": m, "layer": layer, "n": int(a[0]), "same_top1": a[1] / a[0], "topk_overlap": a[2] / a[0],
+             "js": a[3] / a[0]} for (m, layer), a in acc.items()]
+
+
+def plot(t: Trajectory, out: Path | str) -> Path:
+    """Draw agreement with the last checkpoint along the run into a PNG: per matrix, and per layer as a heat map.
+
+    Raises:
+        NeuronmapError: ``out`` does not end in .png, or its directory does not exist.
+    """
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = fsio.check_png(out)
+    names = [c["name"] for c in t.checkpoints]
+    fig = Figure(figsize=(10, 3.8), dpi=100)
+    ax1, ax2 = fig.subplots(1, 2)
+    for m in dict.fromkeys(r["matrix"] for r in t.layers):
+        rows = [r for r in t.layers if r["matrix"] == m]
+        y = [sum(r["same_top1"] * r["n"] for r in rows if r["checkpoint"] == i) /
+             sum(r["n"] for r in rows if r["checkpoint"] == i) for i in range(len(names))]
+        ax1.plot(range(len(names)), [100 * v for v in y], marker=".", label=m)
+    ax1.set(xlabel="checkpoint", ylabel="same top-1 as the last (%)", ylim=(0, 101), title="agreement with the last")
+    ax1.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+    ax1.legend(fontsize=8)
+    layers = sorted({r["layer"] for r in t.layers})
+    grid = np.zeros((len(layers), len(names)))
+    for j, layer in enumerate(layers):
+        for i in range(len(names)):
+            rows = [r for r in t.layers if r["layer"] == layer and r["checkpoint"] == i]
+            grid[j, i] = 100 * sum(r["same_top1"] * r["n"] for r in rows) / sum(r["n"] for r in rows)
+    im = ax2.imshow(grid, aspect="auto", origin="lower", vmin=0, vmax=100, cmap="viridis")
+    ax2.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+    ax2.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
+    ax2.set(xlabel="checkpoint", ylabel="layer", title="same top-1 as the last (%), by layer")
+    fig.colorbar(im, ax=ax2)
+    fig.tight_layout()
+    FigureCanvasAgg(fig)
+    with fsio.atomic_file(out, "plot") as tmp:
+        fig.savefig(tmp, format="png")
+    return out

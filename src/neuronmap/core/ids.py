@@ -1,0 +1,113 @@
+"""Names shared by every module: neuron ids ``L{layer}N{index}``, matrices, poles, layer ranges."""
+
+from __future__ import annotations
+
+import re
+
+from neuronmap.core.errors import NeuronmapError
+
+MATRICES = ("gate", "up", "down")
+POLES = ("+", "-")
+_NEURON = re.compile(r"^L(\d+)N(\d+)$")
+
+
+def neuron_id(layer: int, neuron: int) -> str:
+    """The id of a neuron, e.g. ``neuron_id(29, 808) == "L29N808"``."""
+    return f"L{layer}N{neuron}"
+
+
+def format_ranges(xs: list[int]) -> str:
+    """Integers as sorted ranges, the inverse of ``parse_layers``.
+
+    Example:
+        >>> format_ranges([9, 0, 1, 2, 5])
+        '0-2,5,9'
+    """
+    out, xs, i = [], sorted(xs), 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def parse_neuron_id(text: str, n_layers: int | None = None, d_mlp: int | None = None) -> tuple[int, int]:
+    """Parse ``L29N808`` into ``(29, 808)``, checking the range when the shape is given.
+
+    Raises:
+        NeuronmapError: malformed or out of range.
+
+    Example:
+        >>> parse_neuron_id("L29N808")
+        (29, 808)
+    """
+    m = _NEURON.match(text.strip())
+    if not m:
+        raise NeuronmapError(f"malformed neuron id {text!r}: expected L{{layer}}N{{index}}, e.g. L29N808")
+    layer, neuron = int(m.group(1)), int(m.group(2))
+    if n_layers is not None and layer >= n_layers:
+        raise NeuronmapError(f"neuron {text}: layer {layer} is out of range, the model has layers 0-{n_layers - 1}")
+    if d_mlp is not None and neuron >= d_mlp:
+        raise NeuronmapError(f"neuron {text}: index {neuron} is out of range, each layer has neurons 0-{d_mlp - 1}")
+    return layer, neuron
+
+
+def parse_layers(text: str | None, n_layers: int) -> list[int]:
+    """Parse ``"0-5,9"`` into ``[0, 1, 2, 3, 4, 5, 9]``; None means every layer.
+
+    Negative indices count from the end (``-1`` is the last layer).
+
+    Raises:
+        NeuronmapError: malformed, or a layer outside ``0..n_layers-1``.
+    """
+    if n_layers < 1:
+        raise NeuronmapError(f"the model has {n_layers} layers: there is nothing to choose with --layers")
+    if text is None or text.strip() in ("", "all"):
+        return list(range(n_layers))
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        m = re.match(r"^(-?\d+)(?:-(-?\d+))?$", part)
+        if not m:
+            raise NeuronmapError(f"malformed --layers {text!r}: expected a list of layers and ranges, e.g. 0-5,9")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        lo, hi = (lo + n_layers if lo < 0 else lo), (hi + n_layers if hi < 0 else hi)
+        if lo > hi:
+            raise NeuronmapError(f"--layers {text!r}: the range {part} is reversed; write it low-high, e.g. {m.group(2)}-{m.group(1)}")
+        if not (0 <= lo <= hi < n_layers):
+            raise NeuronmapError(
+                f"--layers {text!r} is out of range: the model has {n_layers} layers, 0-{n_layers - 1}"
+            )
+        out.update(range(lo, hi + 1))
+    return sorted(out)
+
+
+def parse_matrices(text: str | None, available: tuple[str, ...]) -> list[str]:
+    """Parse ``"gate,up"``; None means every matrix the family has.
+
+    Raises:
+        NeuronmapError: an unknown matrix, or one this family lacks (``gate`` on GPT-2).
+    """
+    if text is None or text.strip() in ("", "all"):
+        return list(available)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise NeuronmapError(f"--matrices {text!r} names no matrix: expected some of gate, up, down, e.g. up or gate,up")
+    for n in names:
+        if n not in MATRICES:
+            raise NeuronmapError(f"unknown matrix {n!r}: expected some of gate, up, down")
+        if n not in available:
+            raise NeuronmapError(f"this model has no {n!r} matrix (its MLP is not gated): use {','.join(available)}")
+    return [m for m in available if m in names]
+
+
+def parse_poles(text: str | None) -> list[str]:
+    """Parse ``"+"``, ``"-"`` or ``"both"`` (None) into a list of poles."""
+    if text is None or text in ("both", "+-", "all"):
+        return list(POLES)
+    if text not in POLES:
+        raise NeuronmapError(f"unknown pole {text!r}: expected +, - or both")
+    return [text]

@@ -1,0 +1,241 @@
+"""``map``: decode every chosen (matrix, layer) into a part, here or on Ray (neuronmap.mapping.distributed), then the atlas."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+
+from neuronmap.core.version import VERSION
+from neuronmap.atlas import format as atlas_io
+from neuronmap.core import fsio
+from neuronmap.decode.engine import build_head, choose_reducer, compiled_reduce, kernel_used, resolve_device, resolve_dtype
+from neuronmap.decode.head import NORM_MODES
+from neuronmap.core.errors import NeuronmapError, ResumableError
+from neuronmap.core.ids import parse_layers, parse_matrices
+from neuronmap.mapping.part import MapOptions, highlights, map_part
+from neuronmap.mapping.parts import assemble, open_parts, read_best, write_part
+from neuronmap.sources.resolve import Weights, open_weights, resolve_source
+from neuronmap.sources.weights import Source
+from neuronmap.core.cache import file_sha256
+
+
+
+@dataclass(frozen=True)
+class MapResult:
+    """What ``map`` did.
+
+    Attributes:
+        path: the atlas directory.
+        meta: its meta.json.
+        n_vectors: vectors decoded (each gives two rows, one per pole).
+        seconds: wall time, end to end.
+        highlights: confident content-word rows, best first (dicts with id, matrix, pole, token, prob).
+        notes: one line each about what the run found and did besides mapping (parts resumed, leftovers removed).
+    """
+
+    path: Path
+    meta: dict
+    n_vectors: int
+    seconds: float
+    highlights: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """The serialized form (``--json``, the viewer's API), JSON types only.
+
+        Returns:
+            ``{"path", "n_vectors", "n_rows", "seconds", "vectors_per_s", "family", "dtype", "device",
+            "highlights", "notes"}``; each highlight ``{"id", "matrix", "pole", "token", "prob"}``.
+
+        Example:
+            >>> map_model(None, "demo-atlas", MapOptions(layers="29")).to_dict()["n_rows"]  # doctest: +SKIP
+            9216
+        """
+        m = self.meta
+        return {"path": str(self.path), "n_vectors": self.n_vectors, "n_rows": m["n_rows"],
+                "seconds": round(self.seconds, 3), "vectors_per_s": m["timings"]["vectors_per_s"],
+                "family": m["family"], "dtype": m["dtype"], "device": m["device"],
+                "highlights": [dict(h) for h in self.highlights], "notes": list(self.notes)}
+
+
+def map_model(
+    source: Source | str | None,
+    out: Path | str,
+    options: MapOptions = MapOptions(),
+    overwrite: bool = False,
+    progress: Callable[[int, int, int], None] | None = None,
+    resume: bool = False,
+    ray: str | None = None,
+) -> MapResult:
+    """Decode every neuron vector of a model into an atlas.
+
+    Each finished (matrix, layer) is kept as a part in ``.NAME.parts`` beside ``out``
+    (neuronmap.mapping.parts) until the atlas is assembled, so a map that is stopped can resume.
+
+    Args:
+        source: anything ``resolve_source`` takes (None: the demo model).
+        out: atlas directory to create.
+        options: matrices, layers, top-k, device, dtype, norm options.
+        overwrite: replace an existing ``out``.
+        progress: called as ``progress(parts_done, n_parts, vectors_done)``.
+        resume: reuse the parts an interrupted map with the same weights and options left.
+        ray: decode the parts as tasks on a Ray cluster (neuronmap.mapping.distributed): ``local`` (start one here),
+            ``auto`` (the running one, or ``$RAY_ADDRESS``), ``HOST:PORT`` or ``ray://HOST:PORT``; None: here.
+
+    Returns:
+        MapResult.
+
+    Raises:
+        NeuronmapError: bad source, options or output; ``resume`` with other weights or options; Ray missing,
+            unreachable, or a task failing. No atlas is left half-written; the finished parts stay for ``resume``.
+
+    Example:
+        >>> r = map_model(None, "demo-atlas", MapOptions(layers="29", matrices="up"))  # doctest: +SKIP
+        >>> r.n_vectors
+        1536
+    """
+    t0 = time.perf_counter()
+    src = source if isinstance(source, Source) else resolve_source(source)
+    # The model's own files are never written over, whatever -o and --overwrite say.
+    protect = (src.path, *src.files)
+    out = atlas_io.check_output(Path(out), overwrite, protect)  # fail before reading any weights
+    if ray is not None:  # before minutes of hashing: Ray missing or a bad address is one line at once
+        from neuronmap.mapping.distributed import check_address, import_ray
+
+        import_ray()
+        check_address(ray)
+    notes = [f"removed {p.name}, left beside {out.name} by a run that was killed" for p in fsio.remove_stale(out)]
+    weights = open_weights(src)
+    matrices = parse_matrices(options.matrices, weights.family.matrices)
+    layers = parse_layers(options.layers, weights.n_layers)
+    if not 1 <= options.top_k <= weights.d_vocab:
+        raise NeuronmapError(f"--top-k {options.top_k} is out of range: expected 1 to {weights.d_vocab} (the vocabulary size)")
+    if options.norm not in NORM_MODES:
+        raise NeuronmapError(f"unknown --norm {options.norm!r}: expected final or none")
+    # On Ray the workers resolve the device: a driver without a GPU may drive GPU workers.
+    device = resolve_device(options.device) if ray is None else options.device
+    dtype = resolve_dtype(options.dtype, device)
+    order = [(m, layer) for layer in layers for m in matrices]  # the order a single pass writes rows in
+    reduce = choose_reducer(options.kernel, len(layers) * len(matrices) * weights.d_mlp * weights.d_vocab)
+    kernel, cluster = kernel_used(reduce, weights.d_vocab, dtype, str(device), options.top_k), None
+    # Parts made by another kernel differ in the last bits: a resume must not mix them.
+    manifest = {"weights": [{"name": f.name, "sha256": file_sha256(f)} for f in src.files],
+                "options": dataclasses.asdict(options), "matrices": matrices, "layers": layers, "dtype": dtype,
+                "device": str(device), "kernel": kernel, "format": atlas_io.VERSION}
+    t_head = time.perf_counter()
+    if ray is None:
+        head = build_head(weights, options.norm, device, dtype)
+        vocab = pa.array(list(weights.tokens), pa.string())
+    timings = {"read_s": time.perf_counter() - t_head, "decode_s": 0.0, "write_s": 0.0}
+    parts = open_parts(out, manifest, resume)  # after every option is checked: a refused map leaves nothing
+    if parts.removed:
+        notes.append(f"removed {parts.removed} parts of an earlier interrupted map into {out} (--resume continues one instead)")
+    if parts.reused:
+        notes.append(f"resuming: reusing {parts.reused} of {len(order)} parts from {parts.path}")
+    done = set(parts.done)
+
+    def note() -> str:
+        return (f"{len(done)} of {len(order)} parts are kept in {parts.path}; run the same command with --resume "
+                "to continue")
+
+    with fsio.interrupt_note(note):
+        def finished(matrix: str, layer: int, tables: list[pa.Table], best: dict) -> None:
+            t = time.perf_counter()
+            write_part(parts.path, matrix, layer, tables, best)
+            timings["write_s"] += time.perf_counter() - t
+            done.add((matrix, layer))
+            if progress:
+                progress(len(done), len(order), len(done) * weights.d_mlp)
+
+        n_vectors = len(order) * weights.d_mlp
+        todo = [(m, layer) for m, layer in order if (m, layer) not in done]
+        if progress:
+            progress(len(done), len(order), len(done) * weights.d_mlp)  # parts reused, before any work
+        try:
+            if ray is None:
+                for matrix, layer in todo:
+                    finished(matrix, layer, *map_part(weights, head, matrix, layer, options, reduce, vocab, timings))
+            else:
+                from neuronmap.mapping.distributed import run
+
+                device, kernel, worked, cluster = run(src, options, dtype, reduce is compiled_reduce, todo, finished, ray,
+                                                      notes)
+                for k, v in worked.items():
+                    timings[k] += v
+        except NeuronmapError as e:
+            # A write that failed (disk full) or a cluster that failed can go on once fixed; a model that cannot be
+            # read would fail again.
+            if done and (isinstance(e.__cause__, OSError) or isinstance(e, ResumableError)):
+                raise NeuronmapError(f"{e}; the {len(done)} finished parts are kept in {parts.path}: add --resume "
+                                     "when you run it again") from e
+            fsio.remove_tree(parts.path)
+            raise
+        except BaseException:
+            if not done:  # nothing to resume from
+                fsio.remove_tree(parts.path)
+            raise
+        best: dict[str, dict] = {}
+        for matrix, layer in order:
+            for key, row in read_best(parts.path, matrix, layer).items():
+                if key not in best or best[key]["prob"] < row["prob"]:  # first seen wins ties, as in one pass
+                    best[key] = row
+        with atlas_io.atlas_writer(out, overwrite, protect) as tmp:
+            t = time.perf_counter()
+            assemble(parts.path, order, tmp / "neurons.parquet")
+            atlas_io.write_vocab(tmp / "vocab.parquet", weights.tokens)
+            timings["write_s"] += time.perf_counter() - t
+            seconds = time.perf_counter() - t0
+            meta = _meta(weights, src, options, matrices, layers, dtype, device, timings, seconds, n_vectors)
+            # Which kernel ran (a failed compile falls back to eager): the numbers agree to ~1e-6.
+            meta["kernel"] = kernel
+            if cluster is not None:
+                meta["ray"] = cluster  # timings are summed over the workers
+            if parts.reused:
+                meta["resumed_parts"] = parts.reused  # their decode time is not in `timings`
+            atlas_io.write_json(tmp / "meta.json", meta)
+        fsio.remove_tree(parts.path)
+    return MapResult(out, meta, n_vectors, seconds, highlights(best), notes)
+
+
+def _meta(weights: Weights, src: Source, options: MapOptions, matrices, layers, dtype, device, timings, seconds, n_vectors) -> dict:
+    return {
+        "format": atlas_io.FORMAT,
+        "version": atlas_io.VERSION,
+        "neuronmap_version": VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {
+            "spec": src.spec,
+            "kind": src.kind,
+            "path": str(src.path.resolve()),
+            "files": [{"name": f.name, "bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in src.files],
+        },
+        "family": weights.family.name,
+        "n_layers": weights.n_layers,
+        "d_model": weights.d_model,
+        "d_mlp": weights.d_mlp,
+        "d_vocab": weights.d_vocab,
+        "tokenizer": weights.tokenizer,
+        "decode": {
+            "norm": options.norm,
+            "final_norm": weights.family.norm if options.norm == "final" else "none",
+            "eps": weights.eps,
+            "softcap": weights.softcap,
+            "fold_input_norm": options.fold_input_norm,
+            "top_k": options.top_k,
+            "matrices": list(matrices),
+            "layers": list(layers),
+            "poles": ["+", "-"],
+            "screen_candidates": options.n_candidates if dtype == "bfloat16" else None,
+        },
+        "dtype": dtype,
+        "device": str(device),
+        "n_vectors": n_vectors,
+        "n_rows": 2 * n_vectors,
+        "timings": {**{k: round(v, 3) for k, v in timings.items()}, "total_s": round(seconds, 3),
+                    "vectors_per_s": round(n_vectors / max(seconds, 1e-9), 1)},
+    }

@@ -1,0 +1,403 @@
+"""Clamp and steer neurons: forward pre-hooks on the down projections, and what they do to the output.
+
+A neuron's activation is the input of the down projection at its index:
+``act(gate) * up`` in gated MLPs, ``act(fc1)`` otherwise. An intervention
+rewrites that column before the down projection reads it, so everything
+downstream (later layers, the logits, generation) sees the changed value.
+
+Spec syntax (``--neuron`` / ``--clamp``; several at once):
+  ``L29N808=20``    set the activation to 20
+  ``L29N808=20x``   set it to 20 times the neuron's natural range: the largest
+                    |activation| it reaches on the bundled neutral reference text
+  ``L29N808+=5x``   add 5 times its natural range
+  ``L29N808*=3``    multiply it by 3 (a plain factor only)
+  ``L29N808=-20x``  values may be negative; ``0`` ablates the neuron
+
+Positions (``--positions``), for every forward pass inside ``intervene``:
+  ``all``        every token, prompt and generated (the default)
+  ``prompt``     the tokens of the prompt: the whole input of a forward pass that
+                 starts from an empty KV cache
+  ``generated``  tokens after the prompt (forward passes that continue a cache)
+  ``last``       the newest token of each forward pass: the one whose next token is
+                 being predicted (the prompt's last token, then each generated one)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.core.fsio import atomic_file
+from neuronmap.core.ids import neuron_id, parse_neuron_id
+from neuronmap.runtime.models import Model, require_tokenizer
+from neuronmap.core.cache import cache_dir, file_sha256
+
+MODES = ("set", "add", "scale")
+POSITIONS = ("all", "prompt", "generated", "last")
+POSITIONS_DEFAULT = "all"
+_SPEC = re.compile(r"^\s*(L\d+N\d+)\s*(?:([+*]?=)\s*(\S+?))?\s*$")
+_VALUE = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)(x?)$", re.IGNORECASE)
+_OPS = {"=": "set", "+=": "add", "*=": "scale"}
+SPEC_HELP = "expected L{layer}N{index}=VALUE (set), +=VALUE (add) or *=FACTOR (scale), VALUE a number or Nx, e.g. L29N808=20x"
+
+
+# ------------------------------------------------------------------ specs
+
+
+@dataclass(frozen=True)
+class Value:
+    """A number, absolute or in units of the neuron's natural range (``20x``)."""
+
+    amount: float
+    relative: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.amount:g}x" if self.relative else f"{self.amount:g}"
+
+    def to_dict(self) -> dict:
+        """JSON types only: ``{"amount": 20.0, "relative": true}``."""
+        return {"amount": self.amount, "relative": self.relative}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One parsed ``--neuron`` argument; ``value`` is None when a ``--sweep`` supplies it."""
+
+    layer: int
+    neuron: int
+    mode: str
+    value: Value | None
+
+    @property
+    def id(self) -> str:
+        return neuron_id(self.layer, self.neuron)
+
+    def __str__(self) -> str:
+        op = {v: k for k, v in _OPS.items()}[self.mode]
+        return self.id if self.value is None else f"{self.id}{op}{self.value}"
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One neuron's rewrite with an absolute value: ``mode`` is ``set`` | ``add`` | ``scale``."""
+
+    layer: int
+    neuron: int
+    mode: str
+    value: float
+
+    def to_dict(self) -> dict:
+        """JSON types only: the neuron's id, layer, index, mode and absolute value."""
+        return {"id": neuron_id(self.layer, self.neuron), "layer": self.layer, "neuron": self.neuron, "mode": self.mode,
+                "value": self.value}
+
+
+def parse_value(text: str, what: str = "value") -> Value:
+    """Parse ``20``, ``-2.5`` or ``20x``.
+
+    Raises:
+        NeuronmapError: not a number with an optional ``x``.
+
+    Example:
+        >>> parse_value("20x")
+        Value(amount=20.0, relative=True)
+    """
+    m = _VALUE.match(text.strip())
+    if not m or not math.isfinite(float(m.group(1))):
+        raise NeuronmapError(f"malformed {what} {text!r}: expected a number, or Nx for N times the neuron's natural range, e.g. 20x")
+    return Value(float(m.group(1)), bool(m.group(2)))
+
+
+def parse_spec(text: str, n_layers: int | None = None, d_mlp: int | None = None) -> Spec:
+    """Parse one neuron spec, checking the neuron's range when the shape is given.
+
+    Raises:
+        NeuronmapError: malformed, out of range, or a relative factor for ``*=``.
+
+    Example:
+        >>> parse_spec("L29N808*=3")
+        Spec(layer=29, neuron=808, mode='scale', value=Value(amount=3.0, relative=False))
+    """
+    m = _SPEC.match(text)
+    if not m:
+        raise NeuronmapError(f"malformed neuron spec {text!r}: {SPEC_HELP}")
+    layer, neuron = parse_neuron_id(m.group(1), n_layers, d_mlp)
+    if m.group(2) is None:
+        return Spec(layer, neuron, "set", None)
+    mode = _OPS[m.group(2)]
+    try:
+        value = parse_value(m.group(3))
+    except NeuronmapError as e:
+        raise NeuronmapError(f"malformed neuron spec {text!r}: {SPEC_HELP}") from e
+    if mode == "scale" and value.relative:
+        raise NeuronmapError(f"neuron spec {text!r}: *= takes a plain factor, e.g. {m.group(1)}*=3")
+    return Spec(layer, neuron, mode, value)
+
+
+def parse_sweep(text: str) -> list[Value]:
+    """Parse ``0,5x,10x,20x,50x``.
+
+    Raises:
+        NeuronmapError: an item is malformed or the list is empty.
+    """
+    items = [t for t in text.split(",") if t.strip()]
+    if not items:
+        raise NeuronmapError(f"empty --sweep {text!r}: expected values such as 0,5x,10x,20x,50x")
+    return [parse_value(t, "--sweep value") for t in items]
+
+
+def check_specs(specs: list[Spec], m: Model) -> None:
+    """Check every spec against the loaded model's shape.
+
+    Raises:
+        NeuronmapError: a neuron out of range.
+    """
+    for s in specs:
+        parse_neuron_id(s.id, m.n_layers, m.d_mlp)
+
+
+def check_positions(positions: str) -> None:
+    if positions not in POSITIONS:
+        raise NeuronmapError(f"unknown --positions {positions!r}: expected one of {', '.join(POSITIONS)}")
+
+
+# ------------------------------------------------------------------ hooks
+
+
+class _Cursor:
+    """Where the current forward pass sits in its sequences, shared by one context's hooks.
+
+    Attributes:
+        offset: position of the forward pass's first token (the KV cache length).
+        prompt_len: input length of the last forward pass that started from an empty cache.
+        last: ``[batch]`` index of each row's newest real token in this forward pass
+            (right-padded batches end in padding), or None for ``seq - 1``.
+    """
+
+    offset = 0
+    prompt_len = 0
+    last: torch.Tensor | None = None
+
+
+def _model_hook(cursor: _Cursor):
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        x = ids if ids is not None else kwargs.get("inputs_embeds")
+        past = kwargs.get("past_key_values")
+        cursor.offset = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+        if x is None:
+            return
+        seq = int(x.shape[1])
+        if cursor.offset == 0:
+            cursor.prompt_len = seq
+        mask = kwargs.get("attention_mask")
+        cursor.last = None
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            window = mask[:, -seq:]  # [batch, seq]
+            cursor.last = seq - 1 - window.flip(-1).argmax(-1)  # [batch]
+    return hook
+
+
+def _selected(cursor: _Cursor, seq: int, positions: str, device: torch.device) -> torch.Tensor:
+    """Which tokens of the current forward pass to rewrite: ``[seq]`` or ``[batch, seq]`` bool."""
+    idx = torch.arange(seq, device=device)  # [seq]
+    if positions == "all":
+        return torch.ones(seq, dtype=torch.bool, device=device)
+    if positions == "prompt":
+        return cursor.offset + idx < cursor.prompt_len
+    if positions == "generated":
+        return cursor.offset + idx >= cursor.prompt_len
+    if cursor.last is None:
+        return idx == seq - 1
+    return idx.unsqueeze(0) == cursor.last.to(device).unsqueeze(-1)  # [batch, seq]
+
+
+def _mlp_hook(cursor: _Cursor, iv: Intervention, positions: str):
+    def hook(module, args):
+        x = args[0]  # [..., seq, d_mlp]
+        sel = _selected(cursor, x.shape[-2], positions, x.device)  # [seq] or [batch, seq]
+        c = x[..., iv.neuron]  # [..., seq]
+        new = torch.full_like(c, iv.value) if iv.mode == "set" else c + iv.value if iv.mode == "add" else c * iv.value
+        x = x.clone()
+        x[..., iv.neuron] = torch.where(sel, new, c)
+        return (x, *args[1:])
+    return hook
+
+
+@contextmanager
+def intervene(m: Model, interventions: list[Intervention], positions: str = POSITIONS_DEFAULT) -> Iterator[None]:
+    """Rewrite neurons' activations in every forward pass of ``m.model`` inside the block.
+
+    Hooks are removed on exit, also when the block raises. Interventions on the
+    same neuron apply in order (``set`` then ``add`` adds to the set value).
+
+    Args:
+        m: the loaded model.
+        interventions: absolute rewrites (see ``resolve``).
+        positions: one of ``POSITIONS``.
+
+    Raises:
+        NeuronmapError: unknown positions or mode.
+
+    Example:
+        >>> with intervene(m, [Intervention(29, 808, "set", 40.0)]):  # doctest: +SKIP
+        ...     logits = m.model(ids).logits
+    """
+    check_positions(positions)
+    for iv in interventions:
+        if iv.mode not in MODES:
+            raise NeuronmapError(f"unknown mode {iv.mode!r}: expected one of {', '.join(MODES)}")
+        parse_neuron_id(neuron_id(iv.layer, iv.neuron), m.n_layers, m.d_mlp)
+    cursor = _Cursor()
+    handles = [m.model.register_forward_pre_hook(_model_hook(cursor), with_kwargs=True)]
+    try:
+        # One hook per neuron, in order, so two rewrites of one neuron compose.
+        for iv in interventions:
+            handles.append(m.downs[iv.layer].register_forward_pre_hook(_mlp_hook(cursor, iv, positions)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def recording(m: Model, each: Callable[[int, torch.Tensor], None] | None = None) -> Iterator[list[torch.Tensor | None]]:
+    """Record every layer's activations ``[..., seq, d_mlp]`` (the down projections' inputs) of the last forward pass.
+
+    Args:
+        m: the model.
+        each: if given, called as ``each(layer, acts)`` the moment a layer's activations exist, and nothing is
+            kept (the list stays None): the caller consumes them while the pass goes on, so a pass never holds
+            every layer's activations at once.
+    """
+    seen: list[torch.Tensor | None] = [None] * m.n_layers
+
+    def make(i: int):
+        def hook(module, args):
+            if each is None:
+                seen[i] = args[0].detach()
+            else:
+                each(i, args[0].detach())
+        return hook
+
+    handles = [d.register_forward_pre_hook(make(i)) for i, d in enumerate(m.downs)]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ------------------------------------------------------------------ natural range
+
+
+def bundled_text(name: str) -> str:
+    """A text file from ``neuronmap/data`` (``reference.txt``, ``prompts.txt``)."""
+    return resources.files("neuronmap").joinpath("data", name).read_text(encoding="utf-8")
+
+
+def bundled_prompts() -> list[str]:
+    """The ~20 neutral prompts used when ``--prompts`` is not given."""
+    return [p for p in bundled_text("prompts.txt").splitlines() if p.strip()]
+
+
+def encode(m: Model, text: str) -> torch.Tensor:
+    """``[1, seq]`` token ids of plain text on the model's device."""
+    tok = require_tokenizer(m)
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        raise NeuronmapError("the prompt is empty after tokenization: give some text")
+    return ids.to(m.device)
+
+
+def natural_range(m: Model) -> torch.Tensor:
+    """The largest |activation| of every neuron on the bundled reference text, ``[n_layers, d_mlp]`` fp32.
+
+    Computed with one forward pass and cached in ``cache_dir()/ranges``, keyed by
+    the weight files' sha256, the dtype and the reference text.
+
+    Raises:
+        NeuronmapError: the model has no tokenizer.
+    """
+    text = bundled_text("reference.txt")
+    h = hashlib.sha256(text.encode())
+    for f in m.source.files:
+        h.update(file_sha256(f).encode())
+    h.update(str(m.dtype).encode())
+    path = cache_dir() / "ranges" / f"{h.hexdigest()[:24]}.npy"
+    if path.is_file():
+        try:
+            arr = np.load(path)
+            if arr.shape == (m.n_layers, m.d_mlp):
+                return torch.from_numpy(arr)
+        except (OSError, ValueError):
+            pass  # a damaged cache entry is recomputed
+    ids = encode(m, text)
+    with torch.no_grad(), recording(m) as seen:
+        m.model(ids)
+    ranges = torch.stack([a.float().abs().reshape(-1, m.d_mlp).amax(0).cpu() for a in seen])  # [n_layers, d_mlp]
+    try:
+        with atomic_file(path, "cache") as tmp, open(tmp, "wb") as f:
+            np.save(f, ranges.numpy())
+    except NeuronmapError:
+        pass  # a read-only cache only costs a forward pass
+    return ranges
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def resolve(specs: list[Spec], m: Model, value: Value | None = None) -> list[Intervention]:
+    """Turn specs into absolute interventions; ``value`` (a sweep point) overrides each spec's own.
+
+    Raises:
+        NeuronmapError: a spec without a value and no ``value`` given.
+    """
+    check_specs(specs, m)
+    ranges = None
+    out = []
+    for s in specs:
+        v = value if value is not None else s.value
+        if v is None:
+            raise NeuronmapError(f"neuron spec {s.id!r} has no value: give one (e.g. {s.id}=20x) or a --sweep")
+        amount = v.amount
+        if v.relative and s.mode != "scale":
+            ranges = natural_range(m) if ranges is None else ranges
+            amount *= float(ranges[s.layer, s.neuron])
+        _check_amount(s, v, amount)
+        out.append(Intervention(s.layer, s.neuron, s.mode, amount))
+    return out
+
+
+def _check_amount(s: Spec, v: Value, amount: float) -> None:
+    if not math.isfinite(amount) or abs(amount) > _FLOAT32_MAX:
+        raise NeuronmapError(f"neuron spec {s.id}: {v} comes to {amount:g}, which the model's float32 activations cannot "
+                             f"hold (at most {_FLOAT32_MAX:.3g}); choose a smaller value, e.g. {s.id}=20x")
+
+
+def check_values(specs: list[Spec], sweep: str | None) -> None:
+    """Check, before any model loads, that every spec has a value or a sweep supplies one, and absolute values fit.
+
+    A relative value (``20x``) is checked once the natural range is known (``resolve``).
+
+    Raises:
+        NeuronmapError: a spec without a value and no sweep, or an absolute value beyond float32.
+
+    Example:
+        >>> check_values([parse_spec("L29N808=20x")], None)
+    """
+    for s in specs:
+        if s.value is None and not sweep:
+            raise NeuronmapError(f"neuron spec {s.id!r} has no value: give one (e.g. {s.id}=20x) or a --sweep")
+        for v in [s.value] if s.value is not None else parse_sweep(sweep):
+            if not v.relative and s.mode != "scale":
+                _check_amount(s, v, v.amount)
