@@ -407,8 +407,8 @@ def test_rows_writer_makes_big_row_groups(tmp_path):
 def test_tokens_with_markup_characters_print_as_they_are():
     from rich.console import Console
 
-    from neuronmap.cli import _tok
+    from neuronmap.cli.common import show_token
 
     c = Console(record=True, width=80)
-    c.print(_tok("[/bold]") + " " + _tok(" [x]"))
+    c.print(show_token("[/bold]") + " " + show_token(" [x]"))
     assert c.export_text().strip() == "'[/bold]' ' [x]'"

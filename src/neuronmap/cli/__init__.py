@@ -2,6 +2,9 @@
 
 Every command that outputs data takes ``--json``; the default is a Rich table.
 Bad input prints ``error: <one line>`` to stderr and exits 2.
+
+Stage 11, cli: the top; each command parses, calls one API function, renders (doc: docs/cli.md from the parser).
+May import: every stage.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import sys
 
 from neuronmap.cli.atlas_cmds import add_map, add_search, add_show, add_stats
 from neuronmap.cli.browse_cmds import add_layer, add_serve, add_similar
-from neuronmap.cli.common import _tok, err  # noqa: F401 (_tok: tests render tokens as the tables do)
+from neuronmap.cli.common import err
 from neuronmap.cli.compare_cmd import add_compare
 from neuronmap.cli.evidence_cmds import add_examples, add_record
 from neuronmap.cli.model_cmds import add_clamp, add_generate, add_verify

@@ -9,7 +9,7 @@ import sys
 from rich.markup import escape
 from rich.table import Table
 
-from neuronmap.cli.common import _print_json, _table, _tok, err, finite_float, int_at_least, out
+from neuronmap.cli.common import print_json, print_table, show_token, err, finite_float, int_at_least, out
 from neuronmap.core.fsio import check_png
 
 
@@ -80,7 +80,7 @@ def cmd_map(args) -> int:
     for line in result.notes:
         err.print(f"note: {line}", markup=False)
     if args.json:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
         return 0
     m = result.meta
     out.print(f"[bold]Mapped[/bold] {result.n_vectors:,} vectors ({m['n_rows']:,} rows with both poles) of "
@@ -156,7 +156,7 @@ def cmd_search(args) -> int:
     r = search(files, args.concepts, args.matrices, args.layers, args.pole, args.top, args.min_prob,
                args.stored, args.weights, not args.exact_token, args.sort)
     if args.json:
-        _print_json(r.to_dict())
+        print_json(r.to_dict())
         return 0
     t = r.table
     if args.csv:
@@ -167,12 +167,12 @@ def cmd_search(args) -> int:
     out.print(f"[bold]search[/bold] {escape(args.atlas)}: {_method_line(r.method, r.n_scored, r.top_k)}; {r.seconds:.1f} s")
     for c in r.concepts:
         hits = t[t["concept"] == c.text]
-        toks = ", ".join(f"{_tok(s)} ({i})" for i, s in zip(c.token_ids, c.tokens))
+        toks = ", ".join(f"{show_token(s)} ({i})" for i, s in zip(c.token_ids, c.tokens))
         if c.approximate:
-            out.print(f"\n[bold]{_tok(c.text)}[/bold]: [yellow]APPROXIMATE[/yellow], no variant is a single token; matched by "
+            out.print(f"\n[bold]{show_token(c.text)}[/bold]: [yellow]APPROXIMATE[/yellow], no variant is a single token; matched by "
                       f"its first token {toks}, which stands for more than the concept")
         else:
-            out.print(f"\n[bold]{_tok(c.text)}[/bold]: single-token variants {toks}")
+            out.print(f"\n[bold]{show_token(c.text)}[/bold]: single-token variants {toks}")
         tab = Table(show_edge=False)
         evidence = "evidence" in files.meta
         cols = ("rank", "neuron", "matrix", "pole", "p(concept)", "best variant", "top tokens (p)") + \
@@ -181,12 +181,12 @@ def cmd_search(args) -> int:
             tab.add_column(col, justify="right" if col in ("rank", "p(concept)", "agreement (base)") else "left")
         pct = lambda x: "-" if x is None or x != x else f"{100 * x:.0f}%"  # noqa: E731
         for h in hits.itertuples():
-            tops = "  ".join(f"{_tok(a)} {b:.2f}" for a, b in zip(h.top_tokens[:3], h.top_probs[:3]))
+            tops = "  ".join(f"{show_token(a)} {b:.2f}" for a, b in zip(h.top_tokens[:3], h.top_probs[:3]))
             more = (f"{pct(h.agreement)} ({pct(h.agreement_base)})",) if evidence else ()
-            tab.add_row(str(h.rank), h.id, h.matrix, h.pole, f"{h.prob:.3f}", f"{_tok(h.token)} {h.token_prob:.3f}", tops,
+            tab.add_row(str(h.rank), h.id, h.matrix, h.pole, f"{h.prob:.3f}", f"{show_token(h.token)} {h.token_prob:.3f}", tops,
                         *more, end_section=False)
         if len(hits):
-            _table(tab)
+            print_table(tab)
         else:
             out.print("  no row reaches --min-prob" if args.min_prob else "  no row found")
     return 0
@@ -212,7 +212,7 @@ def cmd_show(args) -> int:
     _note_index(files, args.stored)
     n = show(files, args.neuron, args.stored, args.weights, args.n)
     if args.json:
-        _print_json(n.to_dict())
+        print_json(n.to_dict())
         return 0
     how = ("exact p of that token over every row, from the weights" if n.rank_method == "exact"
            else "stored p, among only the rows whose top-k holds that token")
@@ -222,9 +222,9 @@ def cmd_show(args) -> int:
     for col in ("matrix", "pole", "|w|", "entropy", "rank for top token", f"top {args.tokens} tokens (p)"):
         tab.add_column(col, justify="right" if col in ("|w|", "entropy", "rank for top token") else "left")
     for r in n.rows.itertuples():
-        tops = "  ".join(f"{_tok(a)} {b:.3f}" for a, b in zip(r.tokens[:args.tokens], r.probs[:args.tokens]))
+        tops = "  ".join(f"{show_token(a)} {b:.3f}" for a, b in zip(r.tokens[:args.tokens], r.probs[:args.tokens]))
         tab.add_row(r.matrix, r.pole, f"{r.weight_norm:.2f}", f"{r.entropy:.2f}", f"{r.rank:,} of {r.n_ranked:,}", tops)
-    _table(tab)
+    print_table(tab)
     if n.evidence is not None:
         from neuronmap.cli.evidence_cmds import render_evidence
 
@@ -255,7 +255,7 @@ def cmd_stats(args) -> int:
     if args.plot:
         plot(s, args.plot, f"{files.meta.get('source', {}).get('spec', '?')} ({files.meta['family']}): {s.n_rows:,} rows of {args.atlas}")
     if args.json:
-        _print_json(s.to_dict())
+        print_json(s.to_dict())
         return 0
     out.print(f"[bold]stats[/bold] {escape(args.atlas)}: {s.n_rows:,} rows (vector x pole); confident = top token p > 0.5; "
               "token classes of the top token, as defined in `neuronmap.atlas.stats.token_class`")
@@ -267,14 +267,14 @@ def cmd_stats(args) -> int:
     for r in s.layers.itertuples():
         tab.add_row(str(r.layer), r.matrix, f"{r.rows:,}", f"{100 * r.confident:.1f}%", f"{r.entropy_p10:.2f}",
                     f"{r.entropy_p50:.2f}", f"{r.entropy_p90:.2f}", *[f"{100 * getattr(r, k):.0f}%" for k in TOKEN_CLASSES],
-                    "  ".join(f"{_tok(a)} {n}" for a, n in r.top_tokens))
-    _table(tab)
+                    "  ".join(f"{show_token(a)} {n}" for a, n in r.top_tokens))
+    print_table(tab)
     top = Table(title="most frequent top tokens, all rows", show_edge=False)
     for col in ("token", "id", "rows", "share", "class"):
         top.add_column(col, justify="right" if col in ("id", "rows", "share") else "left")
     for r in s.top_tokens.head(10).to_dict("records"):  # records, not itertuples: "class" is a Python keyword
-        top.add_row(_tok(r["token"]), str(r["token_id"]), f"{r['rows']:,}", f"{100 * r['share']:.2f}%", r["class"])
-    _table(top)
+        top.add_row(show_token(r["token"]), str(r["token_id"]), f"{r['rows']:,}", f"{100 * r['share']:.2f}%", r["class"])
+    print_table(top)
     if args.plot:
         out.print(f"plot: {args.plot}")
     return 0

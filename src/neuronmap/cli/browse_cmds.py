@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from neuronmap.cli.common import _print_json, _table, _tok, err, int_at_least, out
+from neuronmap.cli.common import print_json, print_table, show_token, err, int_at_least, out
 from neuronmap.core.errors import NeuronmapError
 
 
@@ -36,7 +36,7 @@ def cmd_layer(args) -> int:
     files = open_files(args.atlas)
     r = layer_rows(files, args.layer, args.matrix, args.pole, args.sort, args.descending, args.token_class, args.offset, args.limit)
     if args.json:
-        _print_json(r.to_dict())
+        print_json(r.to_dict())
         return 0
     shown = f"{r.offset + 1}-{r.offset + len(r.rows)}" if len(r.rows) else "none"
     out.print(f"[bold]layer {r.layer}[/bold] {r.matrix} of {escape(args.atlas)}: rows {shown} of {r.n_matching:,}"
@@ -46,9 +46,9 @@ def cmd_layer(args) -> int:
     for col in ("neuron", "pole", "top token", "p", "class", "entropy", "|w|", "next tokens"):
         tab.add_column(col, justify="right" if col in ("p", "entropy", "|w|") else "left")
     for x in r.rows.to_dict("records"):
-        tab.add_row(x["id"], x["pole"], _tok(x["top_token"]), f"{x['top_prob']:.3f}", x["token_class"], f"{x['entropy']:.3f}",
-                    f"{x['weight_norm']:.3f}", "  ".join(_tok(t) for t in list(x["tokens"])[1:4]))
-    _table(tab)
+        tab.add_row(x["id"], x["pole"], show_token(x["top_token"]), f"{x['top_prob']:.3f}", x["token_class"], f"{x['entropy']:.3f}",
+                    f"{x['weight_norm']:.3f}", "  ".join(show_token(t) for t in list(x["tokens"])[1:4]))
+    print_table(tab)
     return 0
 
 
@@ -71,7 +71,7 @@ def cmd_similar(args) -> int:
 
     r = similar(open_files(args.atlas), args.neuron, args.matrices, args.top, args.weights)
     if args.json:
-        _print_json(r.to_dict())
+        print_json(r.to_dict())
         return 0
     out.print(f"[bold]{r.id}[/bold]: most aligned vectors by |cosine| over {r.n_compared:,} per matrix; a negative cosine "
               "pairs with the other neuron's - pole")
@@ -79,8 +79,8 @@ def cmd_similar(args) -> int:
     for col in ("matrix", "rank", "neuron", "cosine", "pole", "top token", "p"):
         tab.add_column(col, justify="right" if col in ("rank", "cosine", "p") else "left")
     for x in r.rows.to_dict("records"):
-        tab.add_row(x["matrix"], str(x["rank"]), x["id"], f"{x['cosine']:+.3f}", x["pole"], _tok(x["top_token"]), f"{x['top_prob']:.3f}")
-    _table(tab)
+        tab.add_row(x["matrix"], str(x["rank"]), x["id"], f"{x['cosine']:+.3f}", x["pole"], show_token(x["top_token"]), f"{x['top_prob']:.3f}")
+    print_table(tab)
     return 0
 
 

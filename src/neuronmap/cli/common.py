@@ -43,16 +43,16 @@ def finite_float(lo: float | None = None, hi: float | None = None):
     return parse
 
 
-def _print_json(data: dict) -> None:
+def print_json(data: dict) -> None:
     # allow_nan=False: a nan or inf that reached here is a bug in a to_dict(), not something to print as invalid JSON.
     sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
-def _tok(t: str) -> str:
+def show_token(t: str) -> str:
     """A token as Python writes it, so leading spaces and newlines show; escaped for Rich markup ('[' is a token too)."""
     return escape(repr(t))
 
 
-def _table(tab: Table) -> None:
+def print_table(tab: Table) -> None:
     # Piped or redirected output has no width; Rich would squeeze the table into 80 columns.
     (out if out.is_terminal else Console(highlight=False, soft_wrap=True, width=max(out.width, 200))).print(tab)

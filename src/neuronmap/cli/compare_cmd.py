@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from neuronmap.cli.common import _print_json, err, finite_float, int_at_least, out
+from neuronmap.cli.common import print_json, err, finite_float, int_at_least, out
 from neuronmap.core.fsio import check_png
 
 
@@ -30,7 +30,7 @@ def add_compare(sub) -> None:
     p.set_defaults(func=cmd_compare)
 
 
-def _pct(x: float) -> str:
+def percent(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
@@ -48,7 +48,7 @@ def cmd_compare(args) -> int:
     if args.plot:
         plot(c, args.plot)
     if args.json:
-        _print_json(c.to_dict())
+        print_json(c.to_dict())
         return 0
     ma, mb = c.a.meta, c.b.meta
     for name, s, m in (("A", c.a, ma), ("B", c.b, mb)):
@@ -70,7 +70,7 @@ def _show_neuron(n) -> None:
     for col in ("matrix", "pole", "vectors", "same top-1", "top-k overlap", "mean JS", "changed"):
         t.add_column(col, justify="left" if col in ("matrix", "pole") else "right")
     for r in n.overall:
-        t.add_row(r["matrix"], r["pole"], f"{r['n']:,}", _pct(r["same_top1"]), _pct(r["topk_overlap"]), f"{r['js']:.3f}", f"{r['changed']:,}")
+        t.add_row(r["matrix"], r["pole"], f"{r['n']:,}", percent(r["same_top1"]), percent(r["topk_overlap"]), f"{r['js']:.3f}", f"{r['changed']:,}")
     out.print(t)
     t = Table(title="Per layer (both poles): same top-1 share by matrix")
     t.add_column("layer", justify="right")
@@ -85,7 +85,7 @@ def _show_neuron(n) -> None:
         d[1] += r["same_top1"] * r["n"]
         d[2] += r["js"] * r["n"]
     for layer in sorted(by):
-        cells = [_pct(by[layer][m][1] / by[layer][m][0]) if m in by[layer] else "" for m in mats]
+        cells = [percent(by[layer][m][1] / by[layer][m][0]) if m in by[layer] else "" for m in mats]
         tot = [sum(v[i] for v in by[layer].values()) for i in range(3)]
         t.add_row(str(layer), *cells, f"{tot[2] / tot[0]:.3f}")
     out.print(t)
@@ -112,7 +112,7 @@ def _show_concept(c) -> None:
     corr = "n/a" if c.depth_corr is None else f"{c.depth_corr:.2f}"
     gap = "n/a" if c.depth_gap is None else f"{c.depth_gap:.2f}"
     out.print(f"Concepts (confident top-1 token strings, p > {c.min_prob}, strip+lowercase): A {c.n_a:,}, B {c.n_b:,}, "
-              f"shared {c.n_shared:,}; Jaccard {c.jaccard:.3f}; B has {_pct(c.coverage_a)} of A's, A has {_pct(c.coverage_b)} of B's.")
+              f"shared {c.n_shared:,}; Jaccard {c.jaccard:.3f}; B has {percent(c.coverage_a)} of A's, A has {percent(c.coverage_b)} of B's.")
     out.print(f"Relative depth (layer / (n_layers - 1)) of shared concepts: correlation A vs B {corr}, mean |gap| {gap}.")
     if c.shared:
         t = Table(title="Shared concepts, most vectors first")

@@ -8,7 +8,7 @@ import time
 from rich.markup import escape
 from rich.table import Table
 
-from neuronmap.cli.common import _print_json, _table, _tok, err, int_at_least, out
+from neuronmap.cli.common import print_json, print_table, show_token, err, int_at_least, out
 
 
 def add_record(sub) -> None:
@@ -55,7 +55,7 @@ def cmd_record(args) -> int:
         r = record(args.atlas, args.corpus, args.text_column, args.every, args.tokens, args.context, args.examples,
                    args.batch_tokens, args.source, args.device, args.overwrite, progress)
     if args.json:
-        _print_json(r.to_dict())
+        print_json(r.to_dict())
         return 0
     e = r.evidence
     out.print(f"[bold]Recorded[/bold] {e['tokens']:,} tokens of {escape(e['corpus']['name'])} ({e['documents']:,} documents, "
@@ -82,7 +82,7 @@ def _agreement(rows: list[dict], title: str, count: str) -> None:
     for a in rows:
         t.add_row(a["matrix"], a["pole"], f"{a[count]:,}", f(a["next_hit"]), f(a["next_base"]), f(a["current_hit"]),
                   f(a["current_base"]), f(a["effect_share"]), f(a["effect_base"]))
-    _table(t)
+    print_table(t)
 
 
 def add_examples(sub) -> None:
@@ -98,7 +98,7 @@ def context_line(ex: dict, width: int = 12) -> str:
     """An example as Rich markup: the last ``width`` tokens before, the firing token bold and bracketed, a few after."""
     before = "".join(escape(t) for t in ex["before"][-width:]).replace("\n", "⏎")
     after = "".join(escape(t) for t in ex["after"]).replace("\n", "⏎")
-    return f"{before}[bold reverse]{_tok(ex['token'])}[/bold reverse]{after}"
+    return f"{before}[bold reverse]{show_token(ex['token'])}[/bold reverse]{after}"
 
 
 def cmd_examples(args) -> int:
@@ -108,7 +108,7 @@ def cmd_examples(args) -> int:
     files = open_files(args.atlas)
     ev = neuron_evidence(files, args.neuron, args.n)
     if args.json:
-        _print_json(ev.to_dict())
+        print_json(ev.to_dict())
         return 0
     render_evidence(ev)
     return 0
@@ -125,5 +125,5 @@ def render_evidence(ev) -> None:
             t.add_column(c, justify="right" if c in ("#", "activation") else "left")
         for ex in ev.examples[pole]:
             t.add_row(str(ex["rank"]), f"{ex['activation']:.3f}", escape(f"{ex['doc']}@{ex['position']}"), context_line(ex))
-        _table(t)
+        print_table(t)
     _agreement([{**a, "examples": a["n"]} for a in ev.agreement], "Agreement with the decoded top-k", "examples")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from neuronmap.cli.common import _print_json, _table, _tok, err, finite_float, int_at_least, out
+from neuronmap.cli.common import print_json, print_table, show_token, err, finite_float, int_at_least, out
 
 
 def _model_args(p, source: bool = True) -> None:
@@ -60,7 +60,7 @@ def cmd_clamp(args) -> int:
     r = clamp(load_model(args.source, args.device, args.dtype), specs, args.concept, prompts, args.sweep, args.positions)
     _note_approximate(r.concept)
     if args.json:
-        _print_json(r.to_dict())
+        print_json(r.to_dict())
         return 0
     out.print(f"Concept [bold]{escape(r.concept.text)}[/bold]: P(next token in {{{escape(', '.join(repr(v) for v in r.concept.tokens))}}}) "
               f"on {len(r.prompts)} prompts, positions {r.positions}.")
@@ -72,7 +72,7 @@ def cmd_clamp(args) -> int:
         for i, prompt in enumerate(r.prompts):
             b, c = r.baseline.probs[i], o.probs[i]
             t.add_row(escape(prompt), f"{b:.4f}", f"{c:.4f}", _ratio(c / b) if b > 0 else "inf",
-                      _tok(r.baseline.top[i]), _tok(o.top[i]))
+                      show_token(r.baseline.top[i]), show_token(o.top[i]))
         out.print(t)
     t = Table(title="Dose-response" if len(r.outcomes) > 1 else "Summary")
     for c in ("setting", "mean p", "ratio", "prompts raised", "KL on reference (nats/token)"):
@@ -116,7 +116,7 @@ def cmd_generate(args) -> int:
     if r.notice:
         err.print(f"notice: {r.notice}", markup=False)
     if args.json:
-        _print_json(r.to_dict())
+        print_json(r.to_dict())
         return 0
     t = Table(title=escape(f"{r.text!r}: {len(r.baseline)} samples each, temperature {r.temperature:g}, seed {r.seed}"))
     t.add_column("#")
@@ -156,7 +156,7 @@ def cmd_verify(args) -> int:
                args.device, args.dtype)
     _note_approximate(r.concept)
     if args.json:
-        _print_json(r.to_dict())
+        print_json(r.to_dict())
         return 0
     t = Table(title=f"Does clamping raise P({escape(repr(r.concept.text))})? Baseline mean p {r.baseline.mean:.4f} "
                     f"on {len(r.prompts)} prompts; candidates by {r.method} search")
@@ -164,7 +164,7 @@ def cmd_verify(args) -> int:
         t.add_column(c)
     for v in r.rows:
         c = v.candidate
-        t.add_row(c.id, f"{c.matrix}{c.pole} {_tok(c.token)} p={c.prob:.2f}", *[_ratio(o.ratio) for o in v.outcomes],
+        t.add_row(c.id, f"{c.matrix}{c.pole} {show_token(c.token)} p={c.prob:.2f}", *[_ratio(o.ratio) for o in v.outcomes],
                   f"{v.best.value}: {_ratio(v.best.ratio)}", f"{v.best.kl:.3f}", "yes" if v.causal else "no")
-    _table(t)
+    print_table(t)
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from neuronmap.cli.common import _print_json, _table, _tok, finite_float, int_at_least, out
+from neuronmap.cli.common import print_json, print_table, show_token, finite_float, int_at_least, out
 
 
 def add_remove(sub) -> None:
@@ -66,7 +66,7 @@ def cmd_remove(args) -> int:
             raise NeuronmapError("--undo needs SOURCE, a directory written by `neuronmap remove`")
         u = undo(args.source, args.out)
         if args.json:
-            _print_json(u.to_dict())
+            print_json(u.to_dict())
         else:
             out.print(f"Restored {u.vectors} vectors of {escape(u.edited)} into {escape(u.out)}; "
                       f"sha256 of {', '.join(u.files)} matches the original.")
@@ -75,12 +75,12 @@ def cmd_remove(args) -> int:
                          args.edit, args.strength)
     r = remove(args.source, args.concept, args.out, args.prompt, args.prompts, args.control, opts, args.device)
     if args.json:
-        _print_json(r.to_dict())
+        print_json(r.to_dict())
         return 0
     for s in r.steps:
         t = s.targeting
         out.print(f"[bold]Removed {escape(repr(s.concept))}[/bold]: targeting vector P(concept) {t.approx_prob:.4f} -> "
-                  f"{t.prob:.4f} (top {', '.join(_tok(x) for x in t.top)}); collateral KL on the reference text: "
+                  f"{t.prob:.4f} (top {', '.join(show_token(x) for x in t.top)}); collateral KL on the reference text: "
                   f"median {s.kl_median:.4f}, 95th percentile {s.kl_p95:.4f} nats/token")
         how = s.method["select"] + (f", reflect x{s.method['strength']:g}" if s.method["edit"] == "reflect" else ", replace")
         tab = Table(title=f"Edits for {escape(repr(s.concept))} ({how})")
@@ -88,8 +88,8 @@ def cmd_remove(args) -> int:
             tab.add_column(c)
         for e in s.edits:
             tab.add_row(f"{e.id} {e.matrix}{e.pole}", f"{e.cosine:.3f}", f"{e.score:.3f}", f"{e.old_norm:.3f}",
-                        " ".join(_tok(x) for x in e.old_top), " ".join(_tok(x) for x in e.new_top))
-        _table(tab)
+                        " ".join(show_token(x) for x in e.old_top), " ".join(show_token(x) for x in e.new_top))
+        print_table(tab)
         tab = Table(title=f"P(answer) before and after removing {escape(repr(s.concept))}")
         for c in ("concept", "role", "kind", "prompt", "answer", "before", "after", "ratio"):
             tab.add_column(c)
@@ -99,7 +99,7 @@ def cmd_remove(args) -> int:
                             f"{a / b:.3g}x" if b > 0 else "-")
             tab.add_row(escape(x.concept), x.role, "mean", "", "", f"{sum(x.before) / len(x.before):.4f}",
                         f"{sum(x.after) / len(x.after):.4f}", f"{x.ratio:.3g}x" if x.ratio is not None else "-")
-        _table(tab)
+        print_table(tab)
     out.print(f"Wrote {escape(r.out)} ({escape(r.base)}; edits.json and originals.safetensors beside; "
               f"undo with `neuronmap remove {escape(r.out)} --undo -o DIR`)")
     return 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.table import Table
 
 from neuronmap.cli.atlas_cmds import map_arguments, map_options
-from neuronmap.cli.common import _print_json, _table, _tok, err, finite_float, int_at_least, out
-from neuronmap.cli.compare_cmd import _pct
+from neuronmap.cli.common import print_json, print_table, show_token, err, finite_float, int_at_least, out
+from neuronmap.cli.compare_cmd import percent
 from neuronmap.core.fsio import check_png
 
 
@@ -33,14 +33,14 @@ def cmd_map_many(args) -> int:
     for line in r.notes:
         err.print(f"note: {line}", markup=False)
     if args.json:
-        _print_json(r.to_dict())
+        print_json(r.to_dict())
         return 0
     t = Table(title=f"{len(r.atlases)} atlases in {r.out} ({r.seconds:.1f} s)")
     for col in ("atlas", "source", "rows", "seconds"):
         t.add_column(col, justify="right" if col in ("rows", "seconds") else "left")
     for a in r.atlases:
         t.add_row(a["name"], a["spec"], f"{a['n_rows']:,}", "kept" if a["reused"] else f"{a['seconds']:.1f}")
-    _table(t)
+    print_table(t)
     out.print(f"Next: neuronmap trajectory {r.out}")
     return 0
 
@@ -70,15 +70,15 @@ def cmd_trajectory(args) -> int:
     if args.plot:
         plot(t, args.plot)
     if args.json:
-        _print_json(t.to_dict())
+        print_json(t.to_dict())
         return 0
     last = t.checkpoints[-1]["name"]
     tab = Table(title=f"Each checkpoint against the last ({last}): top-k overlap over k={t.k}, JS in bits")
     for col in ("checkpoint", "source", "vectors", "same top-1", "top-k overlap", "mean JS"):
         tab.add_column(col, justify="left" if col in ("checkpoint", "source") else "right")
     for c, r in zip(t.checkpoints, t.overall):
-        tab.add_row(c["name"], c["spec"], f"{r['n']:,}", _pct(r["same_top1"]), _pct(r["topk_overlap"]), f"{r['js']:.3f}")
-    _table(tab)
+        tab.add_row(c["name"], c["spec"], f"{r['n']:,}", percent(r["same_top1"]), percent(r["topk_overlap"]), f"{r['js']:.3f}")
+    print_table(tab)
     tab = Table(title="Same top-1 as the last, per layer and matrix (both poles)")
     tab.add_column("layer", justify="right")
     tab.add_column("matrix")
@@ -88,11 +88,11 @@ def cmd_trajectory(args) -> int:
     for r in t.layers:
         cells.setdefault((r["layer"], r["matrix"]), {})[r["checkpoint"]] = r["same_top1"]
     for (layer, matrix), by in sorted(cells.items()):
-        tab.add_row(str(layer), matrix, *[_pct(by[i]) for i in range(len(t.checkpoints))])
-    _table(tab)
+        tab.add_row(str(layer), matrix, *[percent(by[i]) for i in range(len(t.checkpoints))])
+    print_table(tab)
     out.print(f"Concepts (confident top-1, p > {t.min_prob:g}) that appear or vanish between consecutive checkpoints:")
     for s in t.steps:
-        show = lambda rows: "  ".join(f"{_tok(x['token'])} ({x['n_vectors']})" for x in rows) or "-"  # noqa: E731
+        show = lambda rows: "  ".join(f"{show_token(x['token'])} ({x['n_vectors']})" for x in rows) or "-"  # noqa: E731
         out.print(f"  {s['from']} -> {s['to']}: +{s['n_gained']:,} {show(s['gained'])}")
         out.print(f"  {' ' * len(s['from'])}    {' ' * len(s['to'])}  -{s['n_lost']:,} {show(s['lost'])}")
     if args.plot:

@@ -20,6 +20,9 @@ Two levels:
 A and B are atlases or model sources; a source is mapped once into
 ``cache_dir()/atlases/<key>``, the key hashing the weight files' sha256 and the
 map options, so the second compare of the same pair starts at once.
+
+Stage 9, compare: two atlases (or a series of them, trajectory) side by side.
+May import: every stage below (core .. removal).
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ Pages: ``/`` (the atlas against depth, and the removal reports), ``/search?q=cof
 ``/report/no-paris`` (what ``neuronmap remove`` did and measured); each has a JSON twin
 under ``/api/`` with the payload the CLI's ``--json`` prints. Every asset ships in the
 package (static/); nothing is fetched from a network.
+
+Stage 10, viewer: the local web pages over atlases and removal reports.
+May import: every stage below (core .. compare).
 """
 
 from __future__ import annotations
