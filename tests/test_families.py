@@ -130,3 +130,11 @@ def test_every_family_is_tested():
     assert marks["family"].args == ("family", TINY_FAMILIES)
     tested = {family_for_model_type(tiny_config(name).model_type).name for name in TINY_FAMILIES}
     assert tested == {f.name for f in FAMILIES}
+
+
+def test_a_family_with_a_norm_the_decoder_cannot_reproduce_is_refused():
+    import dataclasses
+
+    llama = next(f for f in FAMILIES if f.name == "llama")
+    with pytest.raises(ValueError, match="norm 'batch' is not one of rms, rms_1p, layer"):
+        dataclasses.replace(llama, norm="batch")

@@ -399,7 +399,6 @@ CONTEXTS_SCHEMA = pa.schema([
 ])
 SCHEMAS = {"evidence": EVIDENCE_SCHEMA, "examples": EXAMPLES_SCHEMA, "contexts": CONTEXTS_SCHEMA,
            "agreement": AGREEMENT_SCHEMA}
-FILES = tuple(f"{k}.parquet" for k in SCHEMAS)
 
 
 def check_evidence(files: AtlasFiles) -> None:

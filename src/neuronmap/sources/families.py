@@ -63,6 +63,11 @@ class Family:
     conv1d: bool = False
     head_bias: str | None = None
 
+    def __post_init__(self):
+        # A table entry with a norm the decoder cannot reproduce would decode silently wrong: refuse it at import.
+        if self.norm not in NORM_KINDS:
+            raise ValueError(f"family {self.name!r}: norm {self.norm!r} is not one of {', '.join(NORM_KINDS)}")
+
     @property
     def matrices(self) -> tuple[str, ...]:
         """The matrix names this family has, in map order."""
