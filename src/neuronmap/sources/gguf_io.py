@@ -9,6 +9,8 @@ was expected.
 
 from __future__ import annotations
 
+from typing import Callable
+
 
 
 import numpy as np
@@ -55,27 +57,13 @@ def _dims(path, name: str, t) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
-def open_gguf(src: Source) -> Weights:
-    """Open a GGUF file's weights for lazy reading (see ``neuronmap.sources.resolve.open_weights``).
+def tensor_reader(tensors: dict, path, fam) -> Callable[[str], torch.Tensor]:
+    """A reader of GGUF tensors by llama.cpp name: dequantized to fp32, Gemma's ``1 + w`` norm gains back to HF's ``w``.
 
-    Raises:
-        NeuronmapError: the file is truncated or corrupt, its metadata lacks or misstates
-            block_count, the epsilon or the vocabulary, or it has no LM head nor embedding.
+    Integer tensors come back as stored, for ``Weights`` to refuse by name.
     """
     import gguf
 
-    from neuronmap.sources.gguf_fast import GGUFReader
-
-    path = src.path
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # the gguf package raises many kinds on a corrupt file
-        raise NeuronmapError(
-            f"cannot read GGUF file {path}: it is truncated or corrupt ({type(e).__name__}: {first_line(e)}); re-download it"
-        ) from e
-    arch = _field(reader, path, "general.architecture")
-    fam = family_for_gguf_arch(arch)
-    tensors = {t.name: t for t in reader.tensors}
     ints = {gguf.GGMLQuantizationType[n] for n in ("I8", "I16", "I32", "I64")}
 
     def read(name: str) -> torch.Tensor:
@@ -98,22 +86,51 @@ def open_gguf(src: Source) -> Weights:
             out = out - 1.0
         return out
 
+    return read
+
+
+def hf_to_gguf_names(fam, n_layers: int) -> dict[str, str]:
+    """HF tensor names -> llama.cpp's for one family, so ``Weights`` works in one naming."""
+    out: dict[str, str] = {}
+    for i in range(n_layers):
+        for role in ("gate", "up", "down", "mlp_norm"):
+            tmpl = getattr(fam, role)
+            if tmpl:
+                out[tmpl.format(i=i)] = GGUF_NAMES[role].format(i=i)
+    for suffix in (".weight", ".bias"):
+        out[fam.final_norm + suffix] = GGUF_NAMES["final_norm"] + suffix
+    out[fam.head] = GGUF_NAMES["head"]
+    out[fam.embed] = GGUF_NAMES["embed"]
+    return out
+
+
+def open_gguf(src: Source) -> Weights:
+    """Open a GGUF file's weights for lazy reading (see ``neuronmap.sources.resolve.open_weights``).
+
+    Raises:
+        NeuronmapError: the file is truncated or corrupt, its metadata lacks or misstates
+            block_count, the epsilon or the vocabulary, or it has no LM head nor embedding.
+    """
+    from neuronmap.sources.gguf_fast import GGUFReader
+
+    path = src.path
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises many kinds on a corrupt file
+        raise NeuronmapError(
+            f"cannot read GGUF file {path}: it is truncated or corrupt ({type(e).__name__}: {first_line(e)}); re-download it"
+        ) from e
+    arch = _field(reader, path, "general.architecture")
+    fam = family_for_gguf_arch(arch)
+    tensors = {t.name: t for t in reader.tensors}
+    read = tensor_reader(tensors, path, fam)
+
     key = f"{arch}.block_count"
     n_layers = as_int(_field(reader, path, key), path, key, FIX)
     last_up = GGUF_NAMES["up"].format(i=n_layers - 1)
     if last_up not in tensors:  # before naming every layer's tensors: a corrupt count may be huge
         raise NeuronmapError(f"{path} says {key} is {n_layers}, but has no tensor {last_up}: {FIX}")
-    # Translate HF names to llama.cpp's, so Weights works in one naming.
-    hf_to_gguf: dict[str, str] = {}
-    for i in range(n_layers):
-        for role in ("gate", "up", "down", "mlp_norm"):
-            tmpl = getattr(fam, role)
-            if tmpl:
-                hf_to_gguf[tmpl.format(i=i)] = GGUF_NAMES[role].format(i=i)
-    for suffix in (".weight", ".bias"):
-        hf_to_gguf[fam.final_norm + suffix] = GGUF_NAMES["final_norm"] + suffix
-    hf_to_gguf[fam.head] = GGUF_NAMES["head"]
-    hf_to_gguf[fam.embed] = GGUF_NAMES["embed"]
+    hf_to_gguf = hf_to_gguf_names(fam, n_layers)
 
     def gname(name: str) -> str:
         return hf_to_gguf.get(name, name)
