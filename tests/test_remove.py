@@ -24,6 +24,7 @@ from neuronmap.cli import build_parser, main
 from neuronmap.decode import build_head, logits
 from neuronmap.edited import remove, undo
 from neuronmap.elicit import ConceptSpec
+from neuronmap.errors import NeuronmapError
 from neuronmap.effects import concept_tokens, next_token_logprobs
 from neuronmap.models import load_model
 from neuronmap.removal import RemoveOptions, single_tokens, specific_direction
@@ -192,7 +193,7 @@ def undo_cli(copy: Path, tmp_path: Path, capsys) -> tuple[int, str]:
 FLIP = b"\x00\x00\x80\x3f"
 
 
-@pytest.mark.parametrize("damage", [{"model.safetensors": FLIP}, {}])
+@pytest.mark.parametrize("damage", [{"model.safetensors": FLIP}, {}], ids=["flipped-byte", "untouched"])
 def test_undo_refuses_a_record_that_lists_no_files(removed, tmp_path, capsys, damage):
     """Issue 25: `files: {}` (with a flipped byte in model.safetensors, or none) undid to exit 0 and 'sha256 of  matches
     the original', having checked nothing."""
@@ -208,7 +209,7 @@ def test_undo_refuses_a_record_that_lists_no_files(removed, tmp_path, capsys, da
     ({"originals.safetensors": FLIP}, "originals.safetensors", "its sha256 changed"),
     ({"config.json": b"    "}, "config.json", "its sha256 changed"),
     ({"tokenizer.json": None}, "tokenizer.json", "missing"),
-])
+], ids=["originals", "config", "tokenizer-missing"])
 def test_undo_refuses_a_damaged_edited_checkpoint_naming_the_file(removed, tmp_path, capsys, damage, name, why):
     """Every file remove wrote is checked before anything is restored, not only the rewritten weights."""
     _, out = removed
@@ -257,7 +258,9 @@ REDO = "; re-run `neuronmap remove` on the original model"
     (lambda d: _first_edit(d, tensor="model.norm.weight"), "records an edit of tensor 'model.norm.weight', which is no "
                                                           "2-D tensor of the checkpoint" + REDO),
     (lambda d: _first_edit(d, index=10**6), "records an edit of {key}, past the"),
-])
+], ids=["files-string", "edit-without-tensor", "steps-oops", "axis-2", "index-negative", "index-string", "sha-not-hex",
+        "files-value-list", "name-escapes", "written-lacks-rewritten", "originals-number", "originals-not-safetensors",
+        "no-written", "record-list", "version-huge", "tensor-1d", "index-past-end"])
 def test_undo_refuses_a_malformed_edits_json_with_one_line(removed, tmp_path, capsys, change, message):
     """Issue 25 item 9: a `files` string, an edit without `tensor`, `"steps": "oops"` ... gave tracebacks."""
     r, out = removed
@@ -308,6 +311,23 @@ def test_undo_prints_every_file_checked(removed, tiny_with_tokenizer, tmp_path, 
     names = sorted(p.name for p in tiny_with_tokenizer.iterdir())
     assert rc == 0 and sorted(u["files"]) == names
     assert u["files"] == {n: hashlib.sha256((tiny_with_tokenizer / n).read_bytes()).hexdigest() for n in names}
+
+
+def test_high_collateral_kl_is_a_warning(tiny_with_tokenizer, prompts_file, tmp_path, capsys):
+    """Issue 25: --strength 1e30 exited 0 with a median KL of 8.3 nats/token and no word. A run whose measured median
+    KL is above 0.1 is written, and says so on stderr; one below says nothing."""
+    base = ["remove", str(tiny_with_tokenizer), "--concept", "dog", "--prompts", str(prompts_file), "--select", "cosine",
+            "--candidates", "16", "--rounds", "1", "--json"]
+    rc, printed, err = run_cli([*base, "-o", str(tmp_path / "hard"), "--edit", "reflect", "--strength", "100"], capsys)
+    kl = json.loads(printed)["steps"][0]["kl_median"]
+    assert rc == 0 and kl > 0.1 and (tmp_path / "hard" / "edits.json").is_file()
+    assert err == (f"warning: removing 'dog' moved the neutral reference text by a median KL of {kl:.3g} nats/token "
+                   "(above 0.1): the edited model is damaged well beyond the concept (--select cosine, --edit reflect, "
+                   "--strength 100); try fewer --edits, a smaller --strength or another --select (docs/remove.md)\n")
+    rc, printed, err = run_cli([*base, "-o", str(tmp_path / "soft"), "--edits", "1"], capsys)
+    assert rc == 0 and json.loads(printed)["steps"][0]["kl_median"] < 0.1 and err == ""
+    with pytest.raises(NeuronmapError, match=r"^--strength 1e\+30 is out of range: expected a number above 0 and at most 100"):
+        RemoveOptions(select="cosine", edit="reflect", strength=1e30).check()
 
 def test_contribution_selection_and_bfloat16_checkpoint(tiny_with_tokenizer, prompts_file, tmp_path):
     """A bf16 checkpoint is edited in bf16 (nothing else rewritten), with the contribution ranking."""

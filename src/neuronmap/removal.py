@@ -256,11 +256,12 @@ class Step:
         """
         if not self.kl_median > KL_WARN:
             return None
-        how = self.method.get("select"), self.method.get("edit"), self.method.get("strength")
+        select, edit, strength = (self.method.get(k) for k in ("select", "edit", "strength"))
+        reflect = edit == "reflect"
         return (f"removing {self.concept!r} moved the neutral reference text by a median KL of {self.kl_median:.3g} "
                 f"nats/token (above {KL_WARN:g}): the edited model is damaged well beyond the concept "
-                f"(--select {how[0]}, --edit {how[1]}" + (f", --strength {how[2]:g}" if how[1] == "reflect" else "")
-                + "); try fewer --edits, a smaller --strength or another --select (docs/remove.md)")
+                f"(--select {select}, --edit {edit}{f', --strength {strength:g}' if reflect else ''}); try fewer --edits"
+                f"{', a smaller --strength' if reflect else ''} or another --select (docs/remove.md)")
 
 
 @dataclass(frozen=True)
