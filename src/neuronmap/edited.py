@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -187,6 +187,8 @@ class RemoveReport:
         source_files: the source's own weight files, ``{"name", "sha256"}`` each, as an atlas's meta.json records
             them: for a GGUF source ``files`` holds its safetensors export, and this is what ties the report to an
             atlas of the GGUF itself (the viewer's neuron links).
+        written: every file written beside edits.json (the checkpoint and originals.safetensors) with its sha256:
+            what ``undo`` checks before it restores anything.
     """
 
     source: str
@@ -197,19 +199,21 @@ class RemoveReport:
     steps: tuple[Step, ...]
     files: dict
     source_files: tuple[dict, ...] = ()
+    written: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON types only: the form ``remove --json`` prints (and edits.json holds)."""
         return {"source": self.source, "out": self.out, "options": self.options.to_dict(), "control": self.control,
                 "base": self.base, "steps": [s.to_dict() for s in self.steps], "files": self.files,
-                "source_files": list(self.source_files)}
+                "source_files": list(self.source_files), "written": self.written}
 
 
-def write_checkpoint(src: Source, m: Model, removal: Removal, out: Path, report: dict) -> tuple[str, dict]:
+def write_checkpoint(src: Source, m: Model, removal: Removal, out: Path, report: dict) -> tuple[str, dict, dict]:
     """Write the edited checkpoint, ``edits.json`` and ``originals.safetensors`` to ``out``, atomically.
 
     Returns:
-        (base, files): how the base was made, and each rewritten file's sha256 before and after.
+        (base, files, written): how the base was made, each rewritten file's sha256 before and after, and every file
+        written but edits.json with its sha256.
     """
     from safetensors.torch import save_file
 
@@ -227,10 +231,10 @@ def write_checkpoint(src: Source, m: Model, removal: Removal, out: Path, report:
         save_file(originals, str(tmp / ORIGINALS))
         written = {f.name: files[f.name]["after"] if f.name in files else hash_file(f)
                    for f in sorted(tmp.iterdir()) if f.is_file()}
-        record = {"format": FORMAT, "version": VERSION, **report, "base": base, "files": files, "originals": ORIGINALS,
-                  "written": written}
+        record = {"format": FORMAT, "version": VERSION, **report, "base": base, "files": files, "written": written,
+                  "originals": ORIGINALS}
         (tmp / EDITS_JSON).write_text(json.dumps(record, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-    return base, files
+    return base, files, written
 
 
 def remove(source: str | None, concepts: list[str], out: Path | str, prompts: list[str] = (),
@@ -279,8 +283,8 @@ def remove(source: str | None, concepts: list[str], out: Path | str, prompts: li
     removal = remove_concepts(m, specs, ctrl, options, stored)
     source_files = tuple({"name": f.name, "sha256": file_sha256(f)} for f in src.files)  # cached: hashed once per file
     report = RemoveReport(src.spec, str(out), options, ctrl.word if ctrl else None, "", removal.steps, {}, source_files)
-    base, files = write_checkpoint(src, m, removal, out, report.to_dict())
-    return RemoveReport(src.spec, str(out), options, report.control, base, removal.steps, files, source_files)
+    base, files, written = write_checkpoint(src, m, removal, out, report.to_dict())
+    return RemoveReport(src.spec, str(out), options, report.control, base, removal.steps, files, source_files, written)
 
 
 def _control(control: str | None, specs: list[ConceptSpec], specs_all: dict[str, ConceptSpec]) -> ConceptSpec | None:
@@ -300,7 +304,7 @@ def _control(control: str | None, specs: list[ConceptSpec], specs_all: dict[str,
 
 # ------------------------------------------------------------------ reading a report back
 
-BOOKKEEPING = ("format", "version", "originals", "written")  # edits.json's own keys; the rest is RemoveReport.to_dict()
+BOOKKEEPING = ("format", "version", "originals")  # edits.json's own keys; the rest is RemoveReport.to_dict()
 REPORT_FIX = "--report takes a directory written by `neuronmap remove` (or its edits.json), e.g. --report no-paris"
 
 # What a reader of the report relies on: a key ending in ``?`` may be absent; ``(a, b)`` is either; ``[x]`` a list of x;
@@ -313,7 +317,7 @@ _MEASURE = {"concept": str, "role": str, "ratio": (float, None), "mean_before": 
 _STEP = {"concept": str, "method?": {"select": str, "edit": str, "strength": float}, "targeting?": {"approx_prob": float, "prob": float, "top": [str], "cosine_to_approx": float},
          "edits": [_EDIT], "measures": [_MEASURE], "kl_median": float, "kl_p95": float}
 _REPORT = {"source": str, "out": str, "options": dict, "control": (str, None), "base": str, "steps": [_STEP],
-           "files": dict, "source_files?": [{"name": str, "sha256": str}]}
+           "files": dict, "source_files?": [{"name": str, "sha256": str}], "written?": {str: SHA256}}
 
 
 def _shape_problem(value: object, shape: object, where: str) -> str | None:
