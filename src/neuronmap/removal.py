@@ -62,7 +62,7 @@ EDIT_DEFAULTS = {"cosine": "replace", "contribution": "replace", "unembed": "rep
 STRENGTH_DEFAULTS = {"cosine": 2.0, "contribution": 2.0, "unembed": 2.0, "specific": 40.0}
 EDIT_MODE = EDIT_DEFAULTS["cosine"]
 STRENGTH = STRENGTH_DEFAULTS["cosine"]
-# Past this a reflected component is over 99 times what it was: on the demo model 60 already doubled the collateral KL
+# Past this a reflected component is over 99 times what it was: on the demo model 60 already more than doubled the collateral KL
 # of 40, and 1e30 left a median KL of 8.3 nats/token (a broken model, written with exit 0).
 STRENGTH_MAX = 100.0
 # A median collateral KL above this (ten times issue 12's target of 0.01) is reported as a warning: what runs the docs
