@@ -8,8 +8,11 @@ effect against the model's own before-values.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from neuronmap.decode.engine import build_head
 from neuronmap.decode.head import logits
 from neuronmap.removal.edited import remove, undo
 from neuronmap.intervene.elicit import ConceptSpec
+from neuronmap.core.errors import NeuronmapError
 from neuronmap.intervene.effects import concept_tokens, next_token_logprobs
 from neuronmap.runtime.models import load_model
 from neuronmap.removal.method import RemoveOptions, single_tokens, specific_direction
@@ -133,6 +137,198 @@ def test_undo_refuses_a_changed_checkpoint(removed, tmp_path, capsys):
     assert rc == 2 and "is not the file `remove` wrote" in err and err.count("\n") == 1
     assert not (tmp_path / "back").exists()
 
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_edits_json_records_the_sha256_of_every_file_written(removed):
+    """edits.json's `written` holds every file remove wrote beside it (originals.safetensors included), as hashed now."""
+    _, out = removed
+    d = json.loads((out / "edits.json").read_text())
+    names = sorted(p.name for p in out.iterdir() if p.name != "edits.json")
+    assert sorted(d["written"]) == names and "originals.safetensors" in names and "config.json" in names
+    for name in names:
+        assert d["written"][name] == hashlib.sha256((out / name).read_bytes()).hexdigest(), name
+    assert d["files"]["model.safetensors"]["after"] == d["written"]["model.safetensors"]
+    assert d["originals"] == "originals.safetensors"
+
+
+def test_outputs_have_the_mode_the_umask_gives(removed, tmp_path):
+    """safetensors writes 0600 files; remove's and undo's outputs get 0666 & ~umask like every other output."""
+    _, out = removed
+    undo(out, tmp_path / "back")
+    want = 0o666 & ~_umask()
+    for d in (out, tmp_path / "back"):
+        modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in d.iterdir()}
+        assert modes == {name: oct(want) for name in modes}, modes
+        assert stat.S_IMODE(d.stat().st_mode) == 0o777 & ~_umask()
+
+
+def edited_copy(out: Path, tmp_path: Path, change=None, damage: dict | None = None) -> Path:
+    """A copy of the edited checkpoint ``out`` in tmp_path, its edits.json passed through ``change`` (record -> record)
+    and its files' bytes changed per ``damage`` ({file name: bytes written at offset -4, or None to delete it})."""
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    if change is not None:
+        (copy / "edits.json").write_text(json.dumps(change(json.loads((copy / "edits.json").read_text()))))
+    for name, data in (damage or {}).items():
+        if data is None:
+            (copy / name).unlink()
+            continue
+        with open(copy / name, "r+b") as f:
+            f.seek(-4, 2)
+            f.write(data)
+    return copy
+
+
+def undo_cli(copy: Path, tmp_path: Path, capsys) -> tuple[int, str]:
+    rc, _, err = run_cli(["remove", str(copy), "--undo", "-o", str(tmp_path / "back")], capsys)
+    assert not (tmp_path / "back").exists() or rc == 0
+    return rc, err
+
+
+FLIP = b"\x00\x00\x80\x3f"
+
+
+@pytest.mark.parametrize("damage", [{"model.safetensors": FLIP}, {}], ids=["flipped-byte", "untouched"])
+def test_undo_refuses_a_record_that_lists_no_files(removed, tmp_path, capsys, damage):
+    """Issue 25: `files: {}` (with a flipped byte in model.safetensors, or none) undid to exit 0 and 'sha256 of  matches
+    the original', having checked nothing."""
+    _, out = removed
+    copy = edited_copy(out, tmp_path, lambda d: {**d, "files": {}}, damage)
+    rc, err = undo_cli(copy, tmp_path, capsys)
+    assert rc == 2 and err == (f"error: {copy / 'edits.json'} is damaged: files is {{}}, expected the rewritten weight "
+                               "files with their sha256, so undo could check nothing it restores; re-run `neuronmap "
+                               "remove` on the original model\n")
+
+
+@pytest.mark.parametrize("damage, name, why", [
+    ({"originals.safetensors": FLIP}, "originals.safetensors", "its sha256 changed"),
+    ({"config.json": b"    "}, "config.json", "its sha256 changed"),
+    ({"tokenizer.json": None}, "tokenizer.json", "missing"),
+], ids=["originals", "config", "tokenizer-missing"])
+def test_undo_refuses_a_damaged_edited_checkpoint_naming_the_file(removed, tmp_path, capsys, damage, name, why):
+    """Every file remove wrote is checked before anything is restored, not only the rewritten weights."""
+    _, out = removed
+    copy = edited_copy(out, tmp_path, damage=damage)
+    rc, err = undo_cli(copy, tmp_path, capsys)
+    assert rc == 2 and err.startswith(f"error: {copy / name} is not the file `remove` wrote ({why}; edits.json records ")
+    assert err.endswith("): its original bytes cannot be restored; re-run `neuronmap remove` on the original model\n")
+    assert err.count("\n") == 1
+
+
+def _first_edit(d: dict, **change) -> dict:
+    step = d["steps"][0]
+    edit = {k: v for k, v in {**step["edits"][0], **change}.items() if v is not None}
+    return {**d, "steps": [{**step, "edits": [edit, *step["edits"][1:]]}, *d["steps"][1:]]}
+
+
+DAMAGED = "is damaged: "
+REDO = "; re-run `neuronmap remove` on the original model"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: {**d, "files": "model.safetensors"}, DAMAGED + "files is 'model.safetensors', expected an object" + REDO),
+    (lambda d: _first_edit(d, tensor=None), DAMAGED + "steps[0].edits[0].tensor is missing" + REDO),
+    (lambda d: {**d, "steps": "oops"}, DAMAGED + "steps is 'oops', expected a list" + REDO),
+    (lambda d: _first_edit(d, axis=2), DAMAGED + "steps[0].edits[0].axis is 2, expected 0 (a row) or 1 (a column)" + REDO),
+    (lambda d: _first_edit(d, index=-1), DAMAGED + "steps[0].edits[0].index is -1, expected a whole number >= 0" + REDO),
+    (lambda d: _first_edit(d, index="7"), DAMAGED + "steps[0].edits[0].index is '7', expected a whole number" + REDO),
+    (lambda d: {**d, "files": {"model.safetensors": {"before": "abc", "after": d["files"]["model.safetensors"]["after"]}}},
+     DAMAGED + "files['model.safetensors'].before is 'abc', expected a sha256 (64 hex digits)" + REDO),
+    (lambda d: {**d, "files": {"model.safetensors": ["a", "b"]}},
+     DAMAGED + "files['model.safetensors'] is a JSON list, expected an object" + REDO),
+    (lambda d: {**d, "written": {**d["written"], "../../etc/passwd": "0" * 64}},
+     DAMAGED + "it names the file '../../etc/passwd', expected a file name in {copy} other than edits.json" + REDO),
+    (lambda d: {**d, "written": {k: v for k, v in d["written"].items() if k != "model.safetensors"}},
+     DAMAGED + "written['model.safetensors'] is None, expected files['model.safetensors'].after ({after})" + REDO),
+    (lambda d: {**d, "originals": 3}, DAMAGED + "originals is 3, expected a string" + REDO),
+    (lambda d: {**d, "originals": "config.json", "written": d["written"]},
+     "error: cannot read {copy}/config.json (SafetensorError): it is damaged" + REDO),
+    (lambda d: {k: v for k, v in d.items() if k != "written"},
+     "lists no sha256 of the files remove wrote (no \"written\": older neuronmap releases did not record it), so "
+     "undo could check nothing it restores" + REDO),
+    (lambda d: [d], "is not a neuronmap edit record (format 'a JSON list', expected 'neuronmap-edits'): --undo takes a "
+                    "directory written by `neuronmap remove`"),
+    (lambda d: {**d, "version": "2" * 5000}, "has edit record version '" + "2" * 56 + "...; this neuronmap reads "
+                                              "version 1: undo it with the neuronmap release that wrote it"),
+    (lambda d: _first_edit(d, tensor="model.norm.weight"), "records an edit of tensor 'model.norm.weight', which is no "
+                                                          "2-D tensor of the checkpoint" + REDO),
+    (lambda d: _first_edit(d, index=10**6), "records an edit of {key}, past the"),
+], ids=["files-string", "edit-without-tensor", "steps-oops", "axis-2", "index-negative", "index-string", "sha-not-hex",
+        "files-value-list", "name-escapes", "written-lacks-rewritten", "originals-number", "originals-not-safetensors",
+        "no-written", "record-list", "version-huge", "tensor-1d", "index-past-end"])
+def test_undo_refuses_a_malformed_edits_json_with_one_line(removed, tmp_path, capsys, change, message):
+    """Issue 25 item 9: a `files` string, an edit without `tensor`, `"steps": "oops"` ... gave tracebacks."""
+    r, out = removed
+    d = json.loads((out / "edits.json").read_text())
+    e = d["steps"][0]["edits"][0]
+    copy = edited_copy(out, tmp_path, change)
+    rc, err = undo_cli(copy, tmp_path, capsys)
+    want = message.format(copy=copy, after=d["files"]["model.safetensors"]["after"],
+                          key=f"{e['tensor']}|{e['axis']}|{10**6}")
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err and want in err, err
+    assert err.startswith("error: ")
+
+
+def test_undo_refuses_deeply_nested_edits_json(removed, tmp_path, capsys):
+    _, out = removed
+    copy = edited_copy(out, tmp_path)
+    (copy / "edits.json").write_text("[" * 100_000 + "]" * 100_000)
+    rc, err = undo_cli(copy, tmp_path, capsys)
+    assert rc == 2 and err.startswith(f"error: {copy / 'edits.json'} is not readable JSON (RecursionError: ")
+    assert err.endswith("): --undo takes a directory written by `neuronmap remove`\n") and err.count("\n") == 1
+
+
+def test_undo_checks_what_it_restored(removed, tmp_path, capsys):
+    """An originals.safetensors that is not the one remove wrote, recorded as if it were: every file checks out before
+    the restore, and the restored model.safetensors is refused after it, nothing written."""
+    from safetensors.torch import save_file
+
+    _, out = removed
+    copy = edited_copy(out, tmp_path)
+    originals = load_file(copy / "originals.safetensors")
+    key = sorted(originals)[0]
+    originals[key] = originals[key] + 1
+    save_file(originals, str(copy / "originals.safetensors"))
+    d = json.loads((copy / "edits.json").read_text())
+    d["written"]["originals.safetensors"] = hashlib.sha256((copy / "originals.safetensors").read_bytes()).hexdigest()
+    (copy / "edits.json").write_text(json.dumps(d))
+    rc, err = undo_cli(copy, tmp_path, capsys)
+    assert rc == 2 and err == (f"error: restoring model.safetensors did not give back its original sha256: "
+                               f"{copy / 'edits.json'} does not match its files; re-run `neuronmap remove` on the "
+                               "original model\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
+
+
+def test_undo_prints_every_file_checked(removed, tiny_with_tokenizer, tmp_path, capsys):
+    _, out = removed
+    rc, printed, _ = run_cli(["remove", str(out), "--undo", "-o", str(tmp_path / "back"), "--json"], capsys)
+    u = json.loads(printed)
+    names = sorted(p.name for p in tiny_with_tokenizer.iterdir())
+    assert rc == 0 and sorted(u["files"]) == names
+    assert u["files"] == {n: hashlib.sha256((tiny_with_tokenizer / n).read_bytes()).hexdigest() for n in names}
+
+
+def test_high_collateral_kl_is_a_warning(tiny_with_tokenizer, prompts_file, tmp_path, capsys):
+    """Issue 25: --strength 1e30 exited 0 with a median KL of 8.3 nats/token and no word. A run whose measured median
+    KL is above 0.1 is written, and says so on stderr; one below says nothing."""
+    base = ["remove", str(tiny_with_tokenizer), "--concept", "dog", "--prompts", str(prompts_file), "--select", "cosine",
+            "--candidates", "16", "--rounds", "1", "--json"]
+    rc, printed, err = run_cli([*base, "-o", str(tmp_path / "hard"), "--edit", "reflect", "--strength", "100"], capsys)
+    kl = json.loads(printed)["steps"][0]["kl_median"]
+    assert rc == 0 and kl > 0.1 and (tmp_path / "hard" / "edits.json").is_file()
+    assert err == (f"warning: removing 'dog' moved the neutral reference text by a median KL of {kl:.3g} nats/token "
+                   "(above 0.1): the edited model is damaged well beyond the concept (--select cosine, --edit reflect, "
+                   "--strength 100); try fewer --edits, a smaller --strength or another --select (docs/remove.md)\n")
+    rc, printed, err = run_cli([*base, "-o", str(tmp_path / "soft"), "--edits", "1"], capsys)
+    assert rc == 0 and json.loads(printed)["steps"][0]["kl_median"] < 0.1 and err == ""
+    with pytest.raises(NeuronmapError, match=r"^--strength 1e\+30 is out of range: expected a number above 0 and at most 100"):
+        RemoveOptions(select="cosine", edit="reflect", strength=1e30).check()
 
 def test_contribution_selection_and_bfloat16_checkpoint(tiny_with_tokenizer, prompts_file, tmp_path):
     """A bf16 checkpoint is edited in bf16 (nothing else rewritten), with the contribution ranking."""
@@ -246,6 +442,11 @@ def test_auto_takes_cosine_for_a_concept_without_neighbours_and_says_so(tiny_wit
     (["--concept", "dog", "--matrices", "gate,ffn"], "error: unknown matrix 'ffn'"),
     (["--concept", "dog", "--control", "hello"], "error: --control 'hello' has no eliciting prompts"),
     (["--concept", "dog", "--select", "specific"], "error: --select specific needs neighbour words and prompts for 'dog'"),
+    # Issue 25: 1e30 ran with exit 0 and left a median KL of 8.3 nats/token on the demo model.
+    (["--concept", "dog", "--edit", "reflect", "--strength", "1e30"],
+     "error: --strength 1e+30 is out of range: expected a number above 0 and at most 100, e.g. 2 (or 40 with --select "
+     "specific)"),
+    (["--concept", "dog", "--strength", "0"], "error: --strength 0 is out of range: expected a number above 0 and at most 100"),
 ])
 def test_cli_bad_input(tiny_with_tokenizer, prompts_file, tmp_path, argv, message, capsys):
     rc, _, err = run_cli(["remove", str(tiny_with_tokenizer), *argv, "--prompts", str(prompts_file),

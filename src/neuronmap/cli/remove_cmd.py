@@ -5,13 +5,13 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from neuronmap.cli.common import print_json, print_table, show_token, finite_float, int_at_least, out
+from neuronmap.cli.common import print_json, print_table, show_token, err, finite_float, int_at_least, out
 
 
 def add_remove(sub) -> None:
     from neuronmap.runtime.models import DEVICE
     from neuronmap.removal.method import (CANDIDATES, EDIT_DEFAULTS, EDIT_MODES, EDITS, MATRICES, NOISE, ROUNDS, SEED, SELECT,
-                                   SELECTS, STRENGTH_DEFAULTS)
+                                   SELECTS, STRENGTH_DEFAULTS, STRENGTH_MAX)
 
     p = sub.add_parser("remove", help="remove a concept from a model's weights (TARS) and measure removal and collateral")
     p.add_argument("source", nargs="?", default=None,
@@ -41,9 +41,11 @@ def add_remove(sub) -> None:
     p.add_argument("--edit", choices=EDIT_MODES, default=None,
                    help="replace the vector by the reversed direction (TARS), or reflect only its component along it "
                         f"(default: {EDIT_DEFAULTS['specific']} where the selection is specific, {EDIT_DEFAULTS['cosine']} otherwise)")
-    p.add_argument("--strength", type=finite_float(1e-9), default=None,
-                   help="with --edit reflect: times the component subtracted (2 reverses it) (default: "
-                        f"{STRENGTH_DEFAULTS['specific']:g} where the selection is specific, {STRENGTH_DEFAULTS['cosine']:g} otherwise)")
+    # The range is checked by RemoveOptions.check, so the library and the CLI refuse it with the same line.
+    p.add_argument("--strength", type=finite_float(), default=None,
+                   help="with --edit reflect: times the component subtracted (2 reverses it), above 0 and at most "
+                        f"{STRENGTH_MAX:g} (default: {STRENGTH_DEFAULTS['specific']:g} where the selection is specific, "
+                        f"{STRENGTH_DEFAULTS['cosine']:g} otherwise)")
     p.add_argument("--noise", type=finite_float(1e-9), default=NOISE,
                    help=f"noise per dimension, times the concept vector's RMS (default {NOISE:g})")
     p.add_argument("--candidates", type=int_at_least(1), default=CANDIDATES, help=f"noisy candidates per round (default {CANDIDATES})")
@@ -68,15 +70,15 @@ def cmd_remove(args) -> int:
         if args.json:
             print_json(u.to_dict())
         else:
-            out.print(f"Restored {u.vectors} vectors of {escape(u.edited)} into {escape(u.out)}; "
-                      f"sha256 of {', '.join(u.files)} matches the original.")
+            out.print(f"Restored {u.vectors} vectors of {escape(u.edited)} into {escape(u.out)}; the sha256 of each of "
+                      f"its {len(u.files)} files ({escape(', '.join(u.files))}) is the original's.")
         return 0
     opts = RemoveOptions(args.edits, args.matrices, args.select, args.noise, args.candidates, args.rounds, args.seed,
                          args.edit, args.strength)
     r = remove(args.source, args.concept, args.out, args.prompt, args.prompts, args.control, opts, args.device)
     if args.json:
         print_json(r.to_dict())
-        return 0
+        return _warn_collateral(r.steps)
     for s in r.steps:
         t = s.targeting
         out.print(f"[bold]Removed {escape(repr(s.concept))}[/bold]: targeting vector P(concept) {t.approx_prob:.4f} -> "
@@ -102,4 +104,13 @@ def cmd_remove(args) -> int:
         print_table(tab)
     out.print(f"Wrote {escape(r.out)} ({escape(r.base)}; edits.json and originals.safetensors beside; "
               f"undo with `neuronmap remove {escape(r.out)} --undo -o DIR`)")
+    return _warn_collateral(r.steps)
+
+
+def _warn_collateral(steps) -> int:
+    # Last, so that it is not scrolled away by the tables; the checkpoint is written all the same (exit 0): how much
+    # collateral is acceptable is the user's call, and the report beside it says what was measured.
+    for s in steps:
+        if w := s.collateral_warning():
+            err.print(f"warning: {w}", markup=False, emoji=False)
     return 0

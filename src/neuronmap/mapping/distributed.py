@@ -2,7 +2,7 @@
 
 Each task opens the model on its worker and reads only what it decodes: the
 final norm and LM head, then its own layers' matrices, one at a time
-(``mapper._map_part``, the code a single-process map runs). The model must be
+(``part.map_part``, the code a single-process map runs). The model must be
 readable at the same path on every node (a shared filesystem), or, for a hub id,
 be in each node's Hugging Face cache; a worker that cannot read it says so in
 one line. Tasks return their parts' rows to this process, which writes each part

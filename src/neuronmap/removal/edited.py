@@ -7,13 +7,14 @@ bytes of the edited rows and columns are rewritten, in the tensor's own dtype.
 Beside them:
 
 - ``edits.json``: every edit (tensor, row or column, neuron, pole, cosine, old
-  norm, decoded tokens before and after), the options, the measured report, and
-  the sha256 of each rewritten file before and after;
+  norm, decoded tokens before and after), the options, the measured report, the
+  sha256 of each rewritten file before and after (``files``), and the sha256 of
+  every file ``remove`` wrote beside it (``written``, originals.safetensors included);
 - ``originals.safetensors``: the replaced vectors as they were stored, one 1-D
   tensor each, keyed ``{tensor}|{axis}|{index}``.
 
-``undo`` writes a new directory with those bytes put back, and checks that each
-file's sha256 is the original's. Every output is built in a temporary directory
+``undo`` checks every file ``written`` lists, writes a new directory with those bytes
+put back, and checks that each restored file's sha256 is the original's. Every output is built in a temporary directory
 beside it and renamed into place; an existing non-empty directory is never replaced.
 """
 
@@ -21,9 +22,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -84,6 +86,9 @@ def new_dir(out: Path, protect: tuple[Path, ...] = ()) -> Iterator[Path]:
     try:
         try:
             yield tmp
+            for f in tmp.iterdir():
+                if f.is_file() and not f.is_symlink():
+                    fsio.make_readable(f)  # safetensors writes its files 0600; outputs get the umask's mode
             os.rename(tmp, out)  # onto an empty directory, or nothing; a directory filled meanwhile fails here
         except OSError as e:
             if out.is_dir() and any(out.iterdir()):
@@ -184,6 +189,8 @@ class RemoveReport:
         source_files: the source's own weight files, ``{"name", "sha256"}`` each, as an atlas's meta.json records
             them: for a GGUF source ``files`` holds its safetensors export, and this is what ties the report to an
             atlas of the GGUF itself (the viewer's neuron links).
+        written: every file written beside edits.json (the checkpoint and originals.safetensors) with its sha256:
+            what ``undo`` checks before it restores anything.
     """
 
     source: str
@@ -194,19 +201,21 @@ class RemoveReport:
     steps: tuple[Step, ...]
     files: dict
     source_files: tuple[dict, ...] = ()
+    written: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON types only: the form ``remove --json`` prints (and edits.json holds)."""
         return {"source": self.source, "out": self.out, "options": self.options.to_dict(), "control": self.control,
                 "base": self.base, "steps": [s.to_dict() for s in self.steps], "files": self.files,
-                "source_files": list(self.source_files)}
+                "source_files": list(self.source_files), "written": self.written}
 
 
-def write_checkpoint(src: Source, m: Model, removal: Removal, out: Path, report: dict) -> tuple[str, dict]:
+def write_checkpoint(src: Source, m: Model, removal: Removal, out: Path, report: dict) -> tuple[str, dict, dict]:
     """Write the edited checkpoint, ``edits.json`` and ``originals.safetensors`` to ``out``, atomically.
 
     Returns:
-        (base, files): how the base was made, and each rewritten file's sha256 before and after.
+        (base, files, written): how the base was made, each rewritten file's sha256 before and after, and every file
+        written but edits.json with its sha256.
     """
     from safetensors.torch import save_file
 
@@ -222,9 +231,12 @@ def write_checkpoint(src: Source, m: Model, removal: Removal, out: Path, report:
             originals[f"{e.tensor}|{e.axis}|{e.index}"] = torch.frombuffer(bytearray(old), dtype=TORCH_DTYPES[ent.dtype]).clone()
         files = {name: {"before": sha, "after": hash_file(tmp / name)} for name, sha in before.items()}
         save_file(originals, str(tmp / ORIGINALS))
-        record = {"format": FORMAT, "version": VERSION, **report, "base": base, "files": files, "originals": ORIGINALS}
+        written = {f.name: files[f.name]["after"] if f.name in files else hash_file(f)
+                   for f in sorted(tmp.iterdir()) if f.is_file()}
+        record = {"format": FORMAT, "version": VERSION, **report, "base": base, "files": files, "written": written,
+                  "originals": ORIGINALS}
         (tmp / EDITS_JSON).write_text(json.dumps(record, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
-    return base, files
+    return base, files, written
 
 
 def remove(source: str | None, concepts: list[str], out: Path | str, prompts: list[str] = (),
@@ -273,8 +285,8 @@ def remove(source: str | None, concepts: list[str], out: Path | str, prompts: li
     removal = remove_concepts(m, specs, ctrl, options, stored)
     source_files = tuple({"name": f.name, "sha256": file_sha256(f)} for f in src.files)  # cached: hashed once per file
     report = RemoveReport(src.spec, str(out), options, ctrl.word if ctrl else None, "", removal.steps, {}, source_files)
-    base, files = write_checkpoint(src, m, removal, out, report.to_dict())
-    return RemoveReport(src.spec, str(out), options, report.control, base, removal.steps, files, source_files)
+    base, files, written = write_checkpoint(src, m, removal, out, report.to_dict())
+    return RemoveReport(src.spec, str(out), options, report.control, base, removal.steps, files, source_files, written)
 
 
 def _control(control: str | None, specs: list[ConceptSpec], specs_all: dict[str, ConceptSpec]) -> ConceptSpec | None:
@@ -298,7 +310,8 @@ BOOKKEEPING = ("format", "version", "originals")  # edits.json's own keys; the r
 REPORT_FIX = "--report takes a directory written by `neuronmap remove` (or its edits.json), e.g. --report no-paris"
 
 # What a reader of the report relies on: a key ending in ``?`` may be absent; ``(a, b)`` is either; ``[x]`` a list of x;
-# ``float`` any JSON number.
+# ``{str: x}`` an object of any keys, each value an x; ``float`` any JSON number; ``SHA256`` 64 lowercase hex digits.
+SHA256 = "sha256"
 _EDIT = {"id": str, "matrix": str, "layer": int, "neuron": int, "pole": str, "cosine": float, "score": float,
          "old_norm": float, "old_top": [str], "new_top": [str]}
 _MEASURE = {"concept": str, "role": str, "ratio": (float, None), "mean_before": float, "mean_after": float,
@@ -306,7 +319,7 @@ _MEASURE = {"concept": str, "role": str, "ratio": (float, None), "mean_before": 
 _STEP = {"concept": str, "method?": {"select": str, "edit": str, "strength": float}, "targeting?": {"approx_prob": float, "prob": float, "top": [str], "cosine_to_approx": float},
          "edits": [_EDIT], "measures": [_MEASURE], "kl_median": float, "kl_p95": float}
 _REPORT = {"source": str, "out": str, "options": dict, "control": (str, None), "base": str, "steps": [_STEP],
-           "files": dict, "source_files?": [{"name": str, "sha256": str}]}
+           "files": dict, "source_files?": [{"name": str, "sha256": str}], "written?": {str: SHA256}}
 
 
 def _shape_problem(value: object, shape: object, where: str) -> str | None:
@@ -319,11 +332,16 @@ def _shape_problem(value: object, shape: object, where: str) -> str | None:
         return None if value is None else f"{where} is {value!r}, expected null"
     if isinstance(shape, list):
         if not isinstance(value, list):
-            return f"{where} is a JSON {type(value).__name__}, expected a list"
+            return f"{where} is {_show(value)}, expected a list"
         return next((p for i, v in enumerate(value) if (p := _shape_problem(v, shape[0], f"{where}[{i}]"))), None)
+    if shape == SHA256:
+        ok = isinstance(value, str) and re.fullmatch("[0-9a-f]{64}", value) is not None
+        return None if ok else f"{where} is {_show(value)}, expected a sha256 (64 hex digits)"
     if isinstance(shape, dict):
         if not isinstance(value, dict):
-            return f"{where} is a JSON {type(value).__name__}, expected an object"
+            return f"{where} is {_show(value)}, expected an object"
+        if list(shape) == [str]:
+            return next((p for k, v in value.items() if (p := _shape_problem(v, shape[str], f"{where}[{k!r}]"))), None)
         for key, sub in shape.items():
             name = key.rstrip("?")
             at = f"{where}.{name}" if where else name
@@ -336,11 +354,40 @@ def _shape_problem(value: object, shape: object, where: str) -> str | None:
         return None
     ok = (isinstance(value, (int, float)) if shape is float else isinstance(value, shape)) and not isinstance(value, bool)
     want = {float: "a number", int: "a whole number", str: "a string", dict: "an object"}[shape]
-    return None if ok else f"{where} is {value!r}, expected {want}"
+    return None if ok else f"{where} is {_show(value)}, expected {want}"
+
+
+def _show(value: object) -> str:
+    """A JSON value as a message shows it: scalars as Python writes them (cut at 60 characters), containers by kind."""
+    if isinstance(value, (dict, list)):
+        return f"a JSON {'object' if isinstance(value, dict) else 'list'}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _not_json(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _load_record(file: Path, name: str, fix: str, use: str) -> dict:
+    """``file`` read as a neuronmap edit record of this version; ``name`` and ``fix`` are how messages name it and
+    what they tell to do, ``use`` what the user was doing ("view", "undo").
+
+    Raises:
+        NeuronmapError: not readable JSON (NaN and Infinity included), not a neuronmap edit record, another version.
+    """
+    try:
+        # NaN and Infinity are not JSON (remove writes with allow_nan=False); the viewer could not send them back either.
+        record = json.loads(file.read_text(encoding="utf-8"), parse_constant=_not_json)
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: a deeply nested file
+        raise NeuronmapError(f"{name} is not readable JSON ({type(e).__name__}: {e}): {fix}") from e
+    got = record.get("format") if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+    if got != FORMAT:
+        raise NeuronmapError(f"{name} is not a neuronmap edit record (format {got!r}, expected {FORMAT!r}): {fix}")
+    if record.get("version") != VERSION:
+        raise NeuronmapError(f"{name} has edit record version {_show(record.get('version'))}; this neuronmap reads "
+                             f"version {VERSION}: {use} it with the neuronmap release that wrote it")
+    return record
 
 
 def read_report(path: Path | str) -> tuple[Path, dict]:
@@ -368,18 +415,7 @@ def read_report(path: Path | str) -> tuple[Path, dict]:
     if not file.is_file():
         looks = " (it looks like an atlas: pass it without --report)" if (path / "meta.json").is_file() else ""
         raise NeuronmapError(f"--report {path} holds no {EDITS_JSON}{looks}: {REPORT_FIX}")
-    try:
-        # NaN and Infinity are not JSON (remove writes with allow_nan=False); the viewer could not send them back either.
-        record = json.loads(file.read_text(encoding="utf-8"), parse_constant=_not_json)
-    except (OSError, ValueError) as e:
-        raise NeuronmapError(f"--report {file} is not readable JSON ({type(e).__name__}: {e}): {REPORT_FIX}") from e
-    got = record.get("format") if isinstance(record, dict) else f"a JSON {type(record).__name__}"
-    if got != FORMAT:
-        raise NeuronmapError(f"--report {file} is not a neuronmap edit record (format {got!r}, expected {FORMAT!r}): "
-                             f"{REPORT_FIX}")
-    if record.get("version") != VERSION:
-        raise NeuronmapError(f"--report {file} has edit record version {record.get('version')!r}; this neuronmap reads "
-                             f"version {VERSION}: view it with the neuronmap release that wrote it")
+    record = _load_record(file, f"--report {file}", REPORT_FIX, "view")
     report = {k: v for k, v in record.items() if k not in BOOKKEEPING}
     problem = _shape_problem(report, _REPORT, "")
     if problem:
@@ -392,7 +428,8 @@ def read_report(path: Path | str) -> tuple[Path, dict]:
 
 @dataclass(frozen=True)
 class UndoReport:
-    """What ``undo`` restored: ``vectors`` rows/columns put back into ``files`` (each now the original sha256)."""
+    """What ``undo`` restored: ``vectors`` rows/columns put back; ``files``: every file written, with its sha256 (the
+    original's, checked)."""
 
     edited: str
     out: str
@@ -403,23 +440,93 @@ class UndoReport:
         return {"edited": self.edited, "out": self.out, "vectors": self.vectors, "files": self.files}
 
 
-def _record(edited: Path) -> dict:
-    try:
-        record = json.loads((edited / EDITS_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise NeuronmapError(f"{edited} has no readable {EDITS_JSON} ({type(e).__name__}): --undo takes a directory "
-                             "written by `neuronmap remove`") from e
-    if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("files"), dict):
-        raise NeuronmapError(f"{edited / EDITS_JSON} is not a neuronmap edit record: --undo takes a directory written "
-                             "by `neuronmap remove`")
+UNDO_FIX = "--undo takes a directory written by `neuronmap remove`"
+REDO = "re-run `neuronmap remove` on the original model"
+# What undo relies on, in the notation of _REPORT.
+_UNDO = {"files": {str: {"before": SHA256, "after": SHA256}}, "originals": str, "written": {str: SHA256},
+         "steps": [{"edits": [{"tensor": str, "axis": int, "index": int}]}]}
+
+
+def read_edits(edited: Path | str) -> dict:
+    """The edits.json of a directory written by ``remove``, checked for everything ``undo`` relies on.
+
+    Args:
+        edited: the directory ``remove`` wrote.
+
+    Returns:
+        The record: ``files`` (each rewritten file's sha256 ``before`` and ``after``, at least one), ``written``
+        (every file remove wrote but edits.json, with its sha256), ``originals`` (a file name in ``written``) and
+        ``steps[].edits[]`` (``tensor``, ``axis`` 0 or 1, ``index`` >= 0).
+
+    Raises:
+        NeuronmapError: one line naming the field, what it is and what was expected, and the fix.
+
+    Example:
+        >>> sorted(read_edits("no-paris")["files"])  # doctest: +SKIP
+        ['model.safetensors']
+    """
+    edited = Path(edited)
+    file = edited / EDITS_JSON
+    if not file.is_file():
+        raise NeuronmapError(f"{edited} has no readable {EDITS_JSON} (none there): {UNDO_FIX}")
+    record = _load_record(file, str(file), UNDO_FIX, "undo")
+    if "written" not in record:
+        raise NeuronmapError(f"{file} lists no sha256 of the files remove wrote (no \"written\": older neuronmap "
+                             f"releases did not record it), so undo could check nothing it restores; {REDO}")
+    problem = _shape_problem(record, _UNDO, "")
+    if problem:
+        raise NeuronmapError(f"{file} is damaged: {problem}; {REDO}")
+    files, written = record["files"], record["written"]
+    if not files:
+        raise NeuronmapError(f"{file} is damaged: files is {{}}, expected the rewritten weight files with their sha256, "
+                             f"so undo could check nothing it restores; {REDO}")
+    for name in [*written, *files, record["originals"]]:
+        if name in ("", ".", "..", EDITS_JSON) or any(c in name for c in "/\\\0"):
+            raise NeuronmapError(f"{file} is damaged: it names the file {_show(name)}, expected a file name in "
+                                 f"{edited} other than {EDITS_JSON}; {REDO}")
+    for name, sha in files.items():
+        if written.get(name) != sha["after"]:
+            raise NeuronmapError(f"{file} is damaged: written[{name!r}] is {_show(written.get(name))}, expected "
+                                 f"files[{name!r}].after ({sha['after']}); {REDO}")
+    if record["originals"] not in written or record["originals"] in files:
+        raise NeuronmapError(f"{file} is damaged: originals is {_show(record['originals'])}, expected a file of "
+                             f"written that is not in files; {REDO}")
+    for i, step in enumerate(record["steps"]):
+        for j, e in enumerate(step["edits"]):
+            if e["axis"] not in (0, 1) or e["index"] < 0:
+                what = ("axis", "0 (a row) or 1 (a column)") if e["axis"] not in (0, 1) else ("index", "a whole number >= 0")
+                raise NeuronmapError(f"{file} is damaged: steps[{i}].edits[{j}].{what[0]} is {_show(e[what[0]])}, "
+                                     f"expected {what[1]}; {REDO}")
     return record
 
 
+def _restore(entry, originals: dict, e: dict, file: Path, originals_file: Path) -> None:
+    """Write one edit's original bytes back (``entry``: the copy's tensors), refusing an edit that does not fit its
+    tensor or has no original of its size."""
+    key = f"{e['tensor']}|{e['axis']}|{e['index']}"
+    ent = entry(e["tensor"])
+    if ent is None or len(ent.shape) != 2:
+        raise NeuronmapError(f"{file} records an edit of tensor {_show(e['tensor'])}, which is no 2-D tensor of the "
+                             f"checkpoint; {REDO}")
+    if e["index"] >= ent.shape[e["axis"]]:
+        raise NeuronmapError(f"{file} records an edit of {key}, past the {ent.shape[e['axis']]} "
+                             f"{'rows' if e['axis'] == 0 else 'columns'} of {e['tensor']}; {REDO}")
+    new = _bytes(originals[key]) if key in originals else b""
+    if len(new) != sum(n for _, n in _runs(ent, e["axis"], e["index"])):
+        raise NeuronmapError(f"{originals_file} holds no original of the right size for edit {key} of {file}; {REDO}")
+    _swap(ent, e["axis"], e["index"], new)
+
+
 def undo(edited: Path | str, out: Path | str) -> UndoReport:
-    """Write ``out``: the checkpoint ``edited`` was made from, byte for byte (its weight files' sha256 checked).
+    """Write ``out``: the checkpoint ``edited`` was made from, byte for byte, every file's sha256 checked.
+
+    Every file edits.json lists (``written``) is checked against its sha256 first; then the files of the checkpoint
+    are copied, the original rows and columns written back, and each copy checked against its original sha256
+    (``files``' ``before`` where rewritten, else ``written``'s). Files that ``remove`` did not write are not copied.
 
     Raises:
-        NeuronmapError: ``edited`` is not written by ``remove``, or was changed since; ``out`` exists.
+        NeuronmapError: ``edited`` is not written by ``remove``, its edits.json is malformed or lists no files, one
+            of its files was changed since (named); ``out`` exists.
 
     Example:
         >>> undo("no-paris", "paris-again").vectors  # doctest: +SKIP
@@ -428,29 +535,30 @@ def undo(edited: Path | str, out: Path | str) -> UndoReport:
     from safetensors.torch import load_file
 
     edited = Path(edited)
-    record = _record(edited)
+    record = read_edits(edited)
+    file = edited / EDITS_JSON
     out = check_new_dir(out, (edited,))
-    for name, sha in record["files"].items():
-        if not (edited / name).is_file() or hash_file(edited / name) != sha.get("after"):
-            raise NeuronmapError(f"{edited / name} is not the file `remove` wrote (missing, or its sha256 changed): "
-                                 "its original bytes cannot be restored; re-run remove on the original model")
+    for name, sha in record["written"].items():
+        f = edited / name
+        if not f.is_file() or file_sha256(f) != sha:
+            raise NeuronmapError(f"{f} is not the file `remove` wrote ({'missing' if not f.is_file() else 'its sha256 changed'}"
+                                 f"; {EDITS_JSON} records {sha[:12]}...): its original bytes cannot be restored; {REDO}")
+    originals_file = edited / record["originals"]
     try:
-        originals = load_file(str(edited / ORIGINALS))
+        originals = load_file(str(originals_file))
     except Exception as e:  # safetensors raises its own error types
-        raise NeuronmapError(f"cannot read {edited / ORIGINALS} ({type(e).__name__}): it is damaged; re-run remove") from e
-    edits = [e for s in record.get("steps", []) for e in s.get("edits", [])]
+        raise NeuronmapError(f"cannot read {originals_file} ({type(e).__name__}): it is damaged; {REDO}") from e
+    edits = [e for s in record["steps"] for e in s["edits"]]
+    restored = {n: record["files"][n]["before"] if n in record["files"] else sha for n, sha in record["written"].items()
+                if n != record["originals"]}
     with new_dir(out, (edited,)) as tmp:
-        for f in sorted(edited.iterdir()):
-            if f.is_file() and f.name not in (EDITS_JSON, ORIGINALS):
-                shutil.copyfile(f, tmp / f.name)
+        for name in restored:
+            shutil.copyfile(edited / name, tmp / name)
         entry = _entries(tmp)
         for e in edits:
-            key = f"{e['tensor']}|{e['axis']}|{e['index']}"
-            if key not in originals or entry(e["tensor"]) is None:
-                raise NeuronmapError(f"{edited} records edit {key} but holds no original for it: re-run remove")
-            _swap(entry(e["tensor"]), e["axis"], e["index"], _bytes(originals[key]))
-        for name, sha in record["files"].items():
-            if hash_file(tmp / name) != sha.get("before"):
-                raise NeuronmapError(f"restoring {name} did not give back its original sha256: {edited / EDITS_JSON} "
-                                     "does not match its files; re-run remove on the original model")
-    return UndoReport(str(edited), str(out), len(edits), {n: s["before"] for n, s in record["files"].items()})
+            _restore(entry, originals, e, file, originals_file)
+        for name, sha in restored.items():
+            if hash_file(tmp / name) != sha:
+                raise NeuronmapError(f"restoring {name} did not give back its original sha256: {file} does not match "
+                                     f"its files; {REDO}")
+    return UndoReport(str(edited), str(out), len(edits), restored)
