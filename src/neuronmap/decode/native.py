@@ -67,7 +67,7 @@ def compiler() -> str | None:
 
 def source(name: str) -> bytes:
     """The C source of kernel ``name``, as shipped in the package."""
-    return resources.files("neuronmap.decode.engine").joinpath("csrc", f"{name}.c").read_bytes()
+    return resources.files("neuronmap.decode").joinpath("csrc", f"{name}.c").read_bytes()
 
 
 def flags(name: str) -> tuple[str, ...]:
