@@ -23,12 +23,14 @@ from transformers import AutoModelForCausalLM
 from neuronmap.cli import build_parser, main
 from neuronmap.decode.engine import build_head
 from neuronmap.decode.head import logits
-from neuronmap.removal.edited import remove, undo
+from neuronmap.removal.undo import undo
+from neuronmap.removal.remove import remove
 from neuronmap.intervene.elicit import ConceptSpec
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.intervene.effects import concept_tokens, next_token_logprobs
 from neuronmap.runtime.models import load_model
-from neuronmap.removal.method import RemoveOptions, single_tokens, specific_direction
+from neuronmap.removal.method import single_tokens, specific_direction
+from neuronmap.removal.options import RemoveOptions
 from neuronmap.sources.resolve import open_weights
 
 PROMPTS = {

@@ -20,8 +20,8 @@ _EXPORTS = {
     "MapResult": "neuronmap.mapping.mapper",
     "map_model": "neuronmap.mapping.mapper",
     "open_weights": "neuronmap.sources.resolve",
-    "remove": "neuronmap.removal.edited",
-    "RemoveOptions": "neuronmap.removal.method",
+    "remove": "neuronmap.removal.remove",
+    "RemoveOptions": "neuronmap.removal.options",
     "resolve_source": "neuronmap.sources.resolve",
 }
 

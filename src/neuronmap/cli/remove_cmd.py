@@ -1,4 +1,4 @@
-"""``remove``: parse, call ``neuronmap.removal.edited.remove`` (or ``undo``), render."""
+"""``remove``: parse, call ``neuronmap.removal.remove.remove`` (or ``undo``), render."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from neuronmap.cli.common import print_json, print_table, show_token, err, finit
 
 def add_remove(sub) -> None:
     from neuronmap.runtime.models import DEVICE
-    from neuronmap.removal.method import (CANDIDATES, EDIT_DEFAULTS, EDIT_MODES, EDITS, MATRICES, NOISE, ROUNDS, SEED, SELECT,
-                                   SELECTS, STRENGTH_DEFAULTS, STRENGTH_MAX)
+    from neuronmap.removal.options import CANDIDATES, EDIT_DEFAULTS, EDIT_MODES, EDITS, MATRICES, NOISE, ROUNDS, SEED, SELECT, SELECTS, STRENGTH_DEFAULTS, STRENGTH_MAX
 
     p = sub.add_parser("remove", help="remove a concept from a model's weights (TARS) and measure removal and collateral")
     p.add_argument("source", nargs="?", default=None,
@@ -57,9 +56,10 @@ def add_remove(sub) -> None:
 
 
 def cmd_remove(args) -> int:
-    from neuronmap.removal.edited import remove, undo
+    from neuronmap.removal.undo import undo
+    from neuronmap.removal.remove import remove
     from neuronmap.core.errors import NeuronmapError
-    from neuronmap.removal.method import RemoveOptions
+    from neuronmap.removal.options import RemoveOptions
 
     if args.undo:
         if args.concept or args.prompt:

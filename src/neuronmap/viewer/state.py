@@ -31,7 +31,7 @@ class Report:
     """A removal report served under ``name``: what ``neuronmap remove`` recorded in ``path`` (its edits.json).
 
     Attributes:
-        report: ``RemoveReport.to_dict()`` as read back (neuronmap.removal.edited.read_report): the JSON ``remove --json`` printed.
+        report: ``RemoveReport.to_dict()`` as read back (neuronmap.removal.report.read_report): the JSON ``remove --json`` printed.
     """
 
     name: str
@@ -135,7 +135,7 @@ def serve_atlases(paths: list[Path | str], reports: list[Path | str] = ()) -> Se
         >>> serve_atlases(["demo-atlas"], ["no-paris"]).names  # doctest: +SKIP
         ['demo-atlas']
     """
-    from neuronmap.removal.edited import read_report
+    from neuronmap.removal.report import read_report
 
     if not paths and not reports:
         raise NeuronmapError("no atlas given: pass one or more atlas directories, e.g. `neuronmap serve demo-atlas`, "
