@@ -208,7 +208,10 @@ def cmd_show(args) -> int:
     from neuronmap.atlas import open_files
     from neuronmap.search import show
 
+    from neuronmap.ids import parse_neuron_id
+
     files = open_files(args.atlas)
+    parse_neuron_id(args.neuron, int(files.meta["n_layers"]), int(files.meta["d_mlp"]))  # before building an index
     _note_index(files, args.stored)
     n = show(files, args.neuron, args.stored, args.weights, args.n)
     if args.json:
@@ -217,7 +220,7 @@ def cmd_show(args) -> int:
     how = ("exact p of that token over every row, from the weights" if n.rank_method == "exact"
            else "stored p, among only the rows whose top-k holds that token")
     out.print(f"[bold]{n.id}[/bold] (layer {n.layer}, neuron {n.neuron}) of {escape(args.atlas)} "
-              f"({files.meta['family']}, {files.meta.get('source', {}).get('spec', '?')}); rank: position for its own top token, by {how}")
+              f"({files.meta['family']}, {escape(str(files.meta.get('source', {}).get('spec', '?')))}); rank: position for its own top token, by {how}")
     tab = Table(show_edge=False)
     for col in ("matrix", "pole", "|w|", "entropy", "rank for top token", f"top {args.tokens} tokens (p)"):
         tab.add_column(col, justify="right" if col in ("|w|", "entropy", "rank for top token") else "left")
