@@ -193,3 +193,17 @@ def test_trajectory_refuses_a_damaged_series_json(tiny_models, tmp_path, capsys)
                                                f"map-many again, or remove it to compare the atlases in {run} by name")
     (run / SERIES).unlink()  # without it, the atlases by name
     assert [c["name"] for c in run_json(capsys, ["trajectory", str(run)])["checkpoints"]] == atlas_names(src)
+
+
+def test_paths_are_printed_as_typed(tiny_models, tmp_path, capsys):
+    """A checkpoint path with ':dog:' and '[bold]' in it shows literally in the tables, not as an emoji or style."""
+    odd = tmp_path / ":dog: [bold]x"
+    shutil.copytree(tiny_models("llama", seed=1), odd)
+    src = [str(odd), str(tiny_models("llama"))]
+    capsys.readouterr()
+    assert main(["map-many", *src, "-o", str(tmp_path / "run"), "--layers", "1", "--matrices", "up"]) == 0
+    printed = capsys.readouterr().out
+    assert str(odd) in printed and "\U0001f436" not in printed
+    assert main(["trajectory", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    assert str(odd) in printed and "\U0001f436" not in printed
