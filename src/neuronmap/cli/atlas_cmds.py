@@ -84,16 +84,16 @@ def cmd_map(args) -> int:
         return 0
     m = result.meta
     out.print(f"[bold]Mapped[/bold] {result.n_vectors:,} vectors ({m['n_rows']:,} rows with both poles) of "
-              f"{m['source']['spec']} ({m['family']}: {m['n_layers']} layers x {m['d_mlp']} neurons, "
+              f"{escape(m['source']['spec'])} ({m['family']}: {m['n_layers']} layers x {m['d_mlp']} neurons, "
               f"matrices {','.join(m['decode']['matrices'])}) in {result.seconds:.1f} s, "
               f"{m['timings']['vectors_per_s']:,.0f} vectors/s on {m['device']} ({m['dtype']}, {m['kernel']} kernel).")
-    out.print(f"Atlas: {result.path}")
+    out.print(f"Atlas: {result.path}", markup=False)
     if result.highlights:
         t = Table(title="Some confident content-word neurons")
         for c in ("neuron", "matrix", "pole", "top token", "p"):
             t.add_column(c)
         for h in result.highlights:
-            t.add_row(h["id"], h["matrix"], h["pole"], repr(h["token"]), f"{h['prob']:.3f}")
+            t.add_row(h["id"], h["matrix"], h["pole"], _tok(h["token"]), f"{h['prob']:.3f}")
         out.print(t)
     return 0
 
@@ -279,5 +279,5 @@ def cmd_stats(args) -> int:
         top.add_row(_tok(r["token"]), str(r["token_id"]), f"{r['rows']:,}", f"{100 * r['share']:.2f}%", r["class"])
     _table(top)
     if args.plot:
-        out.print(f"plot: {args.plot}")
+        out.print(f"plot: {args.plot}", markup=False)
     return 0
