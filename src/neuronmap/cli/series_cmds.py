@@ -16,7 +16,8 @@ def add_map_many(sub) -> None:
     p.add_argument("sources", nargs="*", default=[], metavar="SOURCE", help="model sources, first to last (or --from FILE)")
     p.add_argument("--from", dest="from_file", default=None, metavar="FILE",
                    help="a text file with one source a line (blank lines and # comments skipped)")
-    p.add_argument("-o", "--out", required=True, help="directory for the atlases (NNN-NAME each) and series.json")
+    p.add_argument("-o", "--out", required=True, help="directory for the atlases (NNN-NAME each) and series.json: new, empty, or one map-many "
+                   "wrote (with --overwrite, also one holding other files; none of them is replaced)")
     map_arguments(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_map_many)
