@@ -77,3 +77,20 @@ def test_integer_options_take_ascii_digits_only(option, value, capsys, tmp_path)
     assert err.startswith(f"error: argument {option}: ") and "\n" not in err and len(err) < 300, err
     assert ("is not an integer" if len(value) == 1 else "is out of range") in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("address", ["head:٦٣٧٩", "head:²", "head:" + LONG, "ray://head:99999"])
+def test_ray_ports_take_ascii_digits_only(address):
+    from neuronmap.distributed import check_address
+
+    with pytest.raises(NeuronmapError, match=r"^malformed --ray .*: expected local, auto, HOST:PORT or ray://HOST:PORT"):
+        check_address(address)
+
+
+def test_leftover_temporaries_with_odd_pids_are_left_alone(tmp_path):
+    from neuronmap.fsio import remove_stale
+
+    odd = [tmp_path / f".atlas.{pid}-x.tmp" for pid in ("²", "٣", "9" * 30)]
+    for p in odd:
+        p.write_text("")
+    assert remove_stale(tmp_path / "atlas") == [] and all(p.exists() for p in odd)

@@ -207,3 +207,15 @@ def test_paths_are_printed_as_typed(tiny_models, tmp_path, capsys):
     assert main(["trajectory", str(tmp_path / "run")]) == 0
     printed = capsys.readouterr().out
     assert str(odd) in printed and "\U0001f436" not in printed
+
+
+def test_resume_after_a_first_run_that_failed_part_way(tiny_models, tmp_path, capsys):
+    """What a failed first run leaves (atlases, no series.json) is map-many's own: --resume continues it."""
+    run = tmp_path / "run"
+    good, gpt2 = str(tiny_models("llama", seed=1)), str(tiny_models("gpt2"))
+    assert main(["map-many", good, gpt2, "-o", str(run), "--layers", "1", "--matrices", "gate"]) == 2
+    assert sorted(p.name for p in run.iterdir()) == [atlas_names([good])[0]]  # no series.json listing a missing atlas
+    src = [good, str(tiny_models("llama"))]
+    r = run_json(capsys, ["map-many", *src, "-o", str(run), "--layers", "1", "--matrices", "gate", "--resume"])
+    assert [a["reused"] for a in r["atlases"]] == [True, False]
+    assert [a["name"] for a in json.loads((run / SERIES).read_text())["atlases"]] == atlas_names(src)
