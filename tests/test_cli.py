@@ -86,6 +86,14 @@ def test_unwritable_plot(cmd, atlas, tmp_path, capsys):
     _one_line(capsys.readouterr().err, "cannot write /proc/neuronmap-x.png")
 
 
+@pytest.mark.parametrize("typed", [":dog:", "[bold]L1N2[/bold]", "[/]", ":thumbs_up: [red]x"])
+def test_user_input_is_echoed_as_typed(typed, atlas, capsys):
+    """Rich would turn ':dog:' into an emoji and '[bold]' into style, so a message showed something else than typed."""
+    assert main(["show", str(atlas), typed]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: malformed neuron id {typed!r}: expected L{{layer}}N{{index}} in "
+                                               "ASCII digits, e.g. L29N808")
+
+
 def test_file_size_limit_while_writing(ckpt, tmp_path):
     """A disk that fills up mid-write: one line, exit 2, and no half-written atlas or temporary directory."""
     def limit():

@@ -84,16 +84,16 @@ def cmd_map(args) -> int:
         return 0
     m = result.meta
     out.print(f"[bold]Mapped[/bold] {result.n_vectors:,} vectors ({m['n_rows']:,} rows with both poles) of "
-              f"{m['source']['spec']} ({m['family']}: {m['n_layers']} layers x {m['d_mlp']} neurons, "
+              f"{escape(m['source']['spec'])} ({m['family']}: {m['n_layers']} layers x {m['d_mlp']} neurons, "
               f"matrices {','.join(m['decode']['matrices'])}) in {result.seconds:.1f} s, "
               f"{m['timings']['vectors_per_s']:,.0f} vectors/s on {m['device']} ({m['dtype']}, {m['kernel']} kernel).")
-    out.print(f"Atlas: {result.path}")
+    out.print(f"Atlas: {result.path}", markup=False)
     if result.highlights:
         t = Table(title="Some confident content-word neurons")
         for c in ("neuron", "matrix", "pole", "top token", "p"):
             t.add_column(c)
         for h in result.highlights:
-            t.add_row(h["id"], h["matrix"], h["pole"], repr(h["token"]), f"{h['prob']:.3f}")
+            t.add_row(h["id"], h["matrix"], h["pole"], show_token(h["token"]), f"{h['prob']:.3f}")
         out.print(t)
     return 0
 
@@ -208,7 +208,10 @@ def cmd_show(args) -> int:
     from neuronmap.atlas.format import open_files
     from neuronmap.atlas.search import show
 
+    from neuronmap.core.ids import parse_neuron_id
+
     files = open_files(args.atlas)
+    parse_neuron_id(args.neuron, int(files.meta["n_layers"]), int(files.meta["d_mlp"]))  # before building an index
     _note_index(files, args.stored)
     n = show(files, args.neuron, args.stored, args.weights, args.n)
     if args.json:
@@ -217,7 +220,7 @@ def cmd_show(args) -> int:
     how = ("exact p of that token over every row, from the weights" if n.rank_method == "exact"
            else "stored p, among only the rows whose top-k holds that token")
     out.print(f"[bold]{n.id}[/bold] (layer {n.layer}, neuron {n.neuron}) of {escape(args.atlas)} "
-              f"({files.meta['family']}, {files.meta.get('source', {}).get('spec', '?')}); rank: position for its own top token, by {how}")
+              f"({files.meta['family']}, {escape(str(files.meta.get('source', {}).get('spec', '?')))}); rank: position for its own top token, by {how}")
     tab = Table(show_edge=False)
     for col in ("matrix", "pole", "|w|", "entropy", "rank for top token", f"top {args.tokens} tokens (p)"):
         tab.add_column(col, justify="right" if col in ("|w|", "entropy", "rank for top token") else "left")
@@ -276,5 +279,5 @@ def cmd_stats(args) -> int:
         top.add_row(show_token(r["token"]), str(r["token_id"]), f"{r['rows']:,}", f"{100 * r['share']:.2f}%", r["class"])
     print_table(top)
     if args.plot:
-        out.print(f"plot: {args.plot}")
+        out.print(f"plot: {args.plot}", markup=False)
     return 0

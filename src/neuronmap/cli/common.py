@@ -11,17 +11,27 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+from neuronmap.core.ids import shown
+
+# emoji=False: Rich would print ":dog:" in a user's concept, path or id as an emoji, so a message would show something
+# other than what was typed. Markup stays on for our own [bold]; user text goes through escape() or markup=False.
+CONSOLE = {"highlight": False, "soft_wrap": True, "emoji": False}
+out = Console(**CONSOLE)
+err = Console(stderr=True, **CONSOLE)
 
 
 def int_at_least(lo: int):
     """An argparse type: an integer >= ``lo``, refused at parse time (before any model loads)."""
     def parse(text: str) -> int:
         try:
+            # int() also reads other scripts' digits ("٥" is 5): accept ASCII only, as ids do.
+            if not text.isascii():
+                raise ValueError(text)
             value = int(text)
         except ValueError as e:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer: expected a whole number >= {lo}") from e
+            if text.strip().lstrip("+-").isascii() and text.strip().lstrip("+-").isdigit():  # past int()'s 4300 digits
+                raise argparse.ArgumentTypeError(f"{shown(text)} is out of range: expected a whole number >= {lo}") from e
+            raise argparse.ArgumentTypeError(f"{shown(text)} is not an integer: expected a whole number >= {lo}") from e
         if value < lo:
             raise argparse.ArgumentTypeError(f"{value} is out of range: expected a whole number >= {lo}")
         return value
@@ -34,6 +44,8 @@ def finite_float(lo: float | None = None, hi: float | None = None):
 
     def parse(text: str) -> float:
         try:
+            if not text.isascii():
+                raise ValueError(text)
             value = float(text)
         except ValueError as e:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number: expected {want}") from e
@@ -55,4 +67,4 @@ def show_token(t: str) -> str:
 
 def print_table(tab: Table) -> None:
     # Piped or redirected output has no width; Rich would squeeze the table into 80 columns.
-    (out if out.is_terminal else Console(highlight=False, soft_wrap=True, width=max(out.width, 200))).print(tab)
+    (out if out.is_terminal else Console(**CONSOLE, width=max(out.width, 200))).print(tab)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 
-from neuronmap.cli.common import print_json, err, finite_float, int_at_least, out
+from neuronmap.cli.common import print_json, show_token, err, finite_float, int_at_least, out
 from neuronmap.core.fsio import check_png
 
 
@@ -52,7 +53,7 @@ def cmd_compare(args) -> int:
         return 0
     ma, mb = c.a.meta, c.b.meta
     for name, s, m in (("A", c.a, ma), ("B", c.b, mb)):
-        out.print(f"[bold]{name}[/bold] {s.spec} ({m['family']}: {m['n_layers']} layers x {m['d_mlp']} neurons, "
+        out.print(f"[bold]{name}[/bold] {escape(s.spec)} ({m['family']}: {m['n_layers']} layers x {m['d_mlp']} neurons, "
                   f"vocab {m['d_vocab']:,}, top-{m['decode']['top_k']})", markup=True)
     out.print(f"Level: [bold]{c.level}[/bold] ({c.reason}); matrices {','.join(c.matrices)}; "
               f"compared in {c.seconds:.2f} s.")
@@ -61,7 +62,7 @@ def cmd_compare(args) -> int:
     else:
         _show_concept(c.concept)
     if args.plot:
-        out.print(f"Plot: {args.plot}")
+        out.print(f"Plot: {args.plot}", markup=False)
     return 0
 
 
@@ -94,7 +95,7 @@ def _show_neuron(n) -> None:
         for col in ("neuron", "matrix", "pole", "A top-1", "p A", "B top-1", "p B"):
             t.add_column(col)
         for r in n.changed:
-            t.add_row(r["id"], r["matrix"], r["pole"], repr(r["token_a"]), f"{r['p_a']:.3f}", repr(r["token_b"]), f"{r['p_b']:.3f}")
+            t.add_row(r["id"], r["matrix"], r["pole"], show_token(r["token_a"]), f"{r['p_a']:.3f}", show_token(r["token_b"]), f"{r['p_b']:.3f}")
         out.print(t)
     for title, rows, total in (("gained (confident top-1 in B, in no vector of A)", n.gained, n.n_gained),
                                ("lost (confident top-1 in A, in no vector of B)", n.lost, n.n_lost)):
@@ -104,7 +105,7 @@ def _show_neuron(n) -> None:
             for col in ("token", "vectors", "best", "matrix", "pole", "p"):
                 t.add_column(col)
             for r in rows:
-                t.add_row(repr(r["token"]), str(r["n_vectors"]), r["best"], r["matrix"], r["pole"], f"{r['p']:.3f}")
+                t.add_row(show_token(r["token"]), str(r["n_vectors"]), r["best"], r["matrix"], r["pole"], f"{r['p']:.3f}")
             out.print(t)
 
 
@@ -120,7 +121,7 @@ def _show_concept(c) -> None:
             t.add_column(col, no_wrap=True)
         for r in c.shared:
             a, b = r["a"], r["b"]
-            t.add_row(repr(r["concept"]), str(a["n_vectors"]), f"{a['depth']:.2f}", f"{a['best']} {a['matrix']}{a['pole']} ({a['p']:.2f})",
+            t.add_row(show_token(r["concept"]), str(a["n_vectors"]), f"{a['depth']:.2f}", f"{a['best']} {a['matrix']}{a['pole']} ({a['p']:.2f})",
                       str(b["n_vectors"]), f"{b['depth']:.2f}", f"{b['best']} {b['matrix']}{b['pole']} ({b['p']:.2f})")
         out.print(t)
     for title, rows in (("Only in A", c.only_a), ("Only in B", c.only_b)):
@@ -129,5 +130,5 @@ def _show_concept(c) -> None:
             for col in ("concept", "vectors", "depth", "best", "p"):
                 t.add_column(col)
             for r in rows:
-                t.add_row(repr(r["concept"]), str(r["n_vectors"]), f"{r['depth']:.2f}", f"{r['best']} {r['matrix']}{r['pole']}", f"{r['p']:.2f}")
+                t.add_row(show_token(r["concept"]), str(r["n_vectors"]), f"{r['depth']:.2f}", f"{r['best']} {r['matrix']}{r['pole']}", f"{r['p']:.2f}")
             out.print(t)

@@ -61,7 +61,7 @@ def cmd_record(args) -> int:
     out.print(f"[bold]Recorded[/bold] {e['tokens']:,} tokens of {escape(e['corpus']['name'])} ({e['documents']:,} documents, "
               f"{e['sequences']:,} sequences of <= {e['context']} tokens) in {e['record_s']:.1f} s, "
               f"{e['tokens_per_s']:,.0f} tokens/s on {e['device']}; {e['examples']} top and bottom examples per neuron.")
-    out.print(f"Atlas: {r.path}")
+    out.print(f"Atlas: {r.path}", markup=False)
     if e.get("kernel") == "torch" and e["device"] == "cpu":
         from neuronmap.decode import native
 

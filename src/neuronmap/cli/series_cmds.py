@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 
 from neuronmap.cli.atlas_cmds import map_arguments, map_options
@@ -15,7 +16,8 @@ def add_map_many(sub) -> None:
     p.add_argument("sources", nargs="*", default=[], metavar="SOURCE", help="model sources, first to last (or --from FILE)")
     p.add_argument("--from", dest="from_file", default=None, metavar="FILE",
                    help="a text file with one source a line (blank lines and # comments skipped)")
-    p.add_argument("-o", "--out", required=True, help="directory for the atlases (NNN-NAME each) and series.json")
+    p.add_argument("-o", "--out", required=True, help="directory for the atlases (NNN-NAME each) and series.json: new, empty, or one map-many "
+                   "wrote (with --overwrite, also one holding other files; none of them is replaced)")
     map_arguments(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_map_many)
@@ -35,13 +37,13 @@ def cmd_map_many(args) -> int:
     if args.json:
         print_json(r.to_dict())
         return 0
-    t = Table(title=f"{len(r.atlases)} atlases in {r.out} ({r.seconds:.1f} s)")
+    t = Table(title=f"{len(r.atlases)} atlases in {escape(str(r.out))} ({r.seconds:.1f} s)")
     for col in ("atlas", "source", "rows", "seconds"):
         t.add_column(col, justify="right" if col in ("rows", "seconds") else "left")
     for a in r.atlases:
-        t.add_row(a["name"], a["spec"], f"{a['n_rows']:,}", "kept" if a["reused"] else f"{a['seconds']:.1f}")
+        t.add_row(a["name"], escape(a["spec"]), f"{a['n_rows']:,}", "kept" if a["reused"] else f"{a['seconds']:.1f}")
     print_table(t)
-    out.print(f"Next: neuronmap trajectory {r.out}")
+    out.print(f"Next: neuronmap trajectory {r.out}", markup=False)
     return 0
 
 
@@ -73,17 +75,17 @@ def cmd_trajectory(args) -> int:
         print_json(t.to_dict())
         return 0
     last = t.checkpoints[-1]["name"]
-    tab = Table(title=f"Each checkpoint against the last ({last}): top-k overlap over k={t.k}, JS in bits")
+    tab = Table(title=f"Each checkpoint against the last ({escape(last)}): top-k overlap over k={t.k}, JS in bits")
     for col in ("checkpoint", "source", "vectors", "same top-1", "top-k overlap", "mean JS"):
         tab.add_column(col, justify="left" if col in ("checkpoint", "source") else "right")
     for c, r in zip(t.checkpoints, t.overall):
-        tab.add_row(c["name"], c["spec"], f"{r['n']:,}", percent(r["same_top1"]), percent(r["topk_overlap"]), f"{r['js']:.3f}")
+        tab.add_row(escape(c["name"]), escape(c["spec"]), f"{r['n']:,}", percent(r["same_top1"]), percent(r["topk_overlap"]), f"{r['js']:.3f}")
     print_table(tab)
     tab = Table(title="Same top-1 as the last, per layer and matrix (both poles)")
     tab.add_column("layer", justify="right")
     tab.add_column("matrix")
     for c in t.checkpoints:
-        tab.add_column(c["name"], justify="right")
+        tab.add_column(escape(c["name"]), justify="right")
     cells: dict = {}
     for r in t.layers:
         cells.setdefault((r["layer"], r["matrix"]), {})[r["checkpoint"]] = r["same_top1"]
@@ -93,8 +95,8 @@ def cmd_trajectory(args) -> int:
     out.print(f"Concepts (confident top-1, p > {t.min_prob:g}) that appear or vanish between consecutive checkpoints:")
     for s in t.steps:
         show = lambda rows: "  ".join(f"{show_token(x['token'])} ({x['n_vectors']})" for x in rows) or "-"  # noqa: E731
-        out.print(f"  {s['from']} -> {s['to']}: +{s['n_gained']:,} {show(s['gained'])}")
+        out.print(f"  {escape(s['from'])} -> {escape(s['to'])}: +{s['n_gained']:,} {show(s['gained'])}")
         out.print(f"  {' ' * len(s['from'])}    {' ' * len(s['to'])}  -{s['n_lost']:,} {show(s['lost'])}")
     if args.plot:
-        out.print(f"Plot: {args.plot}")
+        out.print(f"Plot: {args.plot}", markup=False)
     return 0

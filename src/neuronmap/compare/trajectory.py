@@ -1,8 +1,12 @@
 """``map-many`` and ``trajectory``: a training run's checkpoints mapped into one directory, then compared along the run.
 
 ``map_many`` maps each source into ``DIR/NNN-NAME`` (in the order given) and
-records the order in ``DIR/series.json``. Every source is checked before the
-first is mapped, so a typo on line 40 of a list fails at once, not hours later.
+records the order in ``DIR/series.json``. Every source and every output is
+checked before the first is mapped, so a typo on line 40 of a list fails at
+once, not hours later. series.json carries ``"format": "neuronmap-series"``;
+one without it is never replaced, and it is written (atomically) only once
+every atlas of the run is in place, so a failed run leaves the earlier
+listing as it was.
 
 ``trajectory`` compares each checkpoint with the last one at the neuron level
 (``compare.compare_neurons``: the share of vectors with the same top-1 token,
@@ -15,6 +19,7 @@ earlier) and vanish.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,7 +35,11 @@ from neuronmap.mapping.part import MapOptions
 from neuronmap.sources.resolve import resolve_source
 
 SERIES = "series.json"
+FORMAT = "neuronmap-series"
 TOP = 10  # concepts listed per step and direction
+# What map-many leaves in its directory: atlases NNN-NAME, their parts (.NNN-NAME.parts) and temporaries
+# (.NNN-NAME.PID-xxxx.tmp, .series.json.PID-xxxx.tmp). A directory holding only these is one map-many started.
+_OURS = re.compile(r"\.?[0-9]{3}-[A-Za-z0-9._-]+|\.series\.json\..+\.tmp")
 
 
 def read_source_list(path: Path | str) -> list[str]:
@@ -44,9 +53,12 @@ def read_source_list(path: Path | str) -> list[str]:
         ['ckpt/step-1000', 'ckpt/step-2000']
     """
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise NeuronmapError(f"--from {path}: cannot read it ({e.strerror or e}); give a text file with one source a line") from e
+    except UnicodeDecodeError as e:
+        raise NeuronmapError(f"--from {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+                             "give a text file with one source a line") from e
     out = []
     for i, line in enumerate(lines, 1):
         spec = line.split("#", 1)[0].strip()
@@ -104,7 +116,7 @@ def map_many(
         sources: model sources, e.g. a training run's checkpoints, first to last.
         out: the directory to hold the atlases (created if absent).
         options: as ``map``'s, the same for every source.
-        overwrite: replace atlases already there.
+        overwrite: replace atlases already there; use a directory that holds other files (none of them is replaced).
         resume: keep the atlases already complete there, and resume an interrupted one.
         ray: as ``map_model``'s; one connection serves every source.
         progress: called with a one-line note before each source.
@@ -113,8 +125,8 @@ def map_many(
         ManyResult.
 
     Raises:
-        NeuronmapError: no sources; a source that does not exist (which one, before anything is mapped); anything
-            ``map_model`` raises.
+        NeuronmapError: no sources; a source that does not exist or an output in the way (which one, before anything
+            is mapped); as ``check_series_dir``; anything ``map_model`` raises (series.json is then left as it was).
 
     Example:
         >>> map_many(["run/step-10", "run/step-20"], "run-atlases", MapOptions(layers="0,20")).atlases[1]["name"]  # doctest: +SKIP
@@ -129,12 +141,13 @@ def map_many(
         except NeuronmapError as e:
             raise NeuronmapError(f"source {i} of {len(sources)} ({spec}): {e}") from e
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise NeuronmapError(f"-o {out} is a file: give a directory to hold one atlas per source")
-    out.mkdir(parents=True, exist_ok=True)
     names = atlas_names(sources)
-    with fsio.atomic_file(out / SERIES, "series") as tmp:
-        tmp.write_text(json.dumps({"atlases": [{"name": n, "spec": s} for n, s in zip(names, sources)]}, indent=2) + "\n")
+    check_series_dir(out, overwrite)
+    kept = {n for n in names if resume and _complete(out / n)}
+    for n in names:
+        if n not in kept:  # an atlas in the way fails now, not after the sources before it are mapped
+            atlas_io.check_output(out / n, overwrite)
+    fsio.ensure_parent(out / SERIES, "map-many")
     notes, done = [], []
     started = False
     if ray is not None:
@@ -145,7 +158,7 @@ def map_many(
         for i, (name, spec) in enumerate(zip(names, sources)):
             if progress:
                 progress(f"mapping {i + 1} of {len(sources)}: {spec} -> {out / name}")
-            if resume and _complete(out / name):
+            if name in kept:
                 meta = atlas_io.read_meta(out / name)
                 done.append({"name": name, "spec": spec, "path": str(out / name), "n_rows": meta["n_rows"],
                              "seconds": 0.0, "reused": True})
@@ -156,12 +169,74 @@ def map_many(
             notes += [f"{name}: {n}" for n in r.notes if not n.startswith("--ray: using")]
             done.append({"name": name, "spec": spec, "path": str(r.path), "n_rows": r.meta["n_rows"],
                          "seconds": round(r.seconds, 3), "reused": False})
+        _write_series(out, done)
     finally:
         if started:
             import ray as ray_module
 
             ray_module.shutdown()
     return ManyResult(out, done, time.perf_counter() - t0, notes)
+
+
+def _series_is_ours(data) -> bool:
+    """Whether a series.json's content is map-many's: the format marker, or the listing written before it had one."""
+    if not isinstance(data, dict):
+        return False
+    if data.get("format") == FORMAT:
+        return True
+    entries = data.get("atlases")
+    return set(data) == {"atlases"} and isinstance(entries, list) and all(
+        isinstance(a, dict) and set(a) == {"name", "spec"} and isinstance(a["spec"], str) and isinstance(a["name"], str)
+        and re.fullmatch(r"[0-9]{3}-[A-Za-z0-9._-]+", a["name"]) for a in entries)
+
+
+def _check_series_file(out: Path) -> None:
+    f = out / SERIES
+    try:
+        ours = _series_is_ours(json.loads(f.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise NeuronmapError(f"{f} was not written by neuronmap (no \"format\": \"{FORMAT}\"), and map-many would "
+                             "replace it: move it out of the way or choose another -o")
+
+
+def check_series_dir(out: Path, overwrite: bool) -> None:
+    """Check that ``map_many`` can write into ``out`` without replacing anything it did not write.
+
+    ``out`` may be absent or empty, or hold a series.json of map-many's (with anything else beside it), or only
+    what an interrupted map-many leaves (atlases ``NNN-NAME``, their parts and temporaries). Any other directory
+    needs ``overwrite``, which adds the atlases beside its files and replaces none of them. A series.json that
+    neuronmap did not write is refused with or without ``overwrite``.
+
+    Raises:
+        NeuronmapError: ``out`` is a file or unreadable; a series.json of someone else's; other files without
+            ``overwrite``.
+    """
+    if out.exists() and not out.is_dir():
+        raise NeuronmapError(f"-o {out} is a file: give a directory to hold one atlas per source")
+    try:
+        entries = sorted(os.listdir(out)) if out.is_dir() else []
+    except OSError as e:
+        raise NeuronmapError(f"cannot read -o {out} ({e.strerror or e}): choose another -o") from e
+    if SERIES in entries:
+        _check_series_file(out)
+        return
+    strangers = [e for e in entries if not _OURS.fullmatch(e)]
+    if strangers and not overwrite:
+        shown = ", ".join(strangers[:3]) + (f" and {len(strangers) - 3} more" if len(strangers) > 3 else "")
+        raise NeuronmapError(f"-o {out} is not empty and map-many did not write it (it holds {shown}): choose a new or "
+                             "empty directory, or pass --overwrite to add the atlases beside those files (none is replaced)")
+
+
+def _write_series(out: Path, atlases: list[dict]) -> None:
+    """series.json, once every atlas is in place; checked again first, in case someone put theirs there meanwhile."""
+    _check_series_file(out)
+    listing = {"format": FORMAT, "atlases": [{"name": a["name"], "spec": a["spec"]} for a in atlases]}
+    with fsio.atomic_file(out / SERIES, "series") as tmp:
+        tmp.write_text(json.dumps(listing, indent=2) + "\n")
 
 
 def _complete(path: Path) -> bool:
@@ -201,15 +276,14 @@ def open_series(path: Path | str) -> list[Side]:
     """The atlases of a ``map-many`` directory, in run order (series.json; else the atlas subdirectories by name).
 
     Raises:
-        NeuronmapError: not a directory, fewer than two atlases, or atlases of different models.
+        NeuronmapError: not a directory; a series.json that cannot be read or lists an atlas outside the directory;
+            fewer than two atlases, or atlases of different models.
     """
     path = Path(path)
     if not path.is_dir():
         raise NeuronmapError(f"{path} is not a directory: pass the -o of `neuronmap map-many`")
-    try:
-        listed = [(a["name"], a["spec"]) for a in json.loads((path / SERIES).read_text())["atlases"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        listed = [(p.name, p.name) for p in sorted(path.iterdir()) if (p / "meta.json").is_file()]
+    listed = _listed(path) if (path / SERIES).exists() else \
+        [(p.name, p.name) for p in sorted(path.iterdir()) if (p / "meta.json").is_file()]
     if len(listed) < 2:
         raise NeuronmapError(f"{path} holds {len(listed)} atlas(es): a trajectory needs two or more; map the run's "
                              "checkpoints with `neuronmap map-many SOURCE... -o DIR`")
@@ -224,6 +298,22 @@ def open_series(path: Path | str) -> list[Side]:
             raise NeuronmapError(f"{s.path.name} and {last.path.name} differ in {', '.join(diffs)}: a trajectory "
                                  "compares checkpoints of one model; use `neuronmap compare --level concept` across models")
     return sides
+
+
+def _listed(path: Path) -> list[tuple[str, str]]:
+    """``(name, spec)`` per atlas in series.json; each name one directory inside ``path``, never ``../B`` or ``/B``."""
+    f = path / SERIES
+    try:
+        listed = [(a["name"], a["spec"]) for a in json.loads(f.read_text(encoding="utf-8"))["atlases"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise NeuronmapError(f"cannot read {f} ({e.strerror if isinstance(e, OSError) else 'not a map-many listing'}): "
+                             f"run map-many again, or remove it to compare the atlases in {path} by name") from e
+    for name, spec in listed:
+        if not isinstance(name, str) or not isinstance(spec, str) or name in ("", ".", "..") or "/" in name \
+                or "\\" in name or "\0" in name:
+            raise NeuronmapError(f"{f} lists atlas {name!r}, not a directory inside {path}: a trajectory reads only the "
+                                 "atlases in its directory; list each by its name there (e.g. 000-step-10)")
+    return listed
 
 
 def trajectory(path: Path | str, matrices: str | None = None, layers: str | None = None, min_prob: float = MIN_PROB,

@@ -48,7 +48,8 @@ def remove_stale(out: Path) -> list[Path]:
         return removed
     for p in siblings:
         pid = p.name[len(out.name) + 2:].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        # "²".isdigit(), but int("²") fails; os.kill() overflows past a C int. Neither is a pid neuronmap wrote.
+        if not (pid.isascii() and pid.isdigit() and len(pid) <= 9) or _alive(int(pid)):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

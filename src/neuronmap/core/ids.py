@@ -8,12 +8,27 @@ from neuronmap.core.errors import NeuronmapError
 
 MATRICES = ("gate", "up", "down")
 POLES = ("+", "-")
-_NEURON = re.compile(r"^L(\d+)N(\d+)$")
+# ASCII digits only: Python's \d and int() also take Arabic-Indic or fullwidth digits, so "L٢٩N٧٥٠" would read as
+# L29N750, an id the user never typed.
+_NEURON = re.compile(r"L([0-9]+)N([0-9]+)")
+_LAYERS = re.compile(r"(-?[0-9]+)(?:-(-?[0-9]+))?")
+# More digits than any model has layers or neurons; int() refuses beyond 4300 digits with a ValueError.
+MAX_DIGITS = 9
 
 
 def neuron_id(layer: int, neuron: int) -> str:
     """The id of a neuron, e.g. ``neuron_id(29, 808) == "L29N808"``."""
     return f"L{layer}N{neuron}"
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """``text`` as Python writes it, cut to ``limit`` characters: an error echoes what was typed, not 5,000 digits of it.
+
+    Example:
+        >>> shown("L" + "9" * 50 + "N0")
+        "'L999999999999999999999999999999999999999…' (53 characters)"
+    """
+    return repr(text) if len(text) <= limit else f"{text[:limit] + '…'!r} ({len(text):,} characters)"
 
 
 def format_ranges(xs: list[int]) -> str:
@@ -36,16 +51,22 @@ def format_ranges(xs: list[int]) -> str:
 def parse_neuron_id(text: str, n_layers: int | None = None, d_mlp: int | None = None) -> tuple[int, int]:
     """Parse ``L29N808`` into ``(29, 808)``, checking the range when the shape is given.
 
+    Only ASCII digits are read, and at most ``MAX_DIGITS`` of them per number.
+
     Raises:
-        NeuronmapError: malformed or out of range.
+        NeuronmapError: malformed (non-ASCII digits included) or out of range.
 
     Example:
         >>> parse_neuron_id("L29N808")
         (29, 808)
     """
-    m = _NEURON.match(text.strip())
+    m = _NEURON.fullmatch(text.strip())
     if not m:
-        raise NeuronmapError(f"malformed neuron id {text!r}: expected L{{layer}}N{{index}}, e.g. L29N808")
+        raise NeuronmapError(f"malformed neuron id {shown(text)}: expected L{{layer}}N{{index}} in ASCII digits, e.g. L29N808")
+    for what, digits in (("layer", m.group(1)), ("index", m.group(2))):
+        if len(digits) > MAX_DIGITS:
+            raise NeuronmapError(f"neuron {shown(text)}: {what} has {len(digits)} digits and is out of range: expected at "
+                                 f"most {MAX_DIGITS}, e.g. L29N808")
     layer, neuron = int(m.group(1)), int(m.group(2))
     if n_layers is not None and layer >= n_layers:
         raise NeuronmapError(f"neuron {text}: layer {layer} is out of range, the model has layers 0-{n_layers - 1}")
@@ -69,9 +90,12 @@ def parse_layers(text: str | None, n_layers: int) -> list[int]:
     out: set[int] = set()
     for part in text.split(","):
         part = part.strip()
-        m = re.match(r"^(-?\d+)(?:-(-?\d+))?$", part)
+        m = _LAYERS.fullmatch(part)
         if not m:
-            raise NeuronmapError(f"malformed --layers {text!r}: expected a list of layers and ranges, e.g. 0-5,9")
+            raise NeuronmapError(f"malformed --layers {shown(text)}: expected a list of layers and ranges in ASCII digits, "
+                                 "e.g. 0-5,9")
+        if any(g is not None and len(g.lstrip("-")) > MAX_DIGITS for g in m.groups()):
+            raise NeuronmapError(f"--layers {shown(text)} is out of range: the model has {n_layers} layers, 0-{n_layers - 1}")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         lo, hi = (lo + n_layers if lo < 0 else lo), (hi + n_layers if hi < 0 else hi)

@@ -68,7 +68,8 @@ def check_address(address: str) -> tuple[str, int] | None:
     if address in ("local", "auto"):
         return None
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # isdigit() alone takes "²" and "٥" (int() then fails or reads them as ASCII); a port is at most 5 ASCII digits.
+    if not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536:
         raise NeuronmapError(f"malformed --ray {address!r}: expected local, auto, HOST:PORT or ray://HOST:PORT "
                              "(the head's address from `ray start --head`)")
     try:

@@ -44,8 +44,9 @@ from neuronmap.core.cache import cache_dir, file_sha256
 MODES = ("set", "add", "scale")
 POSITIONS = ("all", "prompt", "generated", "last")
 POSITIONS_DEFAULT = "all"
-_SPEC = re.compile(r"^\s*(L\d+N\d+)\s*(?:([+*]?=)\s*(\S+?))?\s*$")
-_VALUE = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)(x?)$", re.IGNORECASE)
+# [0-9], not \d: a neuron id or value in other scripts' digits is refused, not read as the ASCII number (ids.py).
+_SPEC = re.compile(r"^\s*(L[0-9]+N[0-9]+)\s*(?:([+*]?=)\s*(\S+?))?\s*$")
+_VALUE = re.compile(r"^([+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[+-]?[0-9]+)?)(x?)$", re.IGNORECASE)
 _OPS = {"=": "set", "+=": "add", "*=": "scale"}
 SPEC_HELP = "expected L{layer}N{index}=VALUE (set), +=VALUE (add) or *=FACTOR (scale), VALUE a number or Nx, e.g. L29N808=20x"
 

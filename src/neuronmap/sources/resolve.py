@@ -21,10 +21,11 @@ from pathlib import Path
 
 from neuronmap.sources.checkpoint import checkpoint_files, open_checkpoint
 from neuronmap.core.errors import NeuronmapError
-from neuronmap.core.cache import cache_dir
 from neuronmap.core.fsio import atomic_file
+from neuronmap.core.ids import shown
 from neuronmap.sources.gguf_io import open_gguf
 from neuronmap.sources.weights import Source, Weights
+from neuronmap.core.cache import cache_dir
 
 __all__ = ["DEMO", "PACKAGED", "Source", "Weights", "looks_like_hub_id", "open_weights",
            "packaged_gguf", "resolve_source"]
@@ -135,9 +136,14 @@ def resolve_source(spec: str | None) -> Source:
         p = packaged_gguf(spec)
         return Source("gguf", spec, p, (p,))
     p = Path(spec).expanduser()
-    if p.is_dir():
+    try:
+        is_dir, is_file = p.is_dir(), p.is_file()
+    except OSError as e:  # a name too long for the file system: is_dir() raises rather than answering False
+        raise NeuronmapError(f"{shown(spec)} is not a usable path ({e.strerror or e}): pass a checkpoint directory, a "
+                             ".gguf file or a hub id (org/name)") from e
+    if is_dir:
         return Source("checkpoint", spec, p, checkpoint_files(p))
-    if p.is_file():
+    if is_file:
         if p.suffix.lower() == ".gguf" or _is_gguf(p):
             return Source("gguf", spec, p, (p,))
         if p.name == "config.json":

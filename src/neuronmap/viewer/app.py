@@ -27,7 +27,7 @@ from neuronmap.viewer.data import Data
 from neuronmap.viewer.steer import SteerRunner
 
 STATIC = Path(__file__).parent / "static"
-_NEURON = re.compile(r"^\s*L\d+N\d+\s*$")
+_NEURON = re.compile(r"^\s*L[0-9]+N[0-9]+\s*$")
 HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
            "Cache-Control": "no-store"}
 
