@@ -7,7 +7,7 @@ import pytest
 from neuronmap.cli import main
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.core.ids import parse_layers, parse_neuron_id
-from neuronmap.runtime.hooks import parse_spec
+from neuronmap.runtime.specs import parse_spec
 
 LONG = "9" * 5000  # past int()'s 4300-digit limit: a ValueError, not a number, before the fix
 

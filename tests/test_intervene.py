@@ -20,9 +20,8 @@ from neuronmap.cli import main
 from neuronmap.atlas.concepts import variant_strings
 from neuronmap.intervene.effects import clamp, concept_tokens, generate, mentions, next_token_logprobs
 from neuronmap.core.errors import NeuronmapError
-from neuronmap.runtime.hooks import (
-    POSITIONS, Intervention, Value, intervene, natural_range, parse_spec, parse_sweep, recording, resolve,
-)
+from neuronmap.runtime.hooks import POSITIONS, intervene, natural_range, recording, resolve
+from neuronmap.runtime.specs import Intervention, Value, parse_spec, parse_sweep
 from neuronmap.runtime.models import find_module, load_model, module_name, wrap_model
 from neuronmap.sources.resolve import resolve_source
 from neuronmap.intervene.verify import candidates, verify

@@ -33,7 +33,7 @@ def _note_approximate(concept) -> None:
 
 def add_clamp(sub) -> None:
     from neuronmap.intervene.effects import DEFAULT_SWEEP
-    from neuronmap.runtime.hooks import SPEC_HELP
+    from neuronmap.runtime.specs import SPEC_HELP
 
     p = sub.add_parser("clamp", help="clamp neurons and measure a concept's next-token probability on neutral prompts")
     p.add_argument("--neuron", action="append", required=True, metavar="SPEC",
@@ -48,7 +48,8 @@ def add_clamp(sub) -> None:
 
 def cmd_clamp(args) -> int:
     from neuronmap.intervene.effects import clamp, read_prompts
-    from neuronmap.runtime.hooks import check_positions, check_values, parse_spec, parse_sweep
+    from neuronmap.runtime.hooks import check_positions
+    from neuronmap.runtime.specs import check_values, parse_spec, parse_sweep
     from neuronmap.runtime.models import load_model
 
     specs = [parse_spec(s) for s in args.neuron]
@@ -86,7 +87,7 @@ def cmd_clamp(args) -> int:
 
 def add_generate(sub) -> None:
     from neuronmap.intervene.effects import MAX_NEW_TOKENS, N_SAMPLES, SEED, TEMPERATURE
-    from neuronmap.runtime.hooks import SPEC_HELP
+    from neuronmap.runtime.specs import SPEC_HELP
 
     p = sub.add_parser("generate", help="sample answers without and with neurons clamped, side by side")
     p.add_argument("--clamp", action="append", required=True, metavar="SPEC", help=f"repeatable: {SPEC_HELP}")
@@ -104,7 +105,8 @@ def add_generate(sub) -> None:
 
 def cmd_generate(args) -> int:
     from neuronmap.intervene.effects import generate
-    from neuronmap.runtime.hooks import check_positions, check_values, parse_spec
+    from neuronmap.runtime.hooks import check_positions
+    from neuronmap.runtime.specs import check_values, parse_spec
     from neuronmap.runtime.models import load_model
 
     specs = [parse_spec(s) for s in args.clamp]

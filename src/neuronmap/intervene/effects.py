@@ -21,10 +21,8 @@ import torch
 from neuronmap.atlas.concepts import Concept, expand_concept, tokenizer_strings, variant_strings, vocab_index
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.core.ids import neuron_id
-from neuronmap.runtime.hooks import (
-    POSITIONS_DEFAULT, Intervention, Spec, Value, bundled_prompts, bundled_text, check_positions, encode, intervene,
-    parse_sweep, resolve,
-)
+from neuronmap.runtime.hooks import POSITIONS_DEFAULT, bundled_prompts, bundled_text, check_positions, encode, intervene, resolve
+from neuronmap.runtime.specs import Intervention, Spec, Value, parse_sweep
 from neuronmap.runtime.models import Model, require_tokenizer
 
 DEFAULT_SWEEP = "0,5x,10x,20x,50x"  # the example in clamp's --sweep help

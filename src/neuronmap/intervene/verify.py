@@ -21,7 +21,8 @@ from neuronmap.atlas.concepts import Concept
 from neuronmap.intervene.effects import Baseline, Outcome, concept_tokens, neutral_prompts
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.core.ids import MATRICES, POLES
-from neuronmap.runtime.hooks import POSITIONS_DEFAULT, Spec, Value, check_positions, parse_sweep, resolve
+from neuronmap.runtime.hooks import POSITIONS_DEFAULT, check_positions, resolve
+from neuronmap.runtime.specs import Spec, Value, parse_sweep
 from neuronmap.runtime.models import DEVICE, DTYPE, Model, find_module, load_model
 from neuronmap.atlas.scoring import check_weights
 from neuronmap.atlas.search import search

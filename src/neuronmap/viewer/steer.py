@@ -11,7 +11,8 @@ from neuronmap.atlas.concepts import expand_concept, read_vocab, vocab_index
 from neuronmap.intervene.effects import MAX_NEW_TOKENS, TEMPERATURE, check_word, clamp, generate
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.core.ids import parse_neuron_id
-from neuronmap.runtime.hooks import POSITIONS_DEFAULT, check_positions, check_values, parse_spec, parse_value
+from neuronmap.runtime.hooks import POSITIONS_DEFAULT, check_positions
+from neuronmap.runtime.specs import check_values, parse_spec, parse_value
 from neuronmap.atlas.scoring import check_weights
 from neuronmap.viewer.jobs import JobQueue
 from neuronmap.viewer.state import RequestError, Served
