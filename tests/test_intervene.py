@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM
 from neuronmap.atlas.format import open_files
 from neuronmap.cli import main
 from neuronmap.atlas.concepts import variant_strings
-from neuronmap.intervene.effects import clamp, concept_tokens, generate, mentions, next_token_logprobs
+from neuronmap.intervene.effects import clamp, concept_tokens, mentions, next_token_logprobs
+from neuronmap.intervene.generate import generate
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.runtime.hooks import POSITIONS, intervene, natural_range, recording, resolve
 from neuronmap.runtime.specs import Intervention, Value, parse_spec, parse_sweep

@@ -86,7 +86,7 @@ def cmd_clamp(args) -> int:
 
 
 def add_generate(sub) -> None:
-    from neuronmap.intervene.effects import MAX_NEW_TOKENS, N_SAMPLES, SEED, TEMPERATURE
+    from neuronmap.intervene.generate import MAX_NEW_TOKENS, N_SAMPLES, SEED, TEMPERATURE
     from neuronmap.runtime.specs import SPEC_HELP
 
     p = sub.add_parser("generate", help="sample answers without and with neurons clamped, side by side")
@@ -104,7 +104,7 @@ def add_generate(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    from neuronmap.intervene.effects import generate
+    from neuronmap.intervene.generate import generate
     from neuronmap.runtime.hooks import check_positions
     from neuronmap.runtime.specs import check_values, parse_spec
     from neuronmap.runtime.models import load_model

@@ -8,7 +8,8 @@ instead of failing after the model has loaded.
 from __future__ import annotations
 
 from neuronmap.atlas.concepts import expand_concept, read_vocab, vocab_index
-from neuronmap.intervene.effects import MAX_NEW_TOKENS, TEMPERATURE, check_word, clamp, generate
+from neuronmap.intervene.effects import check_word, clamp
+from neuronmap.intervene.generate import MAX_NEW_TOKENS, TEMPERATURE, generate
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.core.ids import parse_neuron_id
 from neuronmap.runtime.hooks import POSITIONS_DEFAULT, check_positions
