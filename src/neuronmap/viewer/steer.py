@@ -72,7 +72,10 @@ class SteerRunner:
         """
         if not isinstance(body, dict):
             raise RequestError("the request body is not a JSON object: send {\"neuron\": ..., \"value\": ..., ...}")
-        name, files = self.served.get(body.get("atlas"))
+        atlas = body.get("atlas")
+        if atlas is not None and not isinstance(atlas, str):
+            raise RequestError(f"'atlas' is {_shown(atlas)}: expected an atlas's name, a string")
+        name, files = self.served.get(atlas)
         meta = files.meta
         neuron = _field(body, "neuron").strip()
         if len(neuron) > MAX_ID:  # int() refuses more than 4,300 digits with a ValueError, not a message
