@@ -521,15 +521,15 @@ def test_report_strings_are_escaped(tiny_removal, tmp_path):
     ("/api/evidence/L0N" + "9" * 5000, 414, "at most 2,048"),
     ("/api/similar/L" + "9" * 5000 + "N0", 414, "at most 2,048"),
     ("/api/layer/" + "9" * 5000, 414, "at most 2,048"),
-    ("/api/layer/" + "9" * 1000, 400, "layer '9999999999999999999999999999999999999999...' (1,000 characters) is out of range: "
-                                      "the atlas holds layers 0-1"),
+    ("/api/layer/" + "9" * 1000, 400, ("layer '9999999999999999999999999999999999999999...' (1,000 characters) is out of "
+                                       "range: the atlas holds layers 0-1")),
     ("/api/layer/%C2%B2", 400, "layer '²' is not a layer number: expected e.g. /layer/1"),
     ("/api/layer/%D9%A1", 400, "layer '١' is not a layer number"),
     ("/api/search?q=coffee&top=%C2%B2", 400, "?top='²' is not a whole number: expected one from 1 to 1000 in digits 0-9"),
     ("/api/search?q=coffee&top=" + "9" * 20, 400, "is out of range: expected a whole number from 1 to 1000"),
     ("/api/search?q=" + ",".join(["dog"] * 65), 400, "at most 64 concepts per search, got 65: split the query into several searches"),
     ("/api/search?q=" + ",".join(["dog"] * 10_000), 414, "the query string has 40,001 bytes: at most 4,096"),
-    ("/api/search", 405, "POST is not allowed at /api/search: use GET"),
+    ("/api/search", 405, "POST is not allowed at /api/search: use GET, HEAD (only POST"),
     ("/api/steer", 405, "GET is not allowed at /api/steer: use POST"),
 ])
 def test_hostile_urls_answer_one_json_line_and_their_pages_an_html_page(worded, path, status, message):

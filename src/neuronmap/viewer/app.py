@@ -138,8 +138,8 @@ def build(served: Served, steer: SteerRunner) -> Starlette:
             msg = (f"no page at {request.url.path}: the viewer has /, /search, /neuron/L{{layer}}N{{index}}, /layer/N, "
                    "/compare and /report/NAME")
         elif exc.status_code == 405:
-            msg = (f"{request.method} is not allowed at {request.url.path}: use {(exc.headers or {}).get('Allow', 'GET')}"
-                   " (only POST /api/steer takes a body)")
+            allow = sorted(m.strip() for m in (exc.headers or {}).get("Allow", "GET").split(","))  # a set's order otherwise
+            msg = f"{request.method} is not allowed at {request.url.path}: use {', '.join(allow)} (only POST /api/steer takes a body)"
         else:
             msg = f"{exc.detail} ({request.method} {request.url.path})"
         return error_response(served, request, msg, exc.status_code, exc.headers)

@@ -13,6 +13,7 @@ import re
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
+from neuronmap.search import MAX_CONCEPTS
 from neuronmap.viewer.render import CSP, error_box, layout
 from neuronmap.viewer.state import RequestError, Served
 
@@ -69,14 +70,16 @@ def refusal(served: Served, scope) -> tuple[str, int] | None:
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
     host = _host(headers.get("host", ""))
     if "*" not in served.hosts and host not in served.hosts:
-        return (f"Host {shown(host)} is not this viewer's address: this viewer answers to {', '.join(served.hosts)} "
-                "(a Host header naming another site is refused, so web pages elsewhere cannot reach the viewer)", 400)
+        why = (f"Host {shown(host)} is not this viewer's address: this viewer answers to {', '.join(served.hosts)} "
+               "(a Host header naming another site is refused, so web pages elsewhere cannot reach the viewer)")
+        return why, 400
     path, query = scope["path"], scope.get("query_string", b"")
     if len(path) > MAX_PATH:
         return f"the URL path has {len(path):,} characters: at most {MAX_PATH:,}; check the link", 414
     if len(query) > MAX_QUERY:
-        return (f"the query string has {len(query):,} bytes: at most {MAX_QUERY:,}; search fewer or shorter concepts "
-                "per request (at most 64) and split the rest into more searches", 414)
+        why = (f"the query string has {len(query):,} bytes: at most {MAX_QUERY:,}; search fewer or shorter concepts "
+               f"per request (at most {MAX_CONCEPTS}) and split the rest into more searches")
+        return why, 414
     length = headers.get("content-length")
     if length is not None and (not _DIGITS.fullmatch(length) or len(length) > 12):
         return f"Content-Length {shown(length)} is not a byte count", 400
