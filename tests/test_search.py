@@ -412,3 +412,35 @@ def test_tokens_with_markup_characters_print_as_they_are():
     c = Console(record=True, width=80)
     c.print(show_token("[/bold]") + " " + show_token(" [x]"))
     assert c.export_text().strip() == "'[/bold]' ' [x]'"
+
+
+def test_a_search_takes_at_most_64_concepts_of_256_characters(tiny_atlases, capsys):
+    """Bounded work per search: the CLI and the viewer share the limit (issue 25: 10,000 concepts ran for minutes)."""
+    d = tiny_atlases["llama"]
+    rc, _, err = run_cli(capsys, "search", d, *[f"<{i % 60}>" for i in range(65)], "--stored")
+    assert rc == 2 and err == "error: at most 64 concepts per search, got 65: split the query into several searches\n"
+    rc, _, err = run_cli(capsys, "search", d, "x" * 257, "--stored")
+    assert rc == 2 and err == ("error: concept 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'... has 257 characters: at most 256 "
+                               "per concept; give a word or token, e.g. coffee\n")
+    with pytest.raises(NeuronmapError, match="got 10,000: split the query"):
+        search(open_files(d), ["<7>"] * 10_000)
+
+
+def test_many_hits_are_described_in_order_and_in_seconds(tiny_atlases):
+    """64 concepts x 100 hits: each hit's id, stored top 5, entropy and norm are its own row's, in the ranking's order
+    (one query per hit took over 10 minutes for 6,400 hits on one demo layer)."""
+    import time
+
+    files = open_files(tiny_atlases["llama"])
+    t0 = time.perf_counter()
+    r = search(files, [f"<{i}>" for i in range(64)], top=100)
+    took = time.perf_counter() - t0
+    t = r.table
+    assert len(t) == 64 * 100 and took < 60, (len(t), took)
+    rows = pq.read_table(files.neurons).to_pandas().set_index(["layer", "matrix", "pole", "neuron"])
+    for h in t.itertuples():
+        row = rows.loc[(h.layer, h.matrix, h.pole, h.neuron)]
+        assert h.id == f"L{h.layer}N{h.neuron}" and list(h.top_tokens) == list(row["tokens"][:5])
+        assert h.entropy == row["entropy"] and h.weight_norm == row["weight_norm"]
+    for concept, hits in t.groupby("concept", sort=False):
+        assert hits["rank"].tolist() == list(range(1, 101)) and hits["prob"].is_monotonic_decreasing

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
@@ -509,3 +510,118 @@ def test_report_strings_are_escaped(tiny_removal, tmp_path):
     assert "&lt;script&gt;window.__xss=1&lt;/script&gt;" in text and "&#x27;&lt;/div&gt;&#x27;" in text
     assert "../../api/atlas" not in text  # the neuron id shown and linked is built from the recorded layer and neuron
     assert c.get("/api/report/evil").json() == {k: v for k, v in record.items() if k not in ("format", "version", "originals")}
+
+
+# ------------------------------------------------------------------ hostile requests and limits (issue 25)
+
+
+@pytest.mark.parametrize("path, status, message", [
+    ("/api/neuron/L0N" + "9" * 5000, 414, "the URL path has 5,015 characters: at most 2,048"),
+    ("/api/neuron/L0N" + "9" * 1000, 400, "index 9999"),
+    ("/api/evidence/L0N" + "9" * 5000, 414, "at most 2,048"),
+    ("/api/similar/L" + "9" * 5000 + "N0", 414, "at most 2,048"),
+    ("/api/layer/" + "9" * 5000, 414, "at most 2,048"),
+    ("/api/layer/" + "9" * 1000, 400, ("layer '9999999999999999999999999999999999999999...' (1,000 characters) is out of "
+                                       "range: the atlas holds layers 0-1")),
+    ("/api/layer/%C2%B2", 400, "layer '²' is not a layer number: expected e.g. /layer/1"),
+    ("/api/layer/%D9%A1", 400, "layer '١' is not a layer number"),
+    ("/api/search?q=coffee&top=%C2%B2", 400, "?top='²' is not a whole number: expected one from 1 to 1000 in digits 0-9"),
+    ("/api/search?q=coffee&top=" + "9" * 20, 400, "is out of range: expected a whole number from 1 to 1000"),
+    ("/api/search?q=" + ",".join(["dog"] * 65), 400, "at most 64 concepts per search, got 65: split the query into several searches"),
+    ("/api/search?q=" + ",".join(["dog"] * 10_000), 414, "the query string has 40,001 bytes: at most 4,096"),
+    ("/api/search", 405, "POST is not allowed at /api/search: use GET, HEAD (only POST"),
+    ("/api/steer", 405, "GET is not allowed at /api/steer: use POST"),
+])
+def test_hostile_urls_answer_one_json_line_and_their_pages_an_html_page(worded, path, status, message):
+    c = client(worded)
+    method = "POST" if status == 405 and path == "/api/search" else "GET"
+    r = c.request(method, path)
+    assert r.status_code == status and r.headers["content-type"] == "application/json", r.text[:300]
+    assert message in r.json()["error"] and "\n" not in r.json()["error"]
+    if path.startswith("/api/") and "/steer" not in path and "/evidence" not in path and "/similar" not in path:
+        page = c.request(method, path[4:])
+        assert page.status_code == status and page.headers["content-type"].startswith("text/html")
+        assert "error: " in page.text and "Internal Server Error" not in page.text
+
+
+def test_host_refusals_and_large_bodies_answer_in_the_apis_form(worded):
+    c = client(worded)
+    r = c.get("/api/atlas", headers={"host": "attacker.example"})
+    assert r.status_code == 400 and r.json()["error"].startswith("Host 'attacker.example' is not this viewer's address")
+    page = c.get("/", headers={"host": "attacker.example:8765"})
+    assert page.status_code == 400 and page.headers["content-type"].startswith("text/html") and "Host &#x27;attacker" in page.text
+    assert c.get("/", headers={"host": "[::1]:8765"}).status_code == 200
+    big = json.dumps({"neuron": "L1N5", "text": "x" * 70_000}).encode()
+    r = c.post("/api/steer", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "at most 65,536" in r.json()["error"]
+    r = c.post("/api/steer", content=iter([b"[" * 40_000, b"]" * 40_000]), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "the request body has more than 65,536 bytes: send a shorter message"
+    r = c.post("/api/steer", content=b"[" * 30_000 + b"]" * 30_000, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"].startswith("the request body nests too deeply")
+    for field, message in (("n", "'n' is '²': expected a whole number in digits 0-9"),
+                           ("atlas", "'atlas' is '{}': expected an atlas's name, a string")):
+        body = {"neuron": "L1N5", "value": "20x", "concept": "coffee", field: "²" if field == "n" else {}}
+        r = c.post("/api/steer", json=body)
+        assert r.status_code == 400 and r.json() == {"error": message}
+    r = c.post("/api/steer", json={"neuron": "L0N" + "9" * 5000, "value": "20x", "concept": "coffee"})
+    assert r.status_code == 400 and r.json()["error"].startswith("neuron id 'L0N999999999")
+
+
+def _serve(atlas, *argv):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.Popen([sys.executable, "-m", "neuronmap", "serve", str(atlas), "--port", "0", *argv],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    line = ""
+    while "neuronmap viewer at" not in line:
+        line = p.stdout.readline()
+        assert line or p.poll() is None, p.stderr.read()
+    return p, re.search(r"http://\S+/", line).group(0)
+
+
+@pytest.mark.parametrize("sig, rc, line", [("SIGTERM", 143, "terminated: viewer stopped"),
+                                           ("SIGINT", 130, "interrupted: viewer stopped")])
+def test_serve_exits_143_or_130_with_one_line_on_a_signal(worded, sig, rc, line):
+    import signal
+    import urllib.request
+
+    p, url = _serve(worded)
+    assert json.loads(urllib.request.urlopen(url + "api/atlases", timeout=30).read())["atlases"][0]["name"] == "atlas"
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == rc and err == line + "\n"
+
+
+@pytest.mark.slow
+def test_serve_with_a_steering_job_running_exits_143_without_an_abort(tmp_path):
+    """The demo model steering in the job thread when SIGTERM comes: it aborted ("terminate called without an active
+    exception", exit -6) when the interpreter shut down around torch's threads."""
+    import signal
+    import time
+    import urllib.request
+
+    from neuronmap.mapping.mapper import map_model
+    from neuronmap.mapping.part import MapOptions
+
+    atlas = tmp_path / "demo29"
+    map_model(None, atlas, MapOptions(layers="29", matrices="down"))
+    p, url = _serve(atlas)
+    try:
+        body = json.dumps({"neuron": "L29N808", "value": "20x", "concept": "dog", "text": "hi"}).encode()
+        req = urllib.request.Request(url + "api/steer", body, {"Content-Type": "application/json"})
+        assert json.loads(urllib.request.urlopen(req, timeout=30).read())["id"] == "1"
+        deadline = time.time() + 300
+        while time.time() < deadline:  # past the model load: clamp or generate runs torch in the job thread
+            s = json.loads(urllib.request.urlopen(url + "api/jobs/1", timeout=30).read())
+            if s["state"] != "queued" and s["step"] >= 1:
+                break
+            time.sleep(0.2)
+        assert s["state"] == "running" and s["step"] >= 1, s
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 143 and err == "terminated: viewer stopped\n"

@@ -32,6 +32,10 @@ POOL = 20  # with --sort agreement: the best POOL x top rows by probability are 
 
 TOP = 10  # hits per concept; the CLI's default too
 MIN_PROB = 0.0
+# Bounds on one search's work (the viewer's requests included): an exact search holds p(variant | row) for every row
+# and every variant of every concept, and matching an untokenizable concept tries each of its prefixes.
+MAX_CONCEPTS = 64
+MAX_CONCEPT_CHARS = 256  # longer than any vocabulary's tokens
 
 
 @dataclass(frozen=True)
@@ -105,14 +109,22 @@ def _describe(files: AtlasFiles, hits: pd.DataFrame) -> pd.DataFrame:
     if hits.empty:
         return hits.assign(id=pd.Series(dtype=object), top_tokens=pd.Series(dtype=object), top_probs=pd.Series(dtype=object),
                            entropy=pd.Series(dtype=np.float32), weight_norm=pd.Series(dtype=np.float32))
-    # One equality query per hit: each reads only the row groups of its own (layer, matrix, pole) block, where one
-    # query with IN lists decodes the list columns of every block of every hit's layer (3x slower on an 8B atlas).
-    one = ("SELECT {i} AS ord, id, tokens[1:5] AS top_tokens, probs[1:5] AS top_probs, entropy, weight_norm "
-           "FROM read_parquet(?) WHERE layer = {layer} AND matrix = {matrix} AND pole = {pole} AND neuron = {neuron}")
-    sql = " UNION ALL ".join(one.format(i=i, layer=int(h.layer), matrix=sql_path(h.matrix), pole=sql_path(h.pole),
-                                        neuron=int(h.neuron)) for i, h in enumerate(hits.itertuples()))
-    found = connect().execute(sql, [str(files.neurons)] * len(hits)).df()
-    return hits.assign(ord=np.arange(len(hits))).merge(found, on="ord").drop(columns="ord")
+    # One query per (layer, matrix, pole) block, its neurons as an IN list: each reads only its own block's row groups
+    # (one query with IN lists over every key decodes the list columns of every block of every hit's layer, 3x slower
+    # on an 8B atlas), and the query grows with the blocks, not the hits (one per hit took minutes for 6,400 hits).
+    keys = ["layer", "matrix", "pole", "neuron"]
+    blocks = hits.groupby(keys[:3], sort=False)["neuron"].unique()
+    one = ("SELECT layer::BIGINT AS layer, matrix::VARCHAR AS matrix, pole::VARCHAR AS pole, neuron::BIGINT AS neuron, id, "
+           "tokens[1:5] AS top_tokens, probs[1:5] AS top_probs, entropy, weight_norm FROM read_parquet(?) "
+           "WHERE layer = {layer} AND matrix = {matrix} AND pole = {pole} AND neuron IN ({neurons})")
+    sql = " UNION ALL ".join(one.format(layer=int(layer), matrix=sql_path(matrix), pole=sql_path(pole),
+                                        neurons=",".join(str(int(n)) for n in neurons))
+                             for (layer, matrix, pole), neurons in blocks.items())
+    found = connect().execute(sql, [str(files.neurons)] * len(blocks)).df()
+    ordered = hits.assign(_ord=np.arange(len(hits)), layer=hits["layer"].astype(np.int64), neuron=hits["neuron"].astype(np.int64),
+                          matrix=hits["matrix"].astype(str), pole=hits["pole"].astype(str))
+    out = ordered.merge(found, on=keys).sort_values("_ord", kind="stable").drop(columns="_ord").reset_index(drop=True)
+    return out.astype({k: hits[k].dtype for k in keys})
 
 
 def search(files: AtlasFiles, concepts: list[str], matrices: str | None = None, layers: str | None = None,
@@ -142,8 +154,8 @@ def search(files: AtlasFiles, concepts: list[str], matrices: str | None = None, 
         SearchResult.
 
     Raises:
-        NeuronmapError: an empty concept, bad options, weights changed or moved since mapping, or
-            ``sort="agreement"`` on an atlas without evidence.
+        NeuronmapError: no concept, more than ``MAX_CONCEPTS`` of them, one longer than ``MAX_CONCEPT_CHARS``, bad
+            options, weights changed or moved since mapping, or ``sort="agreement"`` on an atlas without evidence.
 
     Example:
         >>> r = search(open_files("demo-atlas"), ["coffee"], top=3)  # doctest: +SKIP
@@ -153,6 +165,7 @@ def search(files: AtlasFiles, concepts: list[str], matrices: str | None = None, 
     t0 = time.perf_counter()
     if not concepts:
         raise NeuronmapError("no concept given: pass at least one word, e.g. coffee")
+    check_concepts(concepts)
     if top < 1:
         raise NeuronmapError(f"--top {top} is out of range: expected 1 or more")
     if not 0.0 <= min_prob <= 1.0:
@@ -188,6 +201,26 @@ def search(files: AtlasFiles, concepts: list[str], matrices: str | None = None, 
     table = _describe(files, pd.concat(parts, ignore_index=True))
     return SearchResult(table[COLUMNS], expanded, "stored" if stored else "exact", n_scored,
                         int(files.meta["decode"]["top_k"]), time.perf_counter() - t0, files.root)
+
+
+def check_concepts(concepts: list[str]) -> None:
+    """Refuse a search over more than ``MAX_CONCEPTS`` concepts or a concept longer than ``MAX_CONCEPT_CHARS``.
+
+    Raises:
+        NeuronmapError: one line with the count or length found, the limit, and what to do.
+
+    Example:
+        >>> check_concepts(["coffee"] * 65)
+        Traceback (most recent call last):
+        neuronmap.core.errors.NeuronmapError: at most 64 concepts per search, got 65: split the query into several searches
+    """
+    if len(concepts) > MAX_CONCEPTS:
+        raise NeuronmapError(f"at most {MAX_CONCEPTS} concepts per search, got {len(concepts):,}: "
+                             "split the query into several searches")
+    for c in concepts:
+        if len(c) > MAX_CONCEPT_CHARS:
+            raise NeuronmapError(f"concept {c[:40]!r}... has {len(c):,} characters: at most {MAX_CONCEPT_CHARS} per "
+                                 "concept; give a word or token, e.g. coffee")
 
 
 def _with_agreement(files: AtlasFiles, hits: pd.DataFrame) -> pd.DataFrame:

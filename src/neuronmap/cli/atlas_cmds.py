@@ -149,8 +149,9 @@ def _method_line(method: str, n_scored: int, top_k: int) -> str:
 
 def cmd_search(args) -> int:
     from neuronmap.atlas.format import open_files
-    from neuronmap.atlas.search import search
+    from neuronmap.atlas.search import check_concepts, search
 
+    check_concepts(args.concepts)  # before the token index is built: a refused search does no work
     files = open_files(args.atlas)
     _note_index(files, args.stored)
     r = search(files, args.concepts, args.matrices, args.layers, args.pole, args.top, args.min_prob,

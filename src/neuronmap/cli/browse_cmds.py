@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from rich.markup import escape
 from rich.table import Table
 
@@ -105,12 +107,17 @@ def add_serve(sub) -> None:
 
 
 def cmd_serve(args) -> int:
-    import signal
     import socket
 
     import uvicorn
 
+    from neuronmap.core.fsio import interrupt_note
     from neuronmap.viewer import LOCAL_HOSTS, create_app
+
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield  # leave Ctrl-C and SIGTERM to the command's handlers (see below)
 
     if args.port > 65535:
         raise NeuronmapError(f"--port {args.port} is out of range: expected 0 to 65535")
@@ -138,16 +145,18 @@ def cmd_serve(args) -> int:
     for name, r in app.state.served.reports.items():
         out.print(f"  report {escape(name)}: {escape(str(r.path))} (removed {escape(', '.join(s['concept'] for s in r.report['steps']))} "
                   f"from {escape(r.report['source'])})")
-    out.print(f"neuronmap viewer at [bold]{url}[/bold]{' (and on every address of this machine)' if wildcard else ''} "
-              "(Ctrl-C to stop)", soft_wrap=True)
-    if args.open:
-        import webbrowser
+    # The command's own handlers (neuronmap.core.fsio.exit_on_signals) stay in place for the whole serve: Ctrl-C and SIGTERM
+    # end it at once with one line and 130 / 143. uvicorn's graceful shutdown would wait for requests still computing
+    # (a search ran on for minutes), then end as a normal exit; and an interpreter that shuts down normally while the
+    # steering thread is inside torch aborts ("terminate called without an active exception"). The viewer writes
+    # nothing, so there is nothing to finish first.
+    with interrupt_note(lambda: "viewer stopped"):
+        out.print(f"neuronmap viewer at [bold]{url}[/bold]{' (and on every address of this machine)' if wildcard else ''} "
+                  "(Ctrl-C to stop)", soft_wrap=True)
+        if args.open:
+            import webbrowser
 
-        webbrowser.open(url)
-    # uvicorn turns Ctrl-C and SIGTERM into a graceful shutdown, then re-raises the signal to the handler it found:
-    # a no-op here, so the command ends normally instead of as an interrupted write (nothing is being written).
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+            webbrowser.open(url)
+        _Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     out.print("viewer stopped")
     return 0

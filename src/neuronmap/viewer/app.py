@@ -12,30 +12,23 @@ import re
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from neuronmap.core.errors import NeuronmapError, damaged_data
 from neuronmap.viewer import pages
-from neuronmap.viewer.render import CSP, error_box, layout
+from neuronmap.viewer.guard import HEADERS, JSON, Guard, error_response, read_body
+from neuronmap.viewer.render import error_box, layout
 from neuronmap.viewer.state import RequestError, Served
 from neuronmap.viewer.data import Data
 from neuronmap.viewer.steer import SteerRunner
 
 STATIC = Path(__file__).parent / "static"
 _NEURON = re.compile(r"^\s*L[0-9]+N[0-9]+\s*$")
-HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-           "Cache-Control": "no-store"}
-
-
-class JSON(JSONResponse):
-    def render(self, content) -> bytes:
-        # allow_nan=False: a nan that reached here is a bug in a to_dict(), not something to send as invalid JSON.
-        return json.dumps(content, ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 def _html(served: Served, request: Request, title: str, body: str, status: int = 200, atlas: str | None = None) -> HTMLResponse:
@@ -125,9 +118,12 @@ def build(served: Served, steer: SteerRunner) -> Starlette:
                 # A cross-site form cannot send JSON without a preflight, which this server never grants.
                 raise RequestError("POST /api/steer takes a JSON body (Content-Type: application/json)", 415)
             try:
-                body = json.loads(await request.body() or b"{}")
+                body = json.loads(await read_body(request) or b"{}")
+            except RecursionError as e:  # json's parser recurses once per level
+                raise RequestError("the request body nests too deeply to be a steering request: send one flat object "
+                                   'such as {"neuron": "L29N808", "value": "20x", "concept": "dog", "text": "..."}') from e
             except ValueError as e:
-                raise RequestError(f"the request body is not JSON ({e}): send an object such as "
+                raise RequestError(f"the request body is not JSON ({str(e)[:200]}): send an object such as "
                                    '{"neuron": "L29N808", "value": "20x", "concept": "dog", "text": "..."}') from e
             return JSON(steer.submit(body), 202, headers=HEADERS)
         except NeuronmapError as e:
@@ -136,12 +132,22 @@ def build(served: Served, steer: SteerRunner) -> Starlette:
     def job_compute(request: Request):
         return None, steer.status(request.path_params["job"])
 
-    def not_found(request: Request, exc) -> Response:
-        msg = (f"no page at {request.url.path}: the viewer has /, /search, /neuron/L{{layer}}N{{index}}, /layer/N, /compare "
-               "and /report/NAME")
-        if request.url.path.startswith("/api/"):
-            return JSON({"error": msg}, 404, headers=HEADERS)
-        return _html(served, request, "not found", error_box(msg), 404)
+    def http_error(request: Request, exc: HTTPException) -> Response:
+        """Starlette's own refusals (no such route or file, a method the route lacks) in the viewer's error forms."""
+        if exc.status_code == 404:
+            msg = (f"no page at {request.url.path}: the viewer has /, /search, /neuron/L{{layer}}N{{index}}, /layer/N, "
+                   "/compare and /report/NAME")
+        elif exc.status_code == 405:
+            allow = sorted(m.strip() for m in (exc.headers or {}).get("Allow", "GET").split(","))  # a set's order otherwise
+            msg = f"{request.method} is not allowed at {request.url.path}: use {', '.join(allow)} (only POST /api/steer takes a body)"
+        else:
+            msg = f"{exc.detail} ({request.method} {request.url.path})"
+        return error_response(served, request, msg, exc.status_code, exc.headers)
+
+    def server_error(request: Request, exc: Exception) -> Response:
+        """A bug: one line to the client, not the traceback (Starlette still hands it to the server's log)."""
+        msg = f"internal error ({type(exc).__name__}): this is a bug in neuronmap; the server's log has the details"
+        return error_response(served, request, msg, 500)
 
     routes = [
         Route("/", page(lambda r, n: n or "reports", index_compute, index_render)),
@@ -167,7 +173,7 @@ def build(served: Served, steer: SteerRunner) -> Starlette:
         Route("/favicon.ico", lambda request: Response(status_code=204, headers=HEADERS)),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes, exception_handlers={404: not_found},
-                    middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=served.hosts)])
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error},
+                    middleware=[Middleware(Guard, served=served)])
     app.state.served, app.state.steer = served, steer
     return app

@@ -7,6 +7,8 @@ and depend only on the atlas (stats, the confident words, comparisons) are kept.
 
 from __future__ import annotations
 
+import re
+
 from starlette.requests import Request
 
 from neuronmap.atlas import search as search_api
@@ -14,32 +16,28 @@ from neuronmap.atlas.format import AtlasFiles
 from neuronmap.atlas.browse import PAGE, confident_words, layer_rows
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.atlas.evidence import has_evidence, neuron_evidence
-from neuronmap.core.ids import parse_neuron_id
+from neuronmap.core.ids import format_ranges, parse_neuron_id
 from neuronmap.atlas.scoring import check_weights
 from neuronmap.atlas.search import records
 from neuronmap.atlas.similar import TOP as SIMILAR_TOP, similar
 from neuronmap.atlas.stats import stats
+from neuronmap.viewer.guard import MAX_DIGITS, shown, whole_number
 from neuronmap.viewer.state import Report, RequestError, Served
 
 METHODS = ("auto", "exact", "stored")
+_LAYER = re.compile(r"[0-9]+")  # ASCII digits: isdigit() also takes "²", which int() refuses
 
 
 def query_int(request: Request, key: str, default: int, lo: int, hi: int) -> int:
-    """An integer query parameter in ``[lo, hi]``.
+    """An integer query parameter in ``[lo, hi]``, in ASCII digits.
 
     Raises:
-        RequestError: not an integer, or out of range (the message names the parameter and the range).
+        RequestError: not a whole number, or out of range (the message names the parameter and the range).
     """
     text = request.query_params.get(key)
     if text is None or text == "":
         return default
-    try:
-        value = int(text)
-    except ValueError as e:
-        raise RequestError(f"?{key}={text!r} is not an integer: expected a whole number from {lo} to {hi}") from e
-    if not lo <= value <= hi:
-        raise RequestError(f"?{key}={value} is out of range: expected a whole number from {lo} to {hi}")
-    return value
+    return whole_number(text, f"?{key}", lo, hi)
 
 
 def _opt(request: Request, key: str) -> str | None:
@@ -165,9 +163,12 @@ class Data:
 
     def layer(self, request: Request):
         name, files = self._atlas(request)
+        layers = files.meta["decode"]["layers"]
         text = request.path_params["layer"]
-        if not text.isdigit():
-            raise RequestError(f"layer {text!r} is not a layer number: expected e.g. /layer/{files.meta['decode']['layers'][-1]}")
+        if not _LAYER.fullmatch(text):
+            raise RequestError(f"layer {shown(text)} is not a layer number: expected e.g. /layer/{layers[-1]}")
+        if len(text) > MAX_DIGITS:
+            raise RequestError(f"layer {shown(text)} is out of range: the atlas holds layers {format_ranges(layers)}")
         page = query_int(request, "page", 0, 0, 10**7)
         desc = request.query_params.get("desc")
         lr = layer_rows(files, int(text), request.query_params.get("matrix") or "up", _opt(request, "pole"),

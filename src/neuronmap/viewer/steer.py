@@ -7,6 +7,9 @@ instead of failing after the model has loaded.
 
 from __future__ import annotations
 
+import json
+import re
+
 from neuronmap.atlas.concepts import expand_concept, read_vocab, vocab_index
 from neuronmap.intervene.effects import check_word, clamp
 from neuronmap.intervene.generate import MAX_NEW_TOKENS, TEMPERATURE, generate
@@ -15,12 +18,16 @@ from neuronmap.core.ids import parse_neuron_id
 from neuronmap.runtime.hooks import POSITIONS_DEFAULT, check_positions
 from neuronmap.runtime.specs import check_values, parse_spec, parse_value
 from neuronmap.atlas.scoring import check_weights
+from neuronmap.atlas.search import check_concepts
+from neuronmap.viewer.guard import MAX_DIGITS, shown
 from neuronmap.viewer.jobs import JobQueue
 from neuronmap.viewer.state import RequestError, Served
 
 SAMPLES = 3  # per side: enough to see a shift, and the first result stays within seconds on a CPU
 MAX_SAMPLES = 20
 MAX_TEXT = 2000
+MAX_ID = 24  # L{layer}N{index} with 9 digits each, and spaces
+_DIGITS = re.compile(r"[0-9]+")
 
 
 def _field(body: dict, key: str, default=None, kind: type = str):
@@ -32,12 +39,21 @@ def _field(body: dict, key: str, default=None, kind: type = str):
             raise RequestError(f"{key!r} is {v!r}: expected true or false")
         return v
     if kind is int:
-        if isinstance(v, bool) or not isinstance(v, (int, str)) or not str(v).strip().isdigit():
-            raise RequestError(f"{key!r} is {v!r}: expected a whole number")
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if not isinstance(v, str) or not _DIGITS.fullmatch(v.strip()):  # ASCII: "²".isdigit() holds, int("²") fails
+            raise RequestError(f"{key!r} is {_shown(v)}: expected a whole number in digits 0-9")
+        if len(v.strip()) > MAX_DIGITS:
+            raise RequestError(f"{key!r} is {_shown(v)}: out of range, expected a whole number of at most {MAX_DIGITS} digits")
         return int(v)
     if not isinstance(v, str):
-        raise RequestError(f"{key!r} is {v!r}: expected a string")
+        raise RequestError(f"{key!r} is {_shown(v)}: expected a string")
     return v
+
+
+def _shown(v: object) -> str:
+    """A JSON value as the message shows it: short, whatever was sent."""
+    return shown(v) if isinstance(v, str) else shown(json.dumps(v)[:1000]) if isinstance(v, (list, dict)) else shown(repr(v))
 
 
 class SteerRunner:
@@ -58,9 +74,15 @@ class SteerRunner:
         """
         if not isinstance(body, dict):
             raise RequestError("the request body is not a JSON object: send {\"neuron\": ..., \"value\": ..., ...}")
-        name, files = self.served.get(body.get("atlas"))
+        atlas = body.get("atlas")
+        if atlas is not None and not isinstance(atlas, str):
+            raise RequestError(f"'atlas' is {_shown(atlas)}: expected an atlas's name, a string")
+        name, files = self.served.get(atlas)
         meta = files.meta
-        layer, idx = parse_neuron_id(_field(body, "neuron").strip(), int(meta["n_layers"]), int(meta["d_mlp"]))
+        neuron = _field(body, "neuron").strip()
+        if len(neuron) > MAX_ID:  # int() refuses more than 4,300 digits with a ValueError, not a message
+            raise RequestError(f"neuron id {shown(neuron)} is too long: expected L{{layer}}N{{index}}, e.g. L29N808")
+        layer, idx = parse_neuron_id(neuron, int(meta["n_layers"]), int(meta["d_mlp"]))
         value = parse_value(_field(body, "value", "20x").strip())
         spec = parse_spec(f"L{layer}N{idx}={value}")
         check_values([spec], None)
@@ -68,6 +90,7 @@ class SteerRunner:
         check_positions(positions)
         word = _field(body, "concept")
         check_word(word)
+        check_concepts([word])
         expand_concept(word, vocab_index(read_vocab(files)))  # the model's strings are the atlas's: the CLI's message
         text = _field(body, "text", "What is your favourite animal?")
         if not text.strip() or len(text) > MAX_TEXT:
