@@ -125,17 +125,22 @@ def arrow_texts(files: tuple[Path, ...], column: str, name: str) -> Iterator[tup
     """Each row's text of cached Arrow files, named ``NAME:ROW`` (rows counted from 1 across the files).
 
     Raises:
-        NeuronmapError: the column holds something other than strings.
+        NeuronmapError: the column holds something other than strings; a damaged Arrow file (named).
     """
+    from neuronmap.corpus import damaged_table
+
     row = 0
     for path in files:
-        with pa.memory_map(str(path)) as src:
-            for batch in pa.ipc.open_stream(src):
-                for text in batch.column(column).to_pylist():
-                    row += 1
-                    if text is None:
-                        continue
-                    if not isinstance(text, str):
-                        raise NeuronmapError(f"--corpus {name}: column {column!r} holds {type(text).__name__} values, "
-                                             "expected strings: name the text column with --text-column")
-                    yield f"{name}:{row}", text
+        try:
+            with pa.memory_map(str(path)) as src:
+                for batch in pa.ipc.open_stream(src):
+                    for text in batch.column(column).to_pylist():
+                        row += 1
+                        if text is None:
+                            continue
+                        if not isinstance(text, str):
+                            raise NeuronmapError(f"--corpus {name}: column {column!r} holds {type(text).__name__} "
+                                                 "values, expected strings: name the text column with --text-column")
+                        yield f"{name}:{row}", text
+        except (OSError, pa.ArrowException) as e:
+            raise damaged_table(str(path), "Arrow", row, e) from e
