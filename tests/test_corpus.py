@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import neuronmap
 from conftest import WORDS, atlas_with_tokens
 from neuronmap.atlas import open_files
 from neuronmap.cli import main
@@ -30,6 +31,7 @@ from neuronmap.evidence import neuron_evidence
 from neuronmap.record import record
 
 GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
+SRC = str(Path(neuronmap.__file__).resolve().parents[1])  # the package under test, for the CLI in a subprocess
 
 
 @pytest.fixture(scope="module")
@@ -203,11 +205,12 @@ def test_a_20_mb_line_reaches_the_tokenizer_in_bounded_pieces(small_atlas, tmp_p
 
 
 def test_record_of_a_20_mb_line_stays_small_and_quick(small_atlas, tmp_path):
-    """The probe's case: `record --corpus` of one 20 MB line with --tokens 100 took 4.0 GB and 75 s."""
+    """The probe's case: `record --corpus` of one 20 MB line with --tokens 100 took 4.0 GB and 75 s (with the
+    demo model; 3.1 GB and 98 s with this one before the line was read in pieces)."""
     atlas = tmp_path / "atlas"
     shutil.copytree(small_atlas, atlas)
     (tmp_path / "long.txt").write_text(_long_line(6))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": SRC}
     t0 = time.perf_counter()
     with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
         p = subprocess.Popen([sys.executable, "-m", "neuronmap", "record", str(atlas), "--corpus",
@@ -217,7 +220,7 @@ def test_record_of_a_20_mb_line_stays_small_and_quick(small_atlas, tmp_path):
     assert os.waitstatus_to_exitcode(status) == 0, (tmp_path / "err").read_text()
     assert json.loads((tmp_path / "out").read_text())["tokens"] == 100
     peak_mb = usage.ru_maxrss / 1024
-    assert peak_mb < 1500 and seconds < 60, (peak_mb, seconds)
+    assert peak_mb < 1024 and seconds < 60, (peak_mb, seconds)  # about 610 MB and 17 s here, a loaded machine
 
 
 def _fifo(d: Path) -> Path:
@@ -263,7 +266,7 @@ def test_pipes_devices_and_broken_links_are_refused_in_one_line(tmp_path, make, 
 def test_record_of_a_named_pipe_is_one_line_not_a_hang(small_atlas, tmp_path):
 
     pipe = _fifo(tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": SRC}
     p = subprocess.run([sys.executable, "-m", "neuronmap", "record", str(small_atlas), "--corpus", str(pipe),
                         "--overwrite"], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr == (

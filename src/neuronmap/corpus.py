@@ -39,7 +39,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from neuronmap.errors import NeuronmapError
 
@@ -332,32 +332,49 @@ def _jsonl(c: Corpus) -> Iterator[tuple[str, Iterator[str]]]:
         raise _not_utf8(str(c.path), e) from e
 
 
-def _parquet(c: Corpus) -> Iterator[tuple[str, Iterator[str]]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def table_texts(path: Path, kind: str, batches: Callable[[], Iterable], column: str, label: str,
+                row: int = 0) -> Iterator[tuple[str, str]]:
+    """Each row's text of a table's record batches, named ``LABEL:ROW``; null rows skipped, rows counted on from ``row``.
 
-    row = 0
+    Args:
+        path: the file the batches come from, named when it is damaged; kind: ``Parquet`` or ``Arrow``.
+        batches: opens the file and gives its record batches (opened inside, so that a damaged footer is caught too).
+        column: the text column; label: the document names' prefix.
+        row: the rows of earlier files of the same corpus.
+
+    Returns:
+        (as the generator's value) the rows counted, for the next file.
+
+    Raises:
+        NeuronmapError: values that are not strings; data that cannot be read, named as the corpus's fault (left to
+            the CLI, Arrow's error would read as a damaged atlas).
+    """
+    import pyarrow as pa
+
     try:
-        f = pq.ParquetFile(c.path)
-        for batch in f.iter_batches(batch_size=1024, columns=[c.text_column]):
-            for text in batch.column(0).to_pylist():
+        for batch in batches():
+            for text in batch.column(column).to_pylist():
                 row += 1
                 if text is None:
                     continue
                 if not isinstance(text, str):
-                    raise NeuronmapError(f"{c.path}: column {c.text_column!r} holds {type(text).__name__} values, "
+                    raise NeuronmapError(f"--corpus {path}: column {column!r} holds {type(text).__name__} values, "
                                          "expected strings: name the text column with --text-column")
-                yield f"{c.path.name}:{row}", iter([text])
+                yield f"{label}:{row}", text
     except (OSError, pa.ArrowException) as e:
-        # Left to the CLI, Arrow's error would read as a damaged atlas.
-        raise damaged_table(str(c.path), "Parquet", row, e) from e
+        raise damaged_table(str(path), kind, row, e) from e
+    return row
 
 
 def _texts(c: Corpus) -> Iterator[tuple[str, Iterator[str]]]:
     if c.kind == "jsonl":
         yield from _jsonl(c)
     elif c.kind == "parquet":
-        yield from _parquet(c)
+        import pyarrow.parquet as pq
+
+        batches = lambda: pq.ParquetFile(c.path).iter_batches(batch_size=1024, columns=[c.text_column])  # noqa: E731
+        yield from ((name, iter([text])) for name, text in table_texts(c.path, "Parquet", batches, c.text_column,
+                                                                       c.path.name))
     elif c.kind == "dictd":
         from neuronmap.corpus_sources import dictd_entries
 

@@ -127,20 +127,12 @@ def arrow_texts(files: tuple[Path, ...], column: str, name: str) -> Iterator[tup
     Raises:
         NeuronmapError: the column holds something other than strings; a damaged Arrow file (named).
     """
-    from neuronmap.corpus import damaged_table
+    from neuronmap.corpus import table_texts
+
+    def batches(path: Path) -> Iterator[pa.RecordBatch]:
+        with pa.memory_map(str(path)) as src:
+            yield from pa.ipc.open_stream(src)
 
     row = 0
     for path in files:
-        try:
-            with pa.memory_map(str(path)) as src:
-                for batch in pa.ipc.open_stream(src):
-                    for text in batch.column(column).to_pylist():
-                        row += 1
-                        if text is None:
-                            continue
-                        if not isinstance(text, str):
-                            raise NeuronmapError(f"--corpus {name}: column {column!r} holds {type(text).__name__} "
-                                                 "values, expected strings: name the text column with --text-column")
-                        yield f"{name}:{row}", text
-        except (OSError, pa.ArrowException) as e:
-            raise damaged_table(str(path), "Arrow", row, e) from e
+        row = yield from table_texts(path, "Arrow", lambda path=path: batches(path), column, name, row)
