@@ -125,17 +125,14 @@ def arrow_texts(files: tuple[Path, ...], column: str, name: str) -> Iterator[tup
     """Each row's text of cached Arrow files, named ``NAME:ROW`` (rows counted from 1 across the files).
 
     Raises:
-        NeuronmapError: the column holds something other than strings.
+        NeuronmapError: the column holds something other than strings; a damaged Arrow file (named).
     """
+    from neuronmap.corpus import table_texts
+
+    def batches(path: Path) -> Iterator[pa.RecordBatch]:
+        with pa.memory_map(str(path)) as src:
+            yield from pa.ipc.open_stream(src)
+
     row = 0
     for path in files:
-        with pa.memory_map(str(path)) as src:
-            for batch in pa.ipc.open_stream(src):
-                for text in batch.column(column).to_pylist():
-                    row += 1
-                    if text is None:
-                        continue
-                    if not isinstance(text, str):
-                        raise NeuronmapError(f"--corpus {name}: column {column!r} holds {type(text).__name__} values, "
-                                             "expected strings: name the text column with --text-column")
-                    yield f"{name}:{row}", text
+        row = yield from table_texts(path, "Arrow", lambda path=path: batches(path), column, name, row)
