@@ -7,14 +7,21 @@ alone, offline).
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import re
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import neuronmap
 from conftest import WORDS, atlas_with_tokens
 from neuronmap.atlas.format import open_files
 from neuronmap.cli import main
@@ -24,6 +31,7 @@ from neuronmap.atlas.evidence import neuron_evidence
 from neuronmap.evidence.record import record
 
 GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
+SRC = str(Path(neuronmap.__file__).resolve().parents[1])  # the package under test, for the CLI in a subprocess
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +153,211 @@ def test_demo_dog_neuron_fires_on_the_dog_entries_of_gcide(demo_atlas, gcide, tm
     ev = neuron_evidence(open_files(atlas), "L29N808")
     in_dog = [int(x["doc"].split(":")[1]) <= len(dog) for x in ev.examples["-"]]  # JSONL lines 1..60 are the dog entries
     assert sum(in_dog) >= 7, [(x["doc"], x["token"]) for x in ev.examples["-"]]
+
+
+# ------------------------------------------------------------------ bounded reading, refused files, early checks
+
+
+@pytest.fixture(scope="module")
+def small_atlas(tmp_path_factory) -> Path:
+    """The worded tiny llama, mapped: its checkpoint (``../ck``) has a real tokenizer."""
+    return atlas_with_tokens(tmp_path_factory.mktemp("small"), WORDS, seed=3)
+
+
+def _one_line(rc: int, err: str) -> str:
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+def _long_line(seed: int) -> str:
+    """20,000,000 characters of the tiny vocabulary's words, no line end."""
+    words = [w for w in WORDS if w.strip()]
+    line = "".join(random.Random(seed).choices(words, k=5_000_000))[:20_000_000]
+    assert len(line) == 20_000_000
+    return line
+
+
+def test_a_20_mb_line_reaches_the_tokenizer_in_bounded_pieces(small_atlas, tmp_path):
+    """One line of 20 MB: the tokenizer sees at most PIECE_CHARS characters at once, cut before a space, and the
+    pieces put back together are the line."""
+    from transformers import AutoTokenizer
+
+    from neuronmap.evidence.corpus import PIECE_CHARS, sequences
+
+    line = _long_line(5)
+    (tmp_path / "long.txt").write_text(line)
+    c = open_corpus(tmp_path / "long.txt")
+    [(name, pieces)] = list(documents(c))
+    pieces = list(pieces)
+    assert name == "long.txt" and "".join(pieces) == line and len(pieces) > 20_000_000 // PIECE_CHARS
+    assert max(map(len, pieces)) <= PIECE_CHARS and all(p[0] == " " for p in pieces[1:])
+    tok = AutoTokenizer.from_pretrained(small_atlas.parent / "ck")
+    seen = []
+
+    def counting(text, **kw):  # the real tokenizer; only the length of what it is given is noted
+        seen.append(len(text))
+        return tok(text, **kw)
+
+    first = [s for _, s in zip(range(10), sequences(c, counting, 16))]
+    assert [len(s.token_ids) for s in first] == [16] * 10 and [s.start for s in first] == list(range(0, 160, 16))
+    assert seen == [len(pieces[0])]  # one piece held the 160 tokens
+    assert first[0].token_ids == tok(pieces[0], add_special_tokens=False)["input_ids"][:16]
+
+
+def test_record_of_a_20_mb_line_stays_small_and_quick(small_atlas, tmp_path):
+    """The probe's case: `record --corpus` of one 20 MB line with --tokens 100 took 4.0 GB and 75 s (with the
+    demo model; 3.1 GB and 98 s with this one before the line was read in pieces)."""
+    atlas = tmp_path / "atlas"
+    shutil.copytree(small_atlas, atlas)
+    (tmp_path / "long.txt").write_text(_long_line(6))
+    env = {**os.environ, "PYTHONPATH": SRC}
+    t0 = time.perf_counter()
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        p = subprocess.Popen([sys.executable, "-m", "neuronmap", "record", str(atlas), "--corpus",
+                              str(tmp_path / "long.txt"), "--tokens", "100", "--json"], env=env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(p.pid, 0)  # this child's own peak, not the largest of the session's children
+    seconds = time.perf_counter() - t0
+    assert os.waitstatus_to_exitcode(status) == 0, (tmp_path / "err").read_text()
+    assert json.loads((tmp_path / "out").read_text())["tokens"] == 100
+    peak_mb = usage.ru_maxrss / 1024
+    assert peak_mb < 1024 and seconds < 60, (peak_mb, seconds)  # about 610 MB and 17 s here, a loaded machine
+
+
+def _fifo(d: Path) -> Path:
+
+    os.mkfifo(d / "pipe.txt")
+    return d / "pipe.txt"
+
+
+def _link(name: str, to: str):
+    def link(d: Path) -> Path:
+        (d / name).symlink_to(to)
+        return d / name
+    return link
+
+
+_zero = _link("zero.txt", "/dev/zero")
+
+
+def _dir_with(make):
+    def build(d: Path) -> Path:
+        (d / "c").mkdir()
+        (d / "c" / "a.txt").write_text(" dog dog")
+        make(d / "c")
+        return d / "c"
+    return build
+
+
+@pytest.mark.parametrize("make, message", [
+    (_fifo, "pipe.txt is a named pipe, not a regular file"),
+    (_zero, "zero.txt (a symlink to /dev/zero) is a device, not a regular file"),
+    (_dir_with(_fifo), "pipe.txt is a named pipe, not a regular file"),
+    (_dir_with(_zero), "zero.txt (a symlink to /dev/zero) is a device, not a regular file"),
+    (_link("x.dict.dz", "/dev/zero"), "is a device, not a regular file"),
+    (_dir_with(_link("gone.md", "nowhere")), "gone.md is a broken symlink (to nowhere)"),
+])
+def test_pipes_devices_and_broken_links_are_refused_in_one_line(tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(NeuronmapError, match=re.escape(message)) as e:
+        open_corpus(path)
+    assert "\n" not in str(e.value) and "save the text to a file" in str(e.value) or "broken" in message
+
+
+def test_record_of_a_named_pipe_is_one_line_not_a_hang(small_atlas, tmp_path):
+
+    pipe = _fifo(tmp_path)
+    env = {**os.environ, "PYTHONPATH": SRC}
+    p = subprocess.run([sys.executable, "-m", "neuronmap", "record", str(small_atlas), "--corpus", str(pipe),
+                        "--overwrite"], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr == (
+        f"error: --corpus {pipe} is a named pipe, not a regular file: record reads regular files only (a pipe or "
+        "device may block or never end); save the text to a file and give that\n")
+
+
+def test_symlinked_folders_are_followed_each_real_folder_once(tmp_path):
+    root, outside = tmp_path / "c", tmp_path / "elsewhere"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (root / "a.txt").write_text(" dog")
+    (root / "sub" / "b.md").write_text(" tea")
+    (outside / "c.txt").write_text(" river")
+    (root / "linked").symlink_to(outside)
+    (root / "again").symlink_to(root / "sub")  # the same folder twice: read once, under its real name
+    (root / "sub" / "up").symlink_to(root)  # a loop
+    c = open_corpus(root)
+    assert [str(f.relative_to(root)) for f in c.files] == ["a.txt", "linked/c.txt", "sub/b.md"]
+    assert dict(_docs(c)) == {"a.txt": " dog", "linked/c.txt": " river", "sub/b.md": " tea"}
+
+
+def _file(name: str, data: bytes):
+    def write(d: Path) -> Path:
+        (d / name).write_bytes(data)
+        return d / name
+    return write
+
+
+def _latin1(d: Path) -> Path:
+    (d / "c").mkdir()
+    (d / "c" / "a.txt").write_text(" dog" * 10)
+    (d / "c" / "b.txt").write_bytes(b"caf\xe9 au lait")
+    return d / "c"
+
+
+def _parquet_ints(d: Path) -> Path:
+    pq.write_table(pa.table({"text": [1, 2]}), d / "c.parquet")
+    return d / "c.parquet"
+
+
+@pytest.mark.parametrize("make, args, message", [
+    (_file("c.txt", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"), [],
+     "holds NUL bytes: it is a binary file, not text"),
+    (_latin1, [], "b.txt is not UTF-8 text (it holds the byte b'\\xe9'): it is binary or in another encoding"),
+    (_file("c.jsonl", b'{"body": "a dog"}\n'), [],
+     "c.jsonl:1 has no field 'text' (it has body): name the text field with --text-column"),
+    (_file("c.jsonl", b'{"text": 3}\n'), [],
+     "field 'text' is a int, expected a string"),
+    (_file("c.jsonl", b"\n\n"), [], "holds no documents: give a corpus with some text"),
+    (_parquet_ints, [], "column 'text' holds int values, expected strings"),
+])
+def test_corpus_problems_are_found_before_the_model_loads(small_atlas, tmp_path, capsys, make, args, message):
+    """--source names a model that does not exist: a corpus checked first is what the one line is about."""
+    path = make(tmp_path)
+    capsys.readouterr()
+    rc = main(["record", str(small_atlas), "--corpus", str(path), "--overwrite", "--source", str(tmp_path / "no-model"),
+               *args])
+    err = _one_line(rc, capsys.readouterr().err)
+    assert message in err
+
+
+def test_a_damaged_corpus_parquet_is_blamed_on_the_corpus_not_the_atlas(small_atlas, tmp_path, capsys):
+    rng = random.Random(7)
+    words = [w for w in WORDS if w.strip()]
+    texts = ["".join(rng.choice(words) for _ in range(40)) for _ in range(40)]
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=20, compression="zstd")
+    col = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    start = col.dictionary_page_offset or col.data_page_offset
+    data = bytearray(path.read_bytes())
+    for i in range(start + 30, start + col.total_compressed_size - 10, 7):  # the second row group's pages
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert pq.ParquetFile(path).schema_arrow.names == ["text"]  # the footer still reads
+    capsys.readouterr()
+    err = _one_line(main(["record", str(small_atlas), "--corpus", str(path), "--overwrite"]), capsys.readouterr().err)
+    assert err.startswith(f"error: --corpus {path} is damaged: its Parquet data after row ") and "Data corruption" in err
+    assert "it is the corpus file that is damaged, not the atlas: replace it with a good copy" in err
+    assert "map" not in err.replace("damaged", "")
+
+
+def test_a_jsonl_line_longer_than_the_limit_is_refused(tmp_path):
+    from neuronmap.evidence.corpus import JSONL_LINE_CHARS
+
+    path = tmp_path / "c.jsonl"
+    with open(path, "w") as f:
+        f.write('{"text": "a dog"}\n{"text": "')
+        f.write("a" * JSONL_LINE_CHARS)
+        f.write('"}\n')
+    c = open_corpus(path)  # the first line is fine
+    with pytest.raises(NeuronmapError, match=re.escape(f"c.jsonl:2 is longer than {JSONL_LINE_CHARS:,} characters, the "
+                                                       "most a JSONL line may hold")):
+        [list(pieces) for _, pieces in documents(c)]

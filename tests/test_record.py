@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import neuronmap
 from conftest import WORDS, atlas_with_tokens, make_tiny
 from neuronmap.atlas.format import open_files
 from neuronmap.cli import main
@@ -34,6 +36,7 @@ from neuronmap.evidence.record import record
 from neuronmap.atlas.format import QUANTILES
 
 ROOT = Path(__file__).resolve().parents[1]
+SRC = str(Path(neuronmap.__file__).resolve().parents[1])  # the package under test, for the CLI in a subprocess
 CONTEXT, EXAMPLES = 16, 5
 REL = np.sqrt(33 / 32) - 1  # half a fine bin, relative (docs/method.md)
 NEAR_ZERO = 2.0 ** -11
@@ -231,7 +234,7 @@ def test_record_refuses_another_model(recorded, corpus, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("make, args, message", [
-    (lambda d: (d / "e.txt").write_text(""), [], "holds no text (0 tokens): give a corpus with some text"),
+    (lambda d: (d / "e.txt").write_text(""), [], "holds no text (0 bytes): give a corpus with some text"),
     (lambda d: (d / "e.txt").write_bytes(b"abc\0\x01\x02"), [], "holds NUL bytes: it is a binary file, not text"),
     (lambda d: (d / "e.txt").write_bytes(b"caf\xe9 au lait"), [], "is not UTF-8 text"),
     (lambda d: (d / "e.csv").write_text("a,b\n"), [], "unknown format '.csv': give a .txt or .md file, a directory of them, .jsonl, .parquet, a dictd .dict.dz, or hf:NAME[:CONFIG[:SPLIT]]"),
@@ -488,3 +491,93 @@ def test_stats_adds_agreement_against_depth(recorded, worded, tmp_path, capsys):
     assert run_cli(["stats", str(worded), "--plot", str(tmp_path / "t.png")], capsys)[0] == 0
     # Agreement adds a row of panels (next- and current-token hits against depth) to the figure.
     assert Image.open(tmp_path / "s.png").size[1] > 1.3 * Image.open(tmp_path / "t.png").size[1]
+
+
+def test_examples_beyond_the_limit_are_refused_before_anything_runs(recorded, corpus, capsys):
+    """The probe's `--examples 100000` tried to allocate ~110 GB for the demo model."""
+    from neuronmap.evidence.record import MAX_EXAMPLES
+
+    before = _snapshot(recorded)
+    rc, _, err = run_cli(["record", str(recorded), "--corpus", str(corpus), "--examples", "100000", "--overwrite"], capsys)
+    assert rc == 2 and err == (f"error: --examples 100000 is out of range: expected a whole number from 1 to {MAX_EXAMPLES} "
+                               "(each example kept costs 24 bytes a neuron while recording and a row a neuron and pole "
+                               "in examples.parquet)\n")
+    assert MAX_EXAMPLES == 100 and _snapshot(recorded) == before
+    with pytest.raises(SystemExit):
+        main(["record", "--help"])
+    assert "kept per neuron, at most 100 (default 20)" in " ".join(capsys.readouterr().out.split())
+
+
+def _republished(recorded: Path, out: Path, change) -> Path:
+    """A copy of ``recorded`` whose examples.parquet is ``change``d, written by ``publish`` as record writes it."""
+    from neuronmap.core import fsio
+    from neuronmap.atlas.evidence import publish
+    from neuronmap.atlas.format import EXAMPLES_SCHEMA, SCHEMAS
+
+    shutil.copytree(recorded, out)
+    files = open_files(out)
+    built = {k: pq.read_table(out / f"{k}.parquet") for k in SCHEMAS}
+    df = built["examples"].to_pandas()
+    change(df, (df["id"] == "L1N3") & (df["pole"] == "+") & (df["rank"] == 1))
+    built["examples"] = pa.Table.from_pandas(df, schema=EXAMPLES_SCHEMA, preserve_index=False)
+    tmp = fsio.temp_dir_beside(out / "evidence", "atlas")
+    try:
+        publish(files, tmp, built, files.meta["evidence"])
+    finally:
+        fsio.remove_tree(tmp)
+    return out
+
+
+def _past_the_end(df, at) -> None:
+    df.loc[at, "position"] = 999
+
+
+def _no_such_sequence(df, at) -> None:
+    df.loc[at, "seq"] = 10**9
+
+
+@pytest.mark.parametrize("change, where", [
+    (_past_the_end, r"points to position 999 of sequence \d+, which has \d+ tokens in contexts.parquet"),
+    (_no_such_sequence, r"points to position \d+ of sequence 1000000000, which has no row in contexts.parquet"),
+])
+def test_examples_pointing_past_their_sequences_are_one_line(recorded, tmp_path, capsys, change, where):
+    atlas = _republished(recorded, tmp_path / "atlas", change)
+    rc, _, err = run_cli(["examples", str(atlas), "L1N3"], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert re.fullmatch(rf"error: {re.escape(str(atlas / 'examples.parquet'))}: example \+1 of L1N3 {where}: the "
+                        rf"evidence files disagree; record it again with `neuronmap record {re.escape(str(atlas))} "
+                        r"--corpus CORPUS --overwrite`\n", err), err
+    assert run_cli(["examples", str(atlas), "L1N4"], capsys)[0] == 0  # the other neurons still read
+
+
+def test_a_signal_while_stderr_is_redirected_still_prints_its_line():
+    """A model load redirects sys.stderr (to hide the GGUF converter's bar); SIGTERM then exited 143 with no line."""
+    code = ("import contextlib, io, os, signal, time\n"
+            "from neuronmap.core.fsio import exit_on_signals\n"
+            "exit_on_signals()\n"
+            "with contextlib.redirect_stderr(io.StringIO()):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(30)\n")
+    p = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": SRC}, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM and p.stderr == "terminated: nothing was written\n"
+
+
+def test_sigterm_while_record_loads_the_demo_model_prints_one_line(demo_atlas, tmp_path):
+    atlas = tmp_path / "demo"
+    atlas.mkdir()
+    for name in ("meta.json", "neurons.parquet", "vocab.parquet"):
+        shutil.copy(demo_atlas / name, atlas)
+    before = _snapshot(atlas)
+    p = subprocess.Popen([sys.executable, "-m", "neuronmap", "record", str(atlas), "--corpus",
+                          str(ROOT / "tests" / "data" / "concepts.txt")], env={**os.environ, "PYTHONPATH": SRC},
+                         stderr=subprocess.PIPE, text=True)
+    # Only the load maps the GGUF into memory (its sha256 is read with plain reads, and cached): mapped, it is loading.
+    deadline = time.time() + 120
+    while ".gguf" not in Path(f"/proc/{p.pid}/maps").read_text():
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM and err == "terminated: nothing was written\n"
+    assert _snapshot(atlas) == before

@@ -104,6 +104,10 @@ def publish(files: AtlasFiles, tmp: Path, built: dict[str, pa.Table], entry: dic
         raise fsio.write_error(files.root, e, "atlas") from e
 
 
+def _record_again(files: AtlasFiles) -> str:
+    return f"record it again with `neuronmap record {files.root} --corpus CORPUS --overwrite`"
+
+
 # ------------------------------------------------------------------ one neuron, read back
 
 
@@ -161,7 +165,8 @@ def neuron_evidence(files: AtlasFiles, neuron: str, examples: int | None = None)
         NeuronEvidence.
 
     Raises:
-        NeuronmapError: no evidence in the atlas; a malformed or out-of-range id.
+        NeuronmapError: no evidence in the atlas; a malformed or out-of-range id; evidence files that disagree
+            (no evidence row for the neuron, an example whose sequence or position is not in contexts.parquet).
 
     Example:
         >>> neuron_evidence(open_files("demo-atlas"), "L29N808").examples["+"][0]["token"]  # doctest: +SKIP
@@ -178,7 +183,11 @@ def neuron_evidence(files: AtlasFiles, neuron: str, examples: int | None = None)
     q = lambda name, extra="": con.execute(  # noqa: E731
         f"SELECT * FROM read_parquet(?) WHERE layer = ? AND neuron = ? {extra}",
         [str(files.root / f"{name}.parquet"), layer, idx]).df()
-    ev = q("evidence").iloc[0]
+    ev = q("evidence")
+    if len(ev) != 1:
+        raise NeuronmapError(f"{files.root / 'evidence.parquet'} has {len(ev)} rows for {neuron_id(layer, idx)}, "
+                             f"expected 1: the evidence is damaged; {_record_again(files)}")
+    ev = ev.iloc[0]
     ex = q("examples", "ORDER BY pole, rank")
     if examples is not None:
         ex = ex[ex["rank"] <= examples]
@@ -189,9 +198,14 @@ def neuron_evidence(files: AtlasFiles, neuron: str, examples: int | None = None)
     name = lambda t: vocab[t] if 0 <= t < len(vocab) else f"<{t}>"  # noqa: E731
     shown: dict[str, list[dict]] = {"+": [], "-": []}
     for r in ex.itertuples():
-        c = ctx[int(r.seq)]
-        ids = [int(t) for t in c.token_ids]
-        p = int(r.position)
+        c, p = ctx.get(int(r.seq)), int(r.position)
+        ids = [] if c is None or c.token_ids is None else [int(t) for t in c.token_ids]
+        if not 0 <= p < len(ids):
+            at = "no row in contexts.parquet" if c is None else f"{len(ids)} tokens in contexts.parquet"
+            raise NeuronmapError(
+                f"{files.root / 'examples.parquet'}: example {r.pole}{int(r.rank)} of {neuron_id(layer, idx)} points to "
+                f"position {p} of sequence {int(r.seq)}, which has {at}: the evidence files disagree; "
+                f"{_record_again(files)}")
         shown[r.pole].append({"rank": int(r.rank), "activation": float(r.activation), "doc": c.doc,
                               "position": int(c.start) + p, "before": [name(t) for t in ids[:p]], "token": name(ids[p]),
                               "after": [name(t) for t in ids[p + 1:p + 1 + AFTER]]})

@@ -13,20 +13,20 @@ from neuronmap.cli.common import print_json, print_table, show_token, err, int_a
 
 def add_record(sub) -> None:
     from neuronmap.runtime.models import DEVICE
-    from neuronmap.evidence.record import BATCH_TOKENS, CONTEXT, EXAMPLES
+    from neuronmap.evidence.record import BATCH_TOKENS, CONTEXT, EXAMPLES, MAX_EXAMPLES
 
     p = sub.add_parser("record", help="add activation evidence to an atlas: what each neuron fires on in a corpus")
     p.add_argument("atlas", help="atlas directory made by `neuronmap map`")
     p.add_argument("--corpus", required=True, help="a .txt or .md file, a directory of them, .jsonl, .parquet, a dictd "
                    ".dict.dz (e.g. /usr/share/dictd/gcide.dict.dz), or hf:NAME[:CONFIG[:SPLIT]] from the local "
-                   "Hugging Face datasets cache")
+                   "Hugging Face datasets cache; regular files only (no pipes or devices)")
     p.add_argument("--text-column", default=None, help="the text column of a .jsonl, .parquet or hf: corpus (default text)")
     p.add_argument("--every", type=int_at_least(1), default=1,
                    help="read the first of each N documents: a spread-out slice of a large corpus (default 1: all)")
     p.add_argument("--tokens", type=int_at_least(1), default=None, help="record at most this many tokens (default: all)")
     p.add_argument("--context", type=int_at_least(1), default=CONTEXT, help=f"tokens per sequence the model reads (default {CONTEXT})")
     p.add_argument("--examples", type=int_at_least(1), default=EXAMPLES,
-                   help=f"top and bottom examples kept per neuron (default {EXAMPLES})")
+                   help=f"top and bottom examples kept per neuron, at most {MAX_EXAMPLES} (default {EXAMPLES})")
     p.add_argument("--batch-tokens", type=int_at_least(1), default=BATCH_TOKENS,
                    help=f"tokens per forward pass (default {BATCH_TOKENS})")
     p.add_argument("--source", default=None,

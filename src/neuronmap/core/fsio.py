@@ -220,8 +220,10 @@ def _exit_on_signal(signum, frame) -> None:
                 note = _NOTE[-1]()
             except Exception:  # the note is a courtesy; the exit must happen whatever it does
                 pass
-        sys.stderr.write(f"{what}: {note}\n")
-        sys.stderr.flush()
+        # The process's own stderr: sys.stderr may be a StringIO just now (a model load hides a converter's bar).
+        stream = sys.__stderr__ or sys.stderr
+        stream.write(f"{what}: {note}\n")
+        stream.flush()
     finally:
         os._exit(128 + signum)
 

@@ -16,7 +16,7 @@ import gzip
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -115,6 +115,45 @@ def cached_dataset(spec: str) -> tuple[Path, tuple[Path, ...]]:
     return build, tuple(files)
 
 
+def damaged_table(name: str, kind: str, row: int, e: Exception) -> NeuronmapError:
+    """The error for a corpus table (Parquet, Arrow) whose data cannot be read after ``row`` rows: the corpus's fault."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return NeuronmapError(f"--corpus {name} is damaged: its {kind} data after row {row:,} cannot be read ({first}); "
+                          "it is the corpus file that is damaged, not the atlas: replace it with a good copy")
+
+
+def table_texts(path: Path, kind: str, batches: Callable[[], Iterable], column: str, label: str,
+                row: int = 0) -> Iterator[tuple[str, str]]:
+    """Each row's text of a table's record batches, named ``LABEL:ROW``; null rows skipped, rows counted on from ``row``.
+
+    Args:
+        path: the file the batches come from, named when it is damaged; kind: ``Parquet`` or ``Arrow``.
+        batches: opens the file and gives its record batches (opened inside, so that a damaged footer is caught too).
+        column: the text column; label: the document names' prefix.
+        row: the rows of earlier files of the same corpus.
+
+    Returns:
+        (as the generator's value) the rows counted, for the next file.
+
+    Raises:
+        NeuronmapError: values that are not strings; data that cannot be read, named as the corpus's fault (left to
+            the CLI, Arrow's error would read as a damaged atlas).
+    """
+    try:
+        for batch in batches():
+            for text in batch.column(column).to_pylist():
+                row += 1
+                if text is None:
+                    continue
+                if not isinstance(text, str):
+                    raise NeuronmapError(f"--corpus {path}: column {column!r} holds {type(text).__name__} values, "
+                                         "expected strings: name the text column with --text-column")
+                yield f"{label}:{row}", text
+    except (OSError, pa.ArrowException) as e:
+        raise damaged_table(str(path), kind, row, e) from e
+    return row
+
+
 def arrow_schema(path: Path) -> pa.Schema:
     """The schema of a cached Arrow file (an IPC stream, as ``datasets`` writes it)."""
     with pa.memory_map(str(path)) as src:
@@ -125,17 +164,12 @@ def arrow_texts(files: tuple[Path, ...], column: str, name: str) -> Iterator[tup
     """Each row's text of cached Arrow files, named ``NAME:ROW`` (rows counted from 1 across the files).
 
     Raises:
-        NeuronmapError: the column holds something other than strings.
+        NeuronmapError: the column holds something other than strings; a damaged Arrow file (named).
     """
+    def batches(path: Path) -> Iterator[pa.RecordBatch]:
+        with pa.memory_map(str(path)) as src:
+            yield from pa.ipc.open_stream(src)
+
     row = 0
     for path in files:
-        with pa.memory_map(str(path)) as src:
-            for batch in pa.ipc.open_stream(src):
-                for text in batch.column(column).to_pylist():
-                    row += 1
-                    if text is None:
-                        continue
-                    if not isinstance(text, str):
-                        raise NeuronmapError(f"--corpus {name}: column {column!r} holds {type(text).__name__} values, "
-                                             "expected strings: name the text column with --text-column")
-                    yield f"{name}:{row}", text
+        row = yield from table_texts(path, "Arrow", lambda path=path: batches(path), column, name, row)

@@ -41,6 +41,7 @@ from neuronmap.runtime.models import DEVICE, load_model, require_tokenizer
 
 CONTEXT = 32
 EXAMPLES = 20
+MAX_EXAMPLES = 100  # 24 bytes a neuron per example while recording, and a row a neuron, pole and example on disk
 BATCH_TOKENS = 2048
 MAX_TOKENS = 2**31 - 1  # the int32 histogram counts stay exact; it also bounds the scratch file at 8 GB
 
@@ -291,10 +292,13 @@ def check_args(tokens: int | None, context: int, examples: int, batch_tokens: in
     """Check the numbers before any model loads.
 
     Raises:
-        NeuronmapError: one out of range.
+        NeuronmapError: one out of range (``--examples`` above ``MAX_EXAMPLES`` too).
     """
-    for name, v, lo in (("--tokens", tokens, 1), ("--context", context, 1), ("--examples", examples, 1),
-                        ("--batch-tokens", batch_tokens, 1)):
+    if not 1 <= examples <= MAX_EXAMPLES:
+        raise NeuronmapError(f"--examples {examples} is out of range: expected a whole number from 1 to {MAX_EXAMPLES} "
+                             "(each example kept costs 24 bytes a neuron while recording and a row a neuron and pole in "
+                             "examples.parquet)")
+    for name, v, lo in (("--tokens", tokens, 1), ("--context", context, 1), ("--batch-tokens", batch_tokens, 1)):
         if v is not None and v < lo:
             raise NeuronmapError(f"{name} {v} is out of range: expected a whole number >= {lo}")
 
@@ -312,7 +316,7 @@ def record(atlas: Path | str, corpus: Path | str, text_column: str | None = None
         every: read the first of each ``every`` documents (a spread-out slice of a large corpus).
         tokens: record at most this many tokens.
         context: tokens per sequence the model reads.
-        examples: top-N and bottom-N examples kept per neuron.
+        examples: top-N and bottom-N examples kept per neuron, 1 to ``MAX_EXAMPLES``.
         batch_tokens: tokens per forward pass.
         source: the model, if it moved since mapping (sha256 checked against meta.json).
         device: ``cpu`` | ``cuda`` | ``auto``.
@@ -324,7 +328,8 @@ def record(atlas: Path | str, corpus: Path | str, text_column: str | None = None
 
     Raises:
         NeuronmapError: a bad atlas, corpus or number; evidence present without ``overwrite``; weights whose
-            sha256 differs from the atlas's (another model); a model without a tokenizer.
+            sha256 differs from the atlas's (another model); a model without a tokenizer. The numbers and the
+            corpus's start (``open_corpus``) are checked before the model loads.
 
     Example:
         >>> record("demo-atlas", "texts/", tokens=200_000).evidence["tokens"]  # doctest: +SKIP
