@@ -33,7 +33,7 @@ from neuronmap.core import fsio
 from neuronmap.sources.checkpoint import checkpoint_files
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.runtime.models import Model, require_tokenizer
-from neuronmap.removal.method.options import Removal
+from neuronmap.removal.options import Removal
 from neuronmap.sources.safetensors_io import ITEMSIZE, TORCH_DTYPES, Entry, safetensors_reader
 from neuronmap.sources.weights import Source
 from neuronmap.core.cache import hash_file

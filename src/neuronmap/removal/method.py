@@ -48,7 +48,7 @@ from neuronmap.core.errors import NeuronmapError
 from neuronmap.runtime.hooks import bundled_text, encode, recording
 from neuronmap.runtime.models import Model, find_module
 from neuronmap.sources.resolve import open_weights
-from neuronmap.removal.method.options import SPECIFICITY, Edit, Measure, Removal, RemoveOptions, Step, Targeting
+from neuronmap.removal.options import SPECIFICITY, Edit, Measure, Removal, RemoveOptions, Step, Targeting
 
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.core.cache import file_sha256, hash_file
 from neuronmap.removal.edited import EDITS_JSON, byte_runs, check_new_dir, file_entries, new_dir, swap_bytes, tensor_bytes
-from neuronmap.removal.method.report import REDO, read_edits, show_value
+from neuronmap.removal.report import REDO, read_edits, show_value
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,15 @@
 """What each page shows, from the request's query: the same API calls the CLI makes, with the same checks.
 
-Each method returns ``(atlas name, result)``; the routes render the result as a
-page or serialize it with its ``to_dict()``. Results that take long to compute
-and depend only on the atlas (stats, the confident words, comparisons) are kept.
+Each method returns one named result: ``Found`` (the atlas read and the API's result) or a page's own dataclass;
+every one has ``atlas`` (the served atlas it read, for the page's header) and ``to_dict()`` (the ``/api/`` payload,
+which is the CLI's ``--json``). Results that take long to compute and depend only on the atlas (stats, the
+confident words, comparisons) are kept.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from starlette.requests import Request
 
@@ -26,6 +28,99 @@ from neuronmap.viewer.state import Report, RequestError, Served
 
 METHODS = ("auto", "exact", "stored")
 _LAYER = re.compile(r"[0-9]+")  # ASCII digits: isdigit() also takes "²", which int() refuses
+
+
+def payload(result: object) -> dict:
+    """The ``/api/`` form of a result: a plain dict as it is, else its ``to_dict()``."""
+    return result if isinstance(result, dict) else result.to_dict()
+
+
+@dataclass(frozen=True)
+class Found:
+    """What an API-only data method found: the atlas it read (None: none) and the result (``to_dict()`` or a dict)."""
+
+    atlas: str | None
+    result: object
+
+    def to_dict(self) -> dict:
+        return payload(self.result)
+
+
+@dataclass(frozen=True)
+class Overview:
+    """The front page of one atlas: its meta.json, ``Stats`` and most confident content words."""
+
+    atlas: str
+    meta: dict
+    stats: object
+    words: object
+
+
+@dataclass(frozen=True)
+class SearchPage:
+    """A search (None until a concept is typed) and why an ``auto`` search fell back to the stored top-k."""
+
+    atlas: str
+    result: object | None
+    note: str | None = None
+
+    def to_dict(self) -> dict:
+        return self.result.to_dict()
+
+
+@dataclass(frozen=True)
+class NeuronPage:
+    """One neuron: ``show``'s ``NeuronReport`` (ranks exact when the weights are present), its evidence if any."""
+
+    atlas: str
+    meta: dict
+    report: object
+    weights_ok: bool
+    note: str | None
+    evidence: object | None
+
+    def to_dict(self) -> dict:
+        return self.report.to_dict()
+
+
+@dataclass(frozen=True)
+class LayerPage:
+    """One layer's rows (``layer``'s ``LayerRows``)."""
+
+    atlas: str
+    meta: dict
+    rows: object
+
+    def to_dict(self) -> dict:
+        return self.rows.to_dict()
+
+
+@dataclass(frozen=True)
+class ComparePage:
+    """Two served atlases compared (``compare``'s ``Comparison``)."""
+
+    a: str
+    b: str
+    comparison: object
+
+    @property
+    def atlas(self) -> str:
+        return self.a
+
+    def to_dict(self) -> dict:
+        return self.comparison.to_dict()
+
+
+@dataclass(frozen=True)
+class ReportPage:
+    """A removal report and the served atlases of the model it edited or wrote (``report_atlases``)."""
+
+    report: Report
+    models: list
+    atlas: None = None
+
+    def to_dict(self) -> dict:
+        return self.report.to_dict()
 
 
 def query_int(request: Request, key: str, default: int, lo: int, hi: int) -> int:
@@ -84,41 +179,41 @@ class Data:
         except NeuronmapError as e:
             return False, str(e)
 
-    def atlases(self, request: Request) -> tuple[None, dict]:
-        return None, {"atlases": [{"name": n, "path": str(f.root), "source": f.meta["source"]["spec"],
+    def atlases(self, request: Request) -> Found:
+        return Found(None, {"atlases": [{"name": n, "path": str(f.root), "source": f.meta["source"]["spec"],
                                    "family": f.meta["family"], "n_layers": f.meta["n_layers"], "d_mlp": f.meta["d_mlp"],
-                                   "matrices": f.meta["decode"]["matrices"]} for n, f in self.served.atlases.items()]}
+                                   "matrices": f.meta["decode"]["matrices"]} for n, f in self.served.atlases.items()]})
 
-    def reports(self, request: Request) -> tuple[None, dict]:
-        return None, {"reports": [{"name": n, "path": str(r.path), "source": r.report["source"], "out": r.report["out"],
+    def reports(self, request: Request) -> Found:
+        return Found(None, {"reports": [{"name": n, "path": str(r.path), "source": r.report["source"], "out": r.report["out"],
                                    "concepts": [s["concept"] for s in r.report["steps"]], "control": r.report["control"],
                                    "edits": sum(len(s["edits"]) for s in r.report["steps"])}
-                                  for n, r in self.served.reports.items()]}
+                                  for n, r in self.served.reports.items()]})
 
-    def report(self, request: Request) -> tuple[None, tuple[Report, list]]:
-        """``(None, (Report, report_atlases(...)))``: the report named in the path, and the served atlases of its model."""
+    def report(self, request: Request) -> ReportPage:
+        """The report named in the path, and the served atlases of its model."""
         r = self.served.report(request.path_params["name"])
-        return None, (r, report_atlases(r.report, self.served.atlases))
+        return ReportPage(r, report_atlases(r.report, self.served.atlases))
 
     def _words(self, name: str, files: AtlasFiles):
         return self.served.cached(("words", name), lambda: confident_words(files))
 
-    def atlas(self, request: Request) -> tuple[str, dict]:
+    def atlas(self, request: Request) -> Found:
         name, files = self._atlas(request)
-        return name, {"name": name, "path": str(files.root), "meta": files.meta,
-                      "confident": records(self._words(name, files))}
+        return Found(name, {"name": name, "path": str(files.root), "meta": files.meta,
+                      "confident": records(self._words(name, files))})
 
-    def stats(self, request: Request):
+    def stats(self, request: Request) -> Found:
         name, files = self._atlas(request)
         m, lay, pole = _opt(request, "matrices"), _opt(request, "layers"), _opt(request, "pole")
-        return name, self.served.cached(("stats", name, m, lay, pole), lambda: stats(files, m, lay, pole))
+        return Found(name, self.served.cached(("stats", name, m, lay, pole), lambda: stats(files, m, lay, pole)))
 
-    def overview(self, request: Request):
+    def overview(self, request: Request) -> Overview:
         name, files = self._atlas(request)
-        return name, (files.meta, self.stats(request)[1], self._words(name, files))
+        return Overview(name, files.meta, self.stats(request).result, self._words(name, files))
 
-    def search(self, request: Request):
-        """``(name, (SearchResult, note))``; ``note`` says why an ``auto`` search fell back to the stored top-k."""
+    def search(self, request: Request) -> SearchPage:
+        """``search``'s result; ``note`` says why an ``auto`` search fell back to the stored top-k."""
         name, files = self._atlas(request)
         q = request.query_params.get("q", "")
         concepts = [c for c in (q.split(",") if "," in q.strip(", ") else [q]) if c.strip()]
@@ -137,31 +232,30 @@ class Data:
         r = search_api.search(files, concepts, _opt(request, "matrices"), _opt(request, "layers"), _opt(request, "pole"),
                               top, 0.0, stored, None, request.query_params.get("exact_token") not in ("1", "true", "on"),
                               sort)
-        return name, (r, note)
+        return SearchPage(name, r, note)
 
-    def neuron(self, request: Request):
-        """``(name, (meta, NeuronReport, weights_ok, note, NeuronEvidence | None))``: ranks exact when the weights are present."""
+    def neuron(self, request: Request) -> NeuronPage:
         name, files = self._atlas(request)
         ok, note = self.weights(files)
         r = search_api.show(files, request.path_params["neuron"], stored=not ok)
         ev = neuron_evidence(files, request.path_params["neuron"]) if has_evidence(files) else None
-        return name, (files.meta, r, ok, note, ev)
+        return NeuronPage(name, files.meta, r, ok, note, ev)
 
-    def evidence(self, request: Request):
-        """``(name, NeuronEvidence)``, the payload of ``neuronmap examples --json``."""
+    def evidence(self, request: Request) -> Found:
+        """``NeuronEvidence``, the payload of ``neuronmap examples --json``."""
         name, files = self._atlas(request)
         if not has_evidence(files):
             parse_neuron_id(request.path_params["neuron"], int(files.meta["n_layers"]), int(files.meta["d_mlp"]))
             raise RequestError(f"atlas {name!r} holds no activation evidence: add it with "
                                f"`neuronmap record {files.root} --corpus CORPUS`", 404)
-        return name, neuron_evidence(files, request.path_params["neuron"])
+        return Found(name, neuron_evidence(files, request.path_params["neuron"]))
 
-    def similar(self, request: Request):
+    def similar(self, request: Request) -> Found:
         name, files = self._atlas(request)
         top = query_int(request, "top", SIMILAR_TOP, 1, 100)
-        return name, similar(files, request.path_params["neuron"], _opt(request, "matrices"), top)
+        return Found(name, similar(files, request.path_params["neuron"], _opt(request, "matrices"), top))
 
-    def layer(self, request: Request):
+    def layer(self, request: Request) -> LayerPage:
         name, files = self._atlas(request)
         layers = files.meta["decode"]["layers"]
         text = request.path_params["layer"]
@@ -174,10 +268,10 @@ class Data:
         lr = layer_rows(files, int(text), request.query_params.get("matrix") or "up", _opt(request, "pole"),
                         request.query_params.get("sort") or "confidence", None if desc in (None, "") else desc in ("1", "true"),
                         _opt(request, "class"), page * PAGE, PAGE)
-        return name, (files.meta, lr)
+        return LayerPage(name, files.meta, lr)
 
-    def compare(self, request: Request):
-        """``((a, b), Comparison)`` of two served atlases (default: the first two)."""
+    def compare(self, request: Request) -> ComparePage:
+        """Two served atlases compared (default: the first two)."""
         from neuronmap.compare import TOP, compare
 
         names = self.served.names
@@ -188,4 +282,4 @@ class Data:
         level = request.query_params.get("level") or "auto"
         top = query_int(request, "top", TOP, 1, 1000)
         c = self.served.cached(("compare", a, b, level, top), lambda: compare(str(fa.root), str(fb.root), level, top=top))
-        return (a, b), c
+        return ComparePage(a, b, c)
