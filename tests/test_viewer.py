@@ -517,7 +517,7 @@ def test_report_strings_are_escaped(tiny_removal, tmp_path):
 
 @pytest.mark.parametrize("path, status, message", [
     ("/api/neuron/L0N" + "9" * 5000, 414, "the URL path has 5,015 characters: at most 2,048"),
-    ("/api/neuron/L0N" + "9" * 1000, 400, "index 9999"),
+    ("/api/neuron/L0N" + "9" * 1000, 400, "index has 1000 digits and is out of range"),
     ("/api/evidence/L0N" + "9" * 5000, 414, "at most 2,048"),
     ("/api/similar/L" + "9" * 5000 + "N0", 414, "at most 2,048"),
     ("/api/layer/" + "9" * 5000, 414, "at most 2,048"),
