@@ -178,19 +178,19 @@ def _write_manifest(d: Path, manifest: dict) -> None:
 
 
 def write_part(parts: Parts, matrix: str, layer: int, tables: list[pa.Table], best: dict) -> None:
-    """Write one finished (matrix, layer) atomically, its highlights in the file's metadata, then its manifest entry.
+    """Write one finished (matrix, layer) atomically, its highlights in the file's metadata, and its manifest entry.
 
-    The entry (matrix, layer, the options that change results, sha256) goes in after the file: a part killed between
-    the two is not listed, so a resume decodes it again.
+    The entry (matrix, layer, the options that change results, sha256) is written before the part is renamed into
+    place, so a part on disk is always listed; an entry whose part never arrived (a kill between the two) is dropped
+    by the next ``open_parts``.
     """
     table = pa.concat_tables(tables).replace_schema_metadata({_BEST: json.dumps(best).encode()})
     path = part_file(parts.path, matrix, layer)
     with fsio.atomic_file(path, "atlas part") as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        sha = hash_file(tmp)
-    parts.manifest["parts"][path.name] = {"matrix": matrix, "layer": layer, "rows": table.num_rows, "sha256": sha,
-                                          **{k: parts.manifest[k] for k in RESULT_OPTIONS}}
-    _write_manifest(parts.path, parts.manifest)
+        parts.manifest["parts"][path.name] = {"matrix": matrix, "layer": layer, "rows": table.num_rows,
+                                              "sha256": hash_file(tmp), **{k: parts.manifest[k] for k in RESULT_OPTIONS}}
+        _write_manifest(parts.path, parts.manifest)
 
 
 def read_best(parts: Path, matrix: str, layer: int) -> dict:
