@@ -179,9 +179,9 @@ def test_resume_compares_resolved_layers_and_precision_not_option_text_or_kernel
 
 
 @pytest.mark.parametrize("options, says", [
-    (dict(dtype="bfloat16"), "precision was 'exact', now 'bfloat16 screening, 16 candidates'"),
-    (dict(layers="0"), "layers was [0, 1], now [0]"),
-    (dict(top_k=5), "top_k was 10, now 5"),
+    ({"dtype": "bfloat16"}, "precision was 'exact', now 'bfloat16 screening, 16 candidates'"),
+    ({"layers": "0"}, "layers was [0, 1], now [0]"),
+    ({"top_k": 5}, "top_k was 10, now 5"),
 ])
 def test_resume_refuses_what_changes_results(options, says, tiny_ref, tmp_path):
     ck, _ = tiny_ref
@@ -200,8 +200,8 @@ def test_resume_decodes_again_a_part_replaced_by_another_layers_part(tiny_ref, t
     shutil.copy(parts / "gate-L0.parquet", parts / "gate-L1.parquet")
     r = map_model(str(ck), out, resume=True)
     assert r.notes == [f"resuming: reusing 3 of 6 parts from {parts}",
-                       f"decoding again 1 parts of {parts} that failed their check: gate-L1.parquet (its sha256 differs "
-                       "from the one recorded when it was written)"]
+                       (f"decoding again 1 part of {parts} that failed their check: gate-L1.parquet (its sha256 "
+                        "differs from the one recorded when it was written)")]
     _same_rows(out, ref)
     # What stats, show --stored and compare read is the right atlas, not layer 0 twice.
     capsys.readouterr()
@@ -240,8 +240,9 @@ def test_a_part_the_manifest_does_not_list_is_decoded_again(tiny_ref, tmp_path):
     del m["parts"]["down-L0.parquet"]
     (parts / "manifest.json").write_text(json.dumps(m))
     r = map_model(str(ck), out, resume=True)
-    assert r.notes == [f"resuming: reusing 2 of 6 parts from {parts}", f"decoding again 1 parts of {parts} that failed "
-                       "their check: down-L0.parquet (the manifest does not list it)"]
+    assert r.notes == [f"resuming: reusing 2 of 6 parts from {parts}",
+                       (f"decoding again 1 part of {parts} that failed their check: down-L0.parquet (the manifest "
+                        "does not list it)")]
     _same_rows(out, ref)
 
 

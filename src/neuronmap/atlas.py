@@ -333,6 +333,11 @@ def _meta_problem(meta: object) -> str | None:
         return f"decode.layers is {layers!r}, expected a non-empty list of layers 0-{meta['n_layers'] - 1}"
     if not isinstance(poles, list) or not poles or any(x not in POLES for x in poles):
         return f"decode.poles is {poles!r}, expected a list of + and -"
+    # One row per (matrix, layer, neuron, pole): a decode entry that lists other rows than the file holds is wrong.
+    want = len(set(mats)) * len(set(layers)) * len(set(poles)) * meta["d_mlp"]
+    if meta["n_rows"] != want:
+        return (f"n_rows is {meta['n_rows']}, but decode's {len(set(mats))} matrices, {len(set(layers))} layers and "
+                f"{len(set(poles))} poles of {meta['d_mlp']} neurons make {want}")
     sums = meta.get("sha256", {})
     if not isinstance(sums, dict) or any(not isinstance(v, str) or not _SHA256.fullmatch(v) for v in sums.values()):
         return "sha256 is malformed, expected an object of file name -> 64 hex digits"

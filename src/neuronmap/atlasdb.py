@@ -91,12 +91,8 @@ def sql_path(p: Path | str) -> str:
 # ------------------------------------------------------------------ stored, through the token index
 
 
-def _stamp(files: AtlasFiles) -> str:
-    """What ties an index to its neurons.parquet: the sha256 meta.json records (checked on open), else size and mtime."""
-    sha = files.meta.get("sha256", {}).get("neurons.parquet")
-    if sha:
-        return f"sha256:{sha}"
-    st = files.neurons.stat()
+def _stamp(neurons: Path) -> str:
+    st = neurons.stat()
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
@@ -124,7 +120,7 @@ def _index_places(files: AtlasFiles) -> list[Path]:
 
 def token_index_ready(files: AtlasFiles) -> Path | None:
     """The atlas's current token index, or None if the next stored lookup must build it."""
-    stamp = _stamp(files)
+    stamp = _stamp(files.neurons)
     return next((p for p in _index_places(files) if p.is_file() and _index_is_current(p, stamp)), None)
 
 
@@ -135,8 +131,7 @@ def token_index_file(files: AtlasFiles) -> Path:
     token), sorted by token id then prob (descending), so a lookup reads only the row
     groups whose id range holds the wanted ids. Written beside neurons.parquet as
     ``token_index.parquet`` (under the cache dir if the atlas is read-only); rebuilt when
-    neurons.parquet changes (the index's metadata keeps its sha256 from meta.json, or for an atlas without
-    one its size and mtime).
+    neurons.parquet changes (its size and mtime are kept in the index's metadata).
 
     Raises:
         NeuronmapError: neither place is writable.
@@ -144,7 +139,7 @@ def token_index_file(files: AtlasFiles) -> Path:
     ready = token_index_ready(files)
     if ready is not None:
         return ready
-    stamp, places = _stamp(files), _index_places(files)
+    stamp, places = _stamp(files.neurons), _index_places(files)
     reason = ""
     for path in places:
         try:

@@ -169,7 +169,8 @@ def map_model(
     if parts.reused:
         notes.append(f"resuming: reusing {parts.reused} of {len(order)} parts from {parts.path}")
     if parts.redone:
-        notes.append(f"decoding again {len(parts.redone)} parts of {parts.path} that failed their check: "
+        n = len(parts.redone)
+        notes.append(f"decoding again {n} part{'s' if n > 1 else ''} of {parts.path} that failed their check: "
                      + "; ".join(parts.redone[:3]) + (f" and {len(parts.redone) - 3} more" if len(parts.redone) > 3 else ""))
     done = set(parts.done)
 
