@@ -150,8 +150,8 @@ def check_evidence(files: AtlasFiles) -> None:
         path = files.root / f"{k}.parquet"
         if not path.is_file():
             raise NeuronmapError(f"{path} is missing, though meta.json records activation evidence: {hint}")
-        verify_file(files.root, files.meta, path.name, hint)
         check_parquet(path, schema, rows[k], hint)
+        verify_file(files.root, files.meta, path.name, hint)  # after the footer checks, whose messages say more
 
 
 # ------------------------------------------------------------------ one neuron, read back
