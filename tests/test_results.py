@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pandas as pd
 import pytest
 
-from conftest import make_tiny
+from conftest import make_tiny, reseal
 from neuronmap.atlas import open_files
 from neuronmap.cli import main
 from neuronmap.mapper import MapOptions, _highlights, _track_best, map_model
@@ -44,6 +44,7 @@ def mapped(checkpoint, tmp_path_factory):
         t = t.set_column(t.schema.get_field_index(col), col,
                          pc.if_else(hit, pa.scalar(float("nan"), pa.float32()), t[col]))
     pq.write_table(t, r.path / "neurons.parquet")
+    reseal(r.path, "neurons.parquet")
     return r
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +237,58 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
+def seal(root: Path, names) -> dict[str, str]:
+    """The sha256 of data files just written into ``root``, for meta.json's ``sha256`` (``verify_file`` checks them).
+
+    Hashed uncached: the files are about to be renamed, and a read hashes (and caches) them under their final path.
+
+    Args:
+        root: the directory the files are in now.
+        names: their names, e.g. ``("neurons.parquet", "vocab.parquet")``.
+
+    Returns:
+        ``{name: sha256 hex}``.
+
+    Example:
+        >>> seal(tmp, ["neurons.parquet"])["neurons.parquet"][:12]  # doctest: +SKIP
+        '3f2a9c1b7d4e'
+    """
+    from neuronmap.sources import hash_file  # sources pulls in the checkpoint readers
+
+    return {n: hash_file(Path(root) / n) for n in names}
+
+
+def verify_file(root: Path, meta: dict, name: str, hint: str) -> None:
+    """Check a data file of an atlas against the sha256 meta.json recorded when it was written.
+
+    The hash is cached by file stat (``sources.file_sha256``), so an unchanged file is hashed once; any write to it
+    moves its ctime and makes it hashed again. An atlas written before neuronmap recorded sha256 (no ``sha256``
+    entry for the file) is not checked.
+
+    Args:
+        root: the atlas directory.
+        meta: its meta.json.
+        name: the file, e.g. ``neurons.parquet``.
+        hint: how to make the file anew, for the message.
+
+    Raises:
+        NeuronmapError: the file cannot be read, or its sha256 differs: naming the file and ``hint``.
+    """
+    want = (meta.get("sha256") or {}).get(name)
+    if want is None:
+        return
+    from neuronmap.sources import file_sha256
+
+    path = Path(root) / name
+    try:
+        got = file_sha256(path)
+    except OSError as e:
+        raise NeuronmapError(f"cannot read {path} ({e.strerror or e}): {hint}") from e
+    if got != want:
+        raise NeuronmapError(f"{path} is damaged or was changed after it was written (its sha256 is {got[:12]}..., "
+                             f"meta.json records {want[:12]}...): {hint}")
+
+
 def write_vocab(path: Path, tokens: tuple[str, ...] | list[str]) -> None:
     pq.write_table(pa.table({"token_id": pa.array(np.arange(len(tokens), dtype=np.int32)),
                              "token": pa.array(list(tokens), pa.string())}), path)
@@ -249,6 +303,9 @@ def rebuild_hint(path: Path | str, meta: object = None) -> str:
     if _is_atlas_dir(Path(path)):
         return f"rebuild it with `neuronmap map {spec or 'SOURCE'} -o {path} --overwrite`"
     return f"remove {path} yourself and map again with `neuronmap map {spec or 'SOURCE'} -o {path}`"
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _int(x: object) -> bool:
@@ -276,6 +333,14 @@ def _meta_problem(meta: object) -> str | None:
         return f"decode.layers is {layers!r}, expected a non-empty list of layers 0-{meta['n_layers'] - 1}"
     if not isinstance(poles, list) or not poles or any(x not in POLES for x in poles):
         return f"decode.poles is {poles!r}, expected a list of + and -"
+    # One row per (matrix, layer, neuron, pole): a decode entry that lists other rows than the file holds is wrong.
+    want = len(set(mats)) * len(set(layers)) * len(set(poles)) * meta["d_mlp"]
+    if meta["n_rows"] != want:
+        return (f"n_rows is {meta['n_rows']}, but decode's {len(set(mats))} matrices, {len(set(layers))} layers and "
+                f"{len(set(poles))} poles of {meta['d_mlp']} neurons make {want}")
+    sums = meta.get("sha256", {})
+    if not isinstance(sums, dict) or any(not isinstance(v, str) or not _SHA256.fullmatch(v) for v in sums.values()):
+        return "sha256 is malformed, expected an object of file name -> 64 hex digits"
     src = meta.get("source", {})
     if not isinstance(src, dict) or not isinstance(src.get("files", []), list) or any(
             not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("sha256"), str)
@@ -377,7 +442,7 @@ class AtlasFiles:
 
 
 def open_files(path: Path | str) -> AtlasFiles:
-    """Check an atlas directory (meta.json, and the footers of its Parquet files) and return its parts.
+    """Check an atlas directory (meta.json, the sha256 and footers of its Parquet files) and return its parts.
 
     Args:
         path: the atlas directory.
@@ -387,7 +452,8 @@ def open_files(path: Path | str) -> AtlasFiles:
 
     Raises:
         NeuronmapError: as ``read_meta``; or a Parquet file (the evidence files too, when meta.json records
-            evidence) is unreadable, lacks a column or has the wrong row count.
+            evidence) differs from the sha256 meta.json records, is unreadable, lacks a column or has the wrong
+            row count.
 
     Example:
         >>> open_files("demo-atlas").neurons.name  # doctest: +SKIP
@@ -399,7 +465,70 @@ def open_files(path: Path | str) -> AtlasFiles:
     if not files.vocab.is_file():
         raise NeuronmapError(f"{files.vocab} is missing: {hint}")
     check_parquet(files.vocab, VOCAB_SCHEMA, files.meta["d_vocab"], hint)
+    # After the footer checks, whose messages say more; the sha256 catches what they cannot (a changed data page).
+    for name in ("neurons.parquet", "vocab.parquet"):
+        verify_file(files.root, files.meta, name, hint)
     from neuronmap.evidence import check_evidence  # evidence.py builds on this module
 
     check_evidence(files)
+    with _OPENED_LOCK:
+        _OPENED.pop(files.root, None)
+        _OPENED[files.root] = files.meta
+        while len(_OPENED) > _KEEP_OPENED:
+            _OPENED.pop(next(iter(_OPENED)))
     return files
+
+
+# The atlases this process opened, most recent last: where `find_damaged` looks when a read fails deep inside
+# DuckDB or Arrow with a message that names no file.
+_OPENED: dict[Path, dict] = {}
+_OPENED_LOCK = threading.Lock()
+_KEEP_OPENED = 16
+
+
+def data_files(files: AtlasFiles) -> list[tuple[Path, str]]:
+    """Every data file of an atlas with how to make it anew: ``[(path, hint)]``, neurons and vocab first."""
+    from neuronmap.evidence import FILES, record_hint
+
+    hint = rebuild_hint(files.root, files.meta)
+    out = [(files.neurons, hint), (files.vocab, hint)]
+    if "evidence" in files.meta:
+        out += [(files.root / name, record_hint(files)) for name in FILES]
+    return out
+
+
+def _readable(path: Path) -> bool:
+    try:
+        f = pq.ParquetFile(path)
+        for i in range(f.num_row_groups):
+            f.read_row_group(i)
+        return True
+    except (OSError, pa.ArrowException):
+        return False
+
+
+def find_damaged() -> tuple[Path, str] | None:
+    """The damaged data file of an atlas this process opened, and how to make it anew; None if none is found.
+
+    A file with a recorded sha256 is checked against it (cached by file stat: cheap); one without (an atlas written
+    before neuronmap recorded them) is read whole with Arrow, which costs a read but only runs once a read has failed.
+    """
+    with _OPENED_LOCK:
+        opened = list(_OPENED.items())[::-1]
+    from neuronmap.atlasdb import token_index_ready
+
+    for root, meta in opened:
+        files = AtlasFiles(root, meta)
+        index = token_index_ready(files)
+        derived = [(index, "remove it; the next --stored lookup builds it anew")] if index else []
+        for path, hint in data_files(files) + derived:
+            if not path.is_file():
+                continue
+            if path.name in meta.get("sha256", {}):
+                try:
+                    verify_file(root, meta, path.name, hint)
+                except NeuronmapError:
+                    return path, hint
+            elif not _readable(path):
+                return path, hint
+    return None

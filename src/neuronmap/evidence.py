@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from neuronmap import fsio
 from neuronmap.agreement import AGREEMENT_SCHEMA, SCORES
-from neuronmap.atlas import AtlasFiles, check_parquet, write_json
+from neuronmap.atlas import AtlasFiles, check_parquet, seal, verify_file, write_json
 from neuronmap.atlasdb import connect
 from neuronmap.errors import NeuronmapError
 from neuronmap.ids import neuron_id, parse_neuron_id
@@ -111,13 +111,23 @@ def publish(files: AtlasFiles, tmp: Path, built: dict[str, pa.Table], entry: dic
     try:
         for name, t in built.items():
             pq.write_table(t, tmp / f"{name}.parquet", compression="zstd", row_group_size=ROW_GROUP)
-        write_json(tmp / "meta.json", {**files.meta, "evidence": entry})
+        sums = {**files.meta.get("sha256", {}), **seal(tmp, [f"{name}.parquet" for name in built])}
+        write_json(tmp / "meta.json", {**files.meta, "evidence": entry, "sha256": sums})
         with fsio.signals_held():
             for name in built:
                 os.replace(tmp / f"{name}.parquet", files.root / f"{name}.parquet")
             os.replace(tmp / "meta.json", files.root / "meta.json")
     except OSError as e:
         raise fsio.write_error(files.root, e, "atlas") from e
+
+
+def record_hint(files: AtlasFiles) -> str:
+    """How to make an atlas's evidence files anew: record again, from the corpus meta.json names where it can."""
+    entry = files.meta.get("evidence")
+    corpus = entry.get("corpus") if isinstance(entry, dict) else None
+    key = "name" if isinstance(corpus, dict) and corpus.get("format") == "hf" else "path"  # hf: the spec is its name
+    spec = corpus.get(key) if isinstance(corpus, dict) and isinstance(corpus.get(key), str) else None
+    return f"record it again with `neuronmap record {files.root} --corpus {spec or 'CORPUS'} --overwrite`"
 
 
 def check_evidence(files: AtlasFiles) -> None:
@@ -133,7 +143,7 @@ def check_evidence(files: AtlasFiles) -> None:
     if entry is None:
         return
     rows = entry.get("rows") if isinstance(entry, dict) else None
-    hint = _record_again(files)
+    hint = record_hint(files)
     if not isinstance(rows, dict) or any(not isinstance(rows.get(k), int) for k in SCHEMAS):
         raise NeuronmapError(f"{files.root}/meta.json has a damaged evidence entry (rows): {hint}")
     for k, schema in SCHEMAS.items():
@@ -141,10 +151,7 @@ def check_evidence(files: AtlasFiles) -> None:
         if not path.is_file():
             raise NeuronmapError(f"{path} is missing, though meta.json records activation evidence: {hint}")
         check_parquet(path, schema, rows[k], hint)
-
-
-def _record_again(files: AtlasFiles) -> str:
-    return f"record it again with `neuronmap record {files.root} --corpus CORPUS --overwrite`"
+        verify_file(files.root, files.meta, path.name, hint)  # after the footer checks, whose messages say more
 
 
 # ------------------------------------------------------------------ one neuron, read back
@@ -225,7 +232,7 @@ def neuron_evidence(files: AtlasFiles, neuron: str, examples: int | None = None)
     ev = q("evidence")
     if len(ev) != 1:
         raise NeuronmapError(f"{files.root / 'evidence.parquet'} has {len(ev)} rows for {neuron_id(layer, idx)}, "
-                             f"expected 1: the evidence is damaged; {_record_again(files)}")
+                             f"expected 1: the evidence is damaged; {record_hint(files)}")
     ev = ev.iloc[0]
     ex = q("examples", "ORDER BY pole, rank")
     if examples is not None:
@@ -244,7 +251,7 @@ def neuron_evidence(files: AtlasFiles, neuron: str, examples: int | None = None)
             raise NeuronmapError(
                 f"{files.root / 'examples.parquet'}: example {r.pole}{int(r.rank)} of {neuron_id(layer, idx)} points to "
                 f"position {p} of sequence {int(r.seq)}, which has {at}: the evidence files disagree; "
-                f"{_record_again(files)}")
+                f"{record_hint(files)}")
         shown[r.pole].append({"rank": int(r.rank), "activation": float(r.activation), "doc": c.doc,
                               "position": int(c.start) + p, "before": [name(t) for t in ids[:p]], "token": name(ids[p]),
                               "after": [name(t) for t in ids[p + 1:p + 1 + AFTER]]})

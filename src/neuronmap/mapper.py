@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
@@ -153,10 +152,12 @@ def map_model(
     order = [(m, layer) for layer in layers for m in matrices]  # the order a single pass writes rows in
     reduce = choose_reducer(options.kernel, len(layers) * len(matrices) * weights.d_mlp * weights.d_vocab)
     kernel, cluster = kernel_used(reduce, weights.d_vocab, dtype, str(device), options.top_k), None
-    # Parts made by another kernel differ in the last bits: a resume must not mix them.
+    # What a part's rows depend on, and nothing else: the resolved matrices and layers (not the option text), and
+    # the precision class rather than the kernel or device, since every exact kernel gives the same atlas to ~1e-6.
     manifest = {"weights": [{"name": f.name, "sha256": file_sha256(f)} for f in src.files],
-                "options": dataclasses.asdict(options), "matrices": matrices, "layers": layers, "dtype": dtype,
-                "device": str(device), "kernel": kernel, "format": atlas_io.VERSION}
+                "matrices": matrices, "layers": layers, "top_k": options.top_k, "norm": options.norm,
+                "fold_input_norm": options.fold_input_norm, "precision": precision(dtype, options.n_candidates),
+                "format": atlas_io.VERSION}
     t_head = time.perf_counter()
     if ray is None:
         head = build_head(weights, options.norm, device, dtype)
@@ -167,6 +168,10 @@ def map_model(
         notes.append(f"removed {parts.removed} parts of an earlier interrupted map into {out} (--resume continues one instead)")
     if parts.reused:
         notes.append(f"resuming: reusing {parts.reused} of {len(order)} parts from {parts.path}")
+    if parts.redone:
+        n = len(parts.redone)
+        notes.append(f"decoding again {n} part{'s' if n > 1 else ''} of {parts.path} that failed their check: "
+                     + "; ".join(parts.redone[:3]) + (f" and {len(parts.redone) - 3} more" if len(parts.redone) > 3 else ""))
     done = set(parts.done)
 
     def note() -> str:
@@ -176,7 +181,7 @@ def map_model(
     with fsio.interrupt_note(note):
         def finished(matrix: str, layer: int, tables: list[pa.Table], best: dict) -> None:
             t = time.perf_counter()
-            write_part(parts.path, matrix, layer, tables, best)
+            write_part(parts, matrix, layer, tables, best)
             timings["write_s"] += time.perf_counter() - t
             done.add((matrix, layer))
             if progress:
@@ -216,13 +221,15 @@ def map_model(
                     best[key] = row
         with atlas_io.atlas_writer(out, overwrite, protect) as tmp:
             t = time.perf_counter()
-            assemble(parts.path, order, tmp / "neurons.parquet")
+            assemble(parts, order, tmp / "neurons.parquet", weights.d_mlp)
             atlas_io.write_vocab(tmp / "vocab.parquet", weights.tokens)
+            sums = atlas_io.seal(tmp, ("neurons.parquet", "vocab.parquet"))
             timings["write_s"] += time.perf_counter() - t
             seconds = time.perf_counter() - t0
             meta = _meta(weights, src, options, matrices, layers, dtype, device, timings, seconds, n_vectors)
             # Which kernel ran (a failed compile falls back to eager): the numbers agree to ~1e-6.
             meta["kernel"] = kernel
+            meta["sha256"] = sums  # checked by every reader (atlas.verify_file)
             if cluster is not None:
                 meta["ray"] = cluster  # timings are summed over the workers
             if parts.reused:
@@ -230,6 +237,12 @@ def map_model(
             atlas_io.write_json(tmp / "meta.json", meta)
         fsio.remove_tree(parts.path)
     return MapResult(out, meta, n_vectors, seconds, _highlights(best), notes)
+
+
+def precision(dtype: str, n_candidates: int) -> str:
+    """The precision class of a decode, what a resume compares: ``exact`` (``split`` and ``float32``, whatever the
+    kernel or device), or ``bfloat16 screening, N candidates``, whose tail probabilities are rounded."""
+    return f"bfloat16 screening, {n_candidates} candidates" if dtype == "bfloat16" else "exact"
 
 
 def _map_part(weights: Weights, head, matrix: str, layer: int, options: MapOptions, reduce, vocab: pa.Array,

@@ -94,6 +94,7 @@ def synthetic_atlas(
                             rng.uniform(0.5, 2.0, d_mlp), vocab))
         atlas_io.write_vocab(tmp / "vocab.parquet", vocab.to_pylist())
         atlas_io.write_json(tmp / "meta.json", {
+            "sha256": atlas_io.seal(tmp, ("neurons.parquet", "vocab.parquet")),
             "format": atlas_io.FORMAT, "version": atlas_io.VERSION, "neuronmap_version": "synthetic",
             "source": {"spec": f"synthetic(seed={seed})", "kind": "synthetic", "path": "", "files": []},
             "family": "synthetic", "n_layers": n_layers, "d_model": 64, "d_mlp": d_mlp, "d_vocab": d_vocab,
