@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_tiny
-from neuronmap.atlas.format import atlas_writer, open_files, read_meta
+from neuronmap.atlas.format import open_files, read_meta
+from neuronmap.atlas.writer import atlas_writer
 from neuronmap.cli import main
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.mapping.mapper import map_model
@@ -160,6 +161,10 @@ DAMAGE = {
         t.schema.get_field_index("layer"), "layer", t["layer"].cast(pa.string()))), "column 'layer' is string, expected int32"),
     "missing rows": (lambda a: _rewrite_parquet(a / "neurons.parquet", lambda t: t.slice(0, 10)),
                      "neurons.parquet has 10 rows, meta.json says 288"),
+    "scrambled pages, no sha256": (lambda a: (_edit_meta(a, lambda m: m.pop("sha256")), _scramble(a / "neurons.parquet")),
+                                   "neurons.parquet cannot be read ("),
+    "two bytes flipped": (lambda a: _flip_two_bytes(a / "neurons.parquet"), "neurons.parquet is damaged or was changed"),
+    "vocab bytes flipped": (lambda a: _flip_two_bytes(a / "vocab.parquet"), "vocab.parquet is damaged or was changed"),
     "garbage vocab": (lambda a: (a / "vocab.parquet").write_bytes(b"\x00" * 64), "vocab.parquet is not a readable Parquet file"),
     "missing vocab": (lambda a: (a / "vocab.parquet").unlink(), "vocab.parquet is missing"),
     "meta is a list": (lambda a: (a / "meta.json").write_text("[1, 2]"), "meta.json format is 'a JSON list'"),
@@ -175,6 +180,15 @@ def _scramble(path: Path) -> None:
     b = bytearray(path.read_bytes())
     for i in range(100, len(b) // 2):
         b[i] = (b[i] * 7 + 13) % 256
+    path.write_bytes(bytes(b))
+
+
+def _flip_two_bytes(path: Path, at: float = 0.5) -> None:
+    """Flip two bytes inside a data page (footer and header untouched): the file still opens and decodes."""
+    b = bytearray(path.read_bytes())
+    i = int(len(b) * at)
+    b[i] ^= 0x01
+    b[i + 1] ^= 0x01
     path.write_bytes(bytes(b))
 
 
@@ -238,3 +252,94 @@ def test_meta_json_fuzz(atlas, tmp_path):
         # Accepted: then it reads like the undamaged atlas (no wrong result passed off as right).
         assert stats(files).layers.to_dict("records") == good_stats, what
     assert refused > 100
+
+
+# ------------------------------------------------------------------ sha256 of the data files, recorded at write, checked on read
+
+
+def test_map_records_the_sha256_of_its_data_files(atlas):
+    meta = read_meta(atlas)
+    assert meta["sha256"] == {n: hashlib.sha256((atlas / n).read_bytes()).hexdigest()
+                              for n in ("neurons.parquet", "vocab.parquet")}
+
+
+@pytest.mark.parametrize("argv", [["search", "{a}", "<5>", "--stored"], ["show", "{a}", "L0N1", "--stored"],
+                                  ["show", "{a}", "L0N1"], ["stats", "{a}"], ["compare", "{good}", "{a}"]])
+def test_two_flipped_bytes_in_neurons_are_refused_in_one_line(argv, atlas, tmp_path, capsys):
+    bad = _damage(atlas, tmp_path, lambda a: _flip_two_bytes(a / "neurons.parquet"))
+    assert main([x.format(a=bad, good=atlas) for x in argv]) == 2
+    _one_line_error(capsys, f"error: {bad}/neurons.parquet is damaged or was changed after it was written (its sha256 is ",
+                    f"meta.json records {read_meta(atlas)['sha256']['neurons.parquet'][:12]}...): rebuild it with "
+                    f"`neuronmap map {read_meta(atlas)['source']['spec']} -o {bad} --overwrite`",
+                    notice="building the atlas's token index")
+
+
+def test_a_flip_after_the_token_index_was_built_is_still_refused(atlas, tmp_path, capsys):
+    bad = _damage(atlas, tmp_path, lambda a: None)
+    assert main(["search", str(bad), "<5>", "--stored"]) == 0 and (bad / "token_index.parquet").is_file()
+    capsys.readouterr()
+    _flip_two_bytes(bad / "neurons.parquet")
+    assert main(["search", str(bad), "<5>", "--stored"]) == 2
+    _one_line_error(capsys, "neurons.parquet is damaged or was changed after it was written")
+
+
+def test_an_atlas_without_sha256_still_opens_unchecked(atlas, tmp_path):
+    """Atlases written before neuronmap recorded sha256 open as before (docs/atlas-format.md says they are unchecked)."""
+    old = _damage(atlas, tmp_path, lambda a: _edit_meta(a, lambda m: m.pop("sha256")))
+    assert stats(open_files(old)).layers.to_dict("records") == stats(open_files(atlas)).layers.to_dict("records")
+    _edit_meta(old, lambda m: m.update(sha256={"neurons.parquet": "0" * 64}))
+    with pytest.raises(NeuronmapError, match=r"neurons.parquet is damaged or was changed .*meta.json records 000000000000"):
+        open_files(old)
+    _edit_meta(old, lambda m: m.update(sha256={"neurons.parquet": "oops"}))
+    with pytest.raises(NeuronmapError, match=r"meta.json is damaged: sha256 is malformed"):
+        open_files(old)
+
+
+def test_a_damaged_token_index_is_named_with_its_fix(atlas, tmp_path, capsys):
+    bad = _damage(atlas, tmp_path, lambda a: None)
+    assert main(["search", str(bad), "<5>", "--stored"]) == 0
+    capsys.readouterr()
+    _scramble(bad / "token_index.parquet")
+    assert main(["search", str(bad), "<5>", "--stored"]) == 2
+    _one_line_error(capsys, f"error: {bad}/token_index.parquet cannot be read (",
+                    "the file is damaged; remove it; the next --stored lookup builds it anew")
+    (bad / "token_index.parquet").unlink()
+    assert main(["search", str(bad), "<5>", "--stored"]) == 0
+
+
+@pytest.fixture(scope="module")
+def with_evidence(worded, tmp_path_factory) -> Path:
+    """The worded tiny atlas with evidence recorded over a few sentences."""
+    from neuronmap.evidence.record import record
+
+    root = tmp_path_factory.mktemp("ev")
+    shutil.copytree(worded.parent, root / "w")
+    corpus = root / "c.txt"
+    corpus.write_text("The dog drank coffee about Paris.\n\nA river ran by the castle, which held tea.\n" * 4)
+    record(root / "w" / worded.name, corpus, context=16, examples=3)
+    return root / "w" / worded.name
+
+
+@pytest.mark.parametrize("name", ["evidence.parquet", "examples.parquet", "contexts.parquet", "agreement.parquet"])
+def test_a_changed_evidence_file_names_itself_and_says_to_record_again(name, with_evidence, tmp_path, capsys):
+    meta = read_meta(with_evidence)
+    assert set(meta["sha256"]) == {"neurons.parquet", "vocab.parquet", "evidence.parquet", "examples.parquet",
+                                   "contexts.parquet", "agreement.parquet"}
+    bad = _damage(with_evidence, tmp_path, lambda a: _flip_two_bytes(a / name))
+    assert main(["examples", str(bad), "L0N1"]) == 2
+    err = _one_line_error(capsys, f"error: {bad}/{name} is damaged or was changed after it was written",
+                          f"record it again with `neuronmap record {bad} --corpus {meta['evidence']['corpus']['path']} "
+                          "--overwrite`")
+    assert "neuronmap map" not in err
+
+
+def test_damaged_evidence_without_sha256_is_named_not_blamed_on_the_map(with_evidence, tmp_path, capsys):
+    def damage(a: Path) -> None:
+        _edit_meta(a, lambda m: m.pop("sha256"))
+        _scramble(a / "examples.parquet")
+
+    bad = _damage(with_evidence, tmp_path, damage)
+    assert main(["examples", str(bad), "L0N1"]) == 2
+    err = _one_line_error(capsys, f"error: {bad}/examples.parquet cannot be read (", "the file is damaged; record it again "
+                          f"with `neuronmap record {bad} --corpus ")
+    assert "neuronmap map" not in err

@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import reseal
 from neuronmap.cli import main
 from neuronmap.compare import compare, normalise, plot, row_stats
 from neuronmap.core.errors import NeuronmapError
@@ -115,6 +116,7 @@ def test_rows_in_another_order_still_pair_up(syn, tmp_path):
     shutil.copytree(syn, shuffled)
     t = pq.read_table(syn / "neurons.parquet")
     pq.write_table(t.take(np.random.default_rng(0).permutation(len(t))), shuffled / "neurons.parquet")
+    reseal(shuffled, "neurons.parquet")
     c = compare(str(syn), str(shuffled))
     assert c.neuron.overall[-1]["same_top1"] == 1.0 and c.neuron.overall[-1]["js"] == 0.0
 
@@ -199,6 +201,7 @@ def test_different_tokenizer_of_same_size_is_caught(syn, tmp_path):
     v = pq.read_table(other / "vocab.parquet").to_pandas()
     v.loc[5, "token"] = " something else"
     pq.write_table(pq.read_table(other / "vocab.parquet").from_pandas(v, preserve_index=False), other / "vocab.parquet")
+    reseal(other, "vocab.parquet")
     with pytest.raises(NeuronmapError, match="token strings differ"):
         compare(str(syn), str(other), level="neuron")
 

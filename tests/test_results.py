@@ -17,10 +17,11 @@ import pyarrow.parquet as pq
 import pandas as pd
 import pytest
 
-from conftest import make_tiny
+from conftest import make_tiny, reseal
 from neuronmap.atlas.format import open_files
 from neuronmap.cli import main
-from neuronmap.mapping.mapper import _highlights, _track_best, map_model
+from neuronmap.mapping.mapper import map_model
+from neuronmap.mapping.part import highlights, track_best
 from neuronmap.mapping.part import MapOptions
 from neuronmap.atlas.search import records, search, show
 from neuronmap.atlas.stats import stats
@@ -45,6 +46,7 @@ def mapped(checkpoint, tmp_path_factory):
         t = t.set_column(t.schema.get_field_index(col), col,
                          pc.if_else(hit, pa.scalar(float("nan"), pa.float32()), t[col]))
     pq.write_table(t, r.path / "neurons.parquet")
+    reseal(r.path, "neurons.parquet")
     return r
 
 
@@ -103,9 +105,9 @@ def test_highlights_name_neurons_by_id_and_skip_nan():
     lse = np.zeros(6)
     lg = np.log(np.array([[0.9], [np.nan], [0.99], [0.95], [0.2], [0.5]]))  # p = exp(logit - lse)
     best: dict = {}
-    _track_best(best, tokens, "up", 29, "-", np.arange(100, 106), ids, lg, lse)
+    track_best(best, tokens, "up", 29, "-", np.arange(100, 106), ids, lg, lse)
     # ' water' is nan, ' the' a stopword, 'ing' no word, ' tea' under 0.3; ' coffee' keeps its best row.
-    assert _highlights(best) == [{"id": "L29N100", "matrix": "up", "pole": "-", "token": " coffee", "prob": pytest.approx(0.9)}]
+    assert highlights(best) == [{"id": "L29N100", "matrix": "up", "pole": "-", "token": " coffee", "prob": pytest.approx(0.9)}]
 
 
 # ------------------------------------------------------------------ search

@@ -389,7 +389,8 @@ def test_demo_show_coffee_neuron(demo_atlas):
 
 
 def test_rows_writer_makes_big_row_groups(tmp_path):
-    from neuronmap.atlas.format import SCHEMA, RowsWriter
+    from neuronmap.atlas.format import SCHEMA
+    from neuronmap.atlas.writer import RowsWriter
 
     import pyarrow as pa
 

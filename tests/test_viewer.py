@@ -146,12 +146,15 @@ def test_a_damaged_atlas_answers_one_line_not_a_traceback(worded, tmp_path):
     mid = len(data) // 3
     data[mid: mid + 2000] = bytes(2000)  # a data page zeroed; the footer still checks out
     (bad / "neurons.parquet").write_bytes(bytes(data))
+    meta = json.loads((bad / "meta.json").read_text())
+    del meta["sha256"]  # as written before neuronmap recorded sha256: opens unchecked, fails when read
+    (bad / "meta.json").write_text(json.dumps(meta))
     c = client(bad)
     r = c.get("/api/layer/0?matrix=gate")
-    assert r.status_code == 500 and r.json()["error"].startswith("cannot read the atlas's data (")
-    assert "rebuild the atlas with `neuronmap map SOURCE -o ATLAS --overwrite`" in r.json()["error"]
+    assert r.status_code == 500 and r.json()["error"].startswith(f"{bad}/neurons.parquet cannot be read (")
+    assert f"the file is damaged; rebuild it with `neuronmap map {meta['source']['spec']} -o {bad} --overwrite`" in r.json()["error"]
     page = c.get("/layer/0?matrix=gate")
-    assert page.status_code == 500 and "error: cannot read the atlas&#x27;s data" in page.text
+    assert page.status_code == 500 and f"error: {bad}/neurons.parquet cannot be read" in page.text
 
 
 def test_host_header_and_cross_site_posts_are_refused(worded):

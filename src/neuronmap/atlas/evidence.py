@@ -20,12 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from neuronmap.core import fsio
-from neuronmap.atlas.format import CONTEXTS_SCHEMA, EVIDENCE_SCHEMA, EXAMPLES_SCHEMA, QUANTILES, SCORES, AtlasFiles, check_evidence, write_json
+from neuronmap.atlas.format import CONTEXTS_SCHEMA, EVIDENCE_SCHEMA, EXAMPLES_SCHEMA, QUANTILES, SCORES, AtlasFiles, check_evidence, record_hint
+from neuronmap.atlas.writer import seal, write_json
 from neuronmap.atlas.store import connect
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.core.ids import neuron_id, parse_neuron_id
-
-
 
 AFTER = 4  # tokens shown after the firing one
 ROW_GROUP = 65536
@@ -95,17 +94,14 @@ def publish(files: AtlasFiles, tmp: Path, built: dict[str, pa.Table], entry: dic
     try:
         for name, t in built.items():
             pq.write_table(t, tmp / f"{name}.parquet", compression="zstd", row_group_size=ROW_GROUP)
-        write_json(tmp / "meta.json", {**files.meta, "evidence": entry})
+        sums = {**files.meta.get("sha256", {}), **seal(tmp, [f"{name}.parquet" for name in built])}
+        write_json(tmp / "meta.json", {**files.meta, "evidence": entry, "sha256": sums})
         with fsio.signals_held():
             for name in built:
                 os.replace(tmp / f"{name}.parquet", files.root / f"{name}.parquet")
             os.replace(tmp / "meta.json", files.root / "meta.json")
     except OSError as e:
         raise fsio.write_error(files.root, e, "atlas") from e
-
-
-def _record_again(files: AtlasFiles) -> str:
-    return f"record it again with `neuronmap record {files.root} --corpus CORPUS --overwrite`"
 
 
 # ------------------------------------------------------------------ one neuron, read back
@@ -186,7 +182,7 @@ def neuron_evidence(files: AtlasFiles, neuron: str, examples: int | None = None)
     ev = q("evidence")
     if len(ev) != 1:
         raise NeuronmapError(f"{files.root / 'evidence.parquet'} has {len(ev)} rows for {neuron_id(layer, idx)}, "
-                             f"expected 1: the evidence is damaged; {_record_again(files)}")
+                             f"expected 1: the evidence is damaged; {record_hint(files)}")
     ev = ev.iloc[0]
     ex = q("examples", "ORDER BY pole, rank")
     if examples is not None:
@@ -205,7 +201,7 @@ def neuron_evidence(files: AtlasFiles, neuron: str, examples: int | None = None)
             raise NeuronmapError(
                 f"{files.root / 'examples.parquet'}: example {r.pole}{int(r.rank)} of {neuron_id(layer, idx)} points to "
                 f"position {p} of sequence {int(r.seq)}, which has {at}: the evidence files disagree; "
-                f"{_record_again(files)}")
+                f"{record_hint(files)}")
         shown[r.pole].append({"rank": int(r.rank), "activation": float(r.activation), "doc": c.doc,
                               "position": int(c.start) + p, "before": [name(t) for t in ids[:p]], "token": name(ids[p]),
                               "after": [name(t) for t in ids[p + 1:p + 1 + AFTER]]})

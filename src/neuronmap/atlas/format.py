@@ -7,21 +7,17 @@ run never leaves something that looks like an atlas.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-from contextlib import contextmanager
+import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from neuronmap.core import fsio
 from neuronmap.core.errors import NeuronmapError
-from neuronmap.core.ids import MATRICES, POLES, neuron_id
+from neuronmap.core.ids import MATRICES, POLES
 
 FORMAT = "neuronmap-atlas"
 VERSION = 1
@@ -42,80 +38,41 @@ SCHEMA = pa.schema([
 ])
 
 
-def _lists(flat: pa.Array, k: int, n: int) -> pa.Array:
-    return pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32)), flat)
+def verify_file(root: Path, meta: dict, name: str, hint: str) -> None:
+    """Check a data file of an atlas against the sha256 meta.json recorded when it was written.
 
-
-def rows_table(
-    matrix: str, layer: int, pole: str, neurons: np.ndarray, token_ids: np.ndarray, logits: np.ndarray,
-    logsumexp: np.ndarray, entropy: np.ndarray, weight_norm: np.ndarray, vocab: pa.Array,
-) -> pa.Table:
-    """One block of atlas rows.
+    The hash is cached by file stat (``sources.file_sha256``), so an unchanged file is hashed once; any write to it
+    moves its ctime and makes it hashed again. An atlas written before neuronmap recorded sha256 (no ``sha256``
+    entry for the file) is not checked.
 
     Args:
-        neurons: ``[n]`` neuron indices in the layer.
-        token_ids, logits: ``[n, k]``.
-        logsumexp, entropy, weight_norm: ``[n]``.
-        vocab: ``[d_vocab]`` token strings.
+        root: the atlas directory.
+        meta: its meta.json.
+        name: the file, e.g. ``neurons.parquet``.
+        hint: how to make the file anew, for the message.
+
+    Raises:
+        NeuronmapError: the file cannot be read, or its sha256 differs: naming the file and ``hint``.
     """
-    n, k = token_ids.shape
-    ids32 = token_ids.astype(np.int32, copy=False)
-    probs = np.exp(logits - logsumexp[:, None]).astype(np.float32)
-    return pa.table({
-        "matrix": pa.array([matrix] * n, pa.string()),
-        "layer": pa.array(np.full(n, layer, np.int32)),
-        "neuron": pa.array(neurons.astype(np.int32)),
-        "id": pa.array([neuron_id(layer, i) for i in neurons.tolist()], pa.string()),
-        "pole": pa.array([pole] * n, pa.string()),
-        "token_ids": _lists(pa.array(ids32.ravel()), k, n),
-        "tokens": _lists(vocab.take(pa.array(ids32.ravel())), k, n),
-        "probs": _lists(pa.array(probs.ravel()), k, n),
-        "logits": _lists(pa.array(logits.astype(np.float32).ravel()), k, n),
-        "logsumexp": pa.array(logsumexp.astype(np.float32)),
-        "entropy": pa.array(entropy.astype(np.float32)),
-        "weight_norm": pa.array(weight_norm.astype(np.float32)),
-    }, schema=SCHEMA)
+    want = (meta.get("sha256") or {}).get(name)
+    if want is None:
+        return
+    from neuronmap.core.cache import file_sha256
+
+    path = Path(root) / name
+    try:
+        got = file_sha256(path)
+    except OSError as e:
+        raise NeuronmapError(f"cannot read {path} ({e.strerror or e}): {hint}") from e
+    if got != want:
+        raise NeuronmapError(f"{path} is damaged or was changed after it was written (its sha256 is {got[:12]}..., "
+                             f"meta.json records {want[:12]}...): {hint}")
 
 
-ROW_GROUP_ROWS = 65536
+VOCAB_SCHEMA = pa.schema([("token_id", pa.int32()), ("token", pa.string())])
 
 
-class RowsWriter:
-    """neurons.parquet written in row groups of about ``ROW_GROUP_ROWS`` rows, whatever the blocks' size.
-
-    Decode blocks are a few hundred rows; a row group per block gives readers
-    thousands of groups to open, and a point query (one neuron) costs seconds on a
-    Llama-8B-sized atlas instead of tens of milliseconds.
-    """
-
-    def __init__(self, path: Path, rows: int = ROW_GROUP_ROWS):
-        self._writer = pq.ParquetWriter(path, SCHEMA, compression="zstd")
-        self._pending: list[pa.Table] = []
-        self._n = 0
-        self._rows = rows
-
-    def write(self, table: pa.Table) -> None:
-        self._pending.append(table)
-        self._n += table.num_rows
-        if self._n >= self._rows:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._pending:
-            self._writer.write_table(pa.concat_tables(self._pending), row_group_size=max(self._n, 1))
-        self._pending, self._n = [], 0
-
-    def close(self) -> None:
-        self._flush()
-        self._writer.close()
-
-
-# What `map` writes into an atlas (and `search`, `record` add beside it): the only names --overwrite may delete.
-ATLAS_FILES = frozenset({"meta.json", "neurons.parquet", "vocab.parquet", "token_index.parquet", "evidence.parquet",
-                         "examples.parquet", "contexts.parquet", "agreement.parquet"})
-
-
-def _is_atlas_dir(out: Path) -> bool:
+def is_atlas_dir(out: Path) -> bool:
     try:
         meta = json.loads((out / "meta.json").read_text())
     except (OSError, ValueError):
@@ -123,132 +80,15 @@ def _is_atlas_dir(out: Path) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
-def _inside(a: Path, b: Path) -> bool:
-    """Whether ``a`` is ``b`` or lies below it (paths already absolute)."""
-    return a == b or b in a.parents
-
-
-def check_output(out: Path, overwrite: bool, protect: tuple[Path, ...] = ()) -> Path:
-    """Check that writing an atlas to ``out`` can lose nothing; return its absolute path.
-
-    ``--overwrite`` replaces only an atlas: a directory whose meta.json says
-    ``"format": "neuronmap-atlas"`` and that holds nothing but atlas files. Any
-    other directory, a file, a symbolic link, and any path equal to, inside or
-    above one of ``protect`` (the source's files) is refused, with or without it.
-    An empty directory counts as absent.
-
-    Args:
-        out: the atlas directory to create.
-        overwrite: replace an existing atlas.
-        protect: paths the output must not touch (the model's files and directory).
-
-    Returns:
-        ``out`` made absolute (symlinks in its parents kept).
-
-    Raises:
-        NeuronmapError: any of the cases above, with the fix.
-
-    Example:
-        >>> check_output(Path("new-atlas"), overwrite=False).name  # doctest: +SKIP
-        'new-atlas'
-    """
-    out = Path(os.path.abspath(out))
-    for p in protect:
-        p = Path(os.path.abspath(p))
-        if _inside(out, p) or _inside(p, out):
-            where = "is" if out == p else "is inside" if _inside(out, p) else "contains"
-            raise NeuronmapError(f"-o {out} {where} the model being mapped ({p}): write the atlas to a directory "
-                                 "outside the checkpoint, e.g. -o ./atlas")
-    if out.is_symlink():
-        raise NeuronmapError(f"{out} is a symbolic link: give the directory it points to, or another -o")
-    if not out.exists():
-        return out
-    if not out.is_dir():
-        raise NeuronmapError(f"{out} exists and is not a directory: choose another -o")
-    try:
-        names = sorted(os.listdir(out))
-    except OSError as e:
-        raise NeuronmapError(f"cannot read {out} ({e.strerror}): choose another -o") from e
-    if not names:
-        return out
-    if not _is_atlas_dir(out):
-        raise NeuronmapError(f"{out} already exists and is not a neuronmap atlas (no meta.json with format "
-                             f"{FORMAT!r}): --overwrite replaces only atlases; choose another -o")
-    foreign = [n for n in names if n not in ATLAS_FILES]
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise NeuronmapError(f"{out} is an atlas but also holds files neuronmap did not write ({shown}): "
-                             "move them out first, or choose another -o")
-    if not overwrite:
-        raise NeuronmapError(f"{out} already exists (an atlas): pass --overwrite to replace it, or choose another -o")
-    return out
-
-
-@contextmanager
-def atlas_writer(out: Path, overwrite: bool, protect: tuple[Path, ...] = ()) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out``; rename it to ``out`` on success.
-
-    The output is checked again just before the rename, so an atlas that another
-    run wrote meanwhile is replaced only with ``overwrite``, and a directory that
-    is not an atlas never. On any exception (an interrupt included) the temporary
-    directory is removed and ``out`` is untouched.
-
-    Raises:
-        NeuronmapError: as ``check_output``; or ``out`` cannot be written (disk full, no permission).
-    """
-    out = check_output(out, overwrite, protect)
-    tmp = fsio.temp_dir_beside(out, "atlas")
-    try:
-        try:
-            yield tmp
-        except OSError as e:
-            raise fsio.write_error(out, e, "atlas") from e
-        check_output(out, overwrite, protect)
-        _publish_dir(tmp, out)
-    finally:
-        fsio.remove_tree(tmp)
-
-
-def _publish_dir(tmp: Path, out: Path) -> None:
-    try:
-        if not out.exists():
-            # rename(2) fails on a non-empty directory that appeared since the check: nothing is replaced silently.
-            os.rename(tmp, out)
-            return
-        old = fsio.temp_dir_beside(out, "atlas")
-        with fsio.signals_held():  # between these renames `old` is the user's atlas: never removed as a leftover
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(old, out)
-                raise
-        fsio.remove_tree(old)
-    except OSError as e:
-        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            raise NeuronmapError(f"{out} appeared while mapping (another run?): pass --overwrite to replace it, "
-                                 "or choose another -o") from e
-        raise fsio.write_error(out, e, "atlas") from e
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
-
-
-def write_vocab(path: Path, tokens: tuple[str, ...] | list[str]) -> None:
-    pq.write_table(pa.table({"token_id": pa.array(np.arange(len(tokens), dtype=np.int32)),
-                             "token": pa.array(list(tokens), pa.string())}), path)
-
-
-VOCAB_SCHEMA = pa.schema([("token_id", pa.int32()), ("token", pa.string())])
-
-
 def rebuild_hint(path: Path | str, meta: object = None) -> str:
     """How to make a damaged atlas anew; --overwrite only where it would be accepted (meta.json says atlas)."""
     spec = meta.get("source", {}).get("spec") if isinstance(meta, dict) and isinstance(meta.get("source"), dict) else None
-    if _is_atlas_dir(Path(path)):
+    if is_atlas_dir(Path(path)):
         return f"rebuild it with `neuronmap map {spec or 'SOURCE'} -o {path} --overwrite`"
     return f"remove {path} yourself and map again with `neuronmap map {spec or 'SOURCE'} -o {path}`"
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _int(x: object) -> bool:
@@ -276,6 +116,14 @@ def _meta_problem(meta: object) -> str | None:
         return f"decode.layers is {layers!r}, expected a non-empty list of layers 0-{meta['n_layers'] - 1}"
     if not isinstance(poles, list) or not poles or any(x not in POLES for x in poles):
         return f"decode.poles is {poles!r}, expected a list of + and -"
+    # One row per (matrix, layer, neuron, pole): a decode entry that lists other rows than the file holds is wrong.
+    want = len(set(mats)) * len(set(layers)) * len(set(poles)) * meta["d_mlp"]
+    if meta["n_rows"] != want:
+        return (f"n_rows is {meta['n_rows']}, but decode's {len(set(mats))} matrices, {len(set(layers))} layers and "
+                f"{len(set(poles))} poles of {meta['d_mlp']} neurons make {want}")
+    sums = meta.get("sha256", {})
+    if not isinstance(sums, dict) or any(not isinstance(v, str) or not _SHA256.fullmatch(v) for v in sums.values()):
+        return "sha256 is malformed, expected an object of file name -> 64 hex digits"
     src = meta.get("source", {})
     if not isinstance(src, dict) or not isinstance(src.get("files", []), list) or any(
             not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("sha256"), str)
@@ -401,6 +249,15 @@ SCHEMAS = {"evidence": EVIDENCE_SCHEMA, "examples": EXAMPLES_SCHEMA, "contexts":
            "agreement": AGREEMENT_SCHEMA}
 
 
+def record_hint(files: AtlasFiles) -> str:
+    """How to make an atlas's evidence files anew: record again, from the corpus meta.json names where it can."""
+    entry = files.meta.get("evidence")
+    corpus = entry.get("corpus") if isinstance(entry, dict) else None
+    key = "name" if isinstance(corpus, dict) and corpus.get("format") == "hf" else "path"  # hf: the spec is its name
+    spec = corpus.get(key) if isinstance(corpus, dict) and isinstance(corpus.get(key), str) else None
+    return f"record it again with `neuronmap record {files.root} --corpus {spec or 'CORPUS'} --overwrite`"
+
+
 def check_evidence(files: AtlasFiles) -> None:
     """Check the evidence files meta.json announces: present, readable, with their columns and row counts.
 
@@ -414,7 +271,7 @@ def check_evidence(files: AtlasFiles) -> None:
     if entry is None:
         return
     rows = entry.get("rows") if isinstance(entry, dict) else None
-    hint = f"record it again with `neuronmap record {files.root} --corpus CORPUS --overwrite`"
+    hint = record_hint(files)
     if not isinstance(rows, dict) or any(not isinstance(rows.get(k), int) for k in SCHEMAS):
         raise NeuronmapError(f"{files.root}/meta.json has a damaged evidence entry (rows): {hint}")
     for k, schema in SCHEMAS.items():
@@ -422,10 +279,11 @@ def check_evidence(files: AtlasFiles) -> None:
         if not path.is_file():
             raise NeuronmapError(f"{path} is missing, though meta.json records activation evidence: {hint}")
         check_parquet(path, schema, rows[k], hint)
+        verify_file(files.root, files.meta, path.name, hint)  # after the footer checks, whose messages say more
 
 
 def open_files(path: Path | str) -> AtlasFiles:
-    """Check an atlas directory (meta.json, and the footers of its Parquet files) and return its parts.
+    """Check an atlas directory (meta.json, the sha256 and footers of its Parquet files) and return its parts.
 
     Args:
         path: the atlas directory.
@@ -435,7 +293,8 @@ def open_files(path: Path | str) -> AtlasFiles:
 
     Raises:
         NeuronmapError: as ``read_meta``; or a Parquet file (the evidence files too, when meta.json records
-            evidence) is unreadable, lacks a column or has the wrong row count.
+            evidence) differs from the sha256 meta.json records, is unreadable, lacks a column or has the wrong
+            row count.
 
     Example:
         >>> open_files("demo-atlas").neurons.name  # doctest: +SKIP
@@ -447,5 +306,22 @@ def open_files(path: Path | str) -> AtlasFiles:
     if not files.vocab.is_file():
         raise NeuronmapError(f"{files.vocab} is missing: {hint}")
     check_parquet(files.vocab, VOCAB_SCHEMA, files.meta["d_vocab"], hint)
+    # After the footer checks, whose messages say more; the sha256 catches what they cannot (a changed data page).
+    for name in ("neurons.parquet", "vocab.parquet"):
+        verify_file(files.root, files.meta, name, hint)
     check_evidence(files)
+    with OPENED_LOCK:
+        OPENED.pop(files.root, None)
+        OPENED[files.root] = files.meta
+        while len(OPENED) > _KEEPOPENED:
+            OPENED.pop(next(iter(OPENED)))
     return files
+
+
+# The atlases this process opened, most recent last: where `find_damaged` looks when a read fails deep inside
+# DuckDB or Arrow with a message that names no file.
+OPENED: dict[Path, dict] = {}
+OPENED_LOCK = threading.Lock()
+_KEEPOPENED = 16
+
+

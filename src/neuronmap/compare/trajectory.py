@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 from neuronmap.atlas import format as atlas_io
+
+from neuronmap.atlas import writer as atlas_out
 from neuronmap.core import fsio
 from neuronmap.compare import MIN_PROB, Side, compare_neurons, select_rows, shape_differences, side_vocab, vocab_hash
 from neuronmap.core.errors import NeuronmapError
@@ -146,7 +148,7 @@ def map_many(
     kept = {n for n in names if resume and _complete(out / n)}
     for n in names:
         if n not in kept:  # an atlas in the way fails now, not after the sources before it are mapped
-            atlas_io.check_output(out / n, overwrite)
+            atlas_out.check_output(out / n, overwrite)
     fsio.ensure_parent(out / SERIES, "map-many")
     notes, done = [], []
     started = False

@@ -9,21 +9,3 @@ class ResumableError(NeuronmapError):
     """A failure of the machinery, not of the input (a Ray cluster that lost workers): a map keeps its finished parts."""
 
 
-def damaged_data(e: Exception) -> str | None:
-    """One line for a read error from DuckDB or Arrow: an atlas file that passed its footer checks but is damaged inside.
-
-    Returns:
-        The message (the CLI prints it, the viewer answers it with a 500), or None for any other exception:
-        a bug, which keeps its traceback.
-    """
-    import duckdb
-    import pyarrow as pa
-
-    # Errors in neuronmap's own SQL are bugs and keep their traceback; the rest come from the data.
-    bugs = (duckdb.ParserException, duckdb.SyntaxException, duckdb.BinderException, duckdb.CatalogException,
-            duckdb.InvalidTypeException)
-    if not isinstance(e, (duckdb.Error, pa.ArrowInvalid, pa.ArrowIOError)) or isinstance(e, bugs):
-        return None
-    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    return (f"cannot read the atlas's data ({first}): a file is damaged; rebuild the atlas with "
-            "`neuronmap map SOURCE -o ATLAS --overwrite`")

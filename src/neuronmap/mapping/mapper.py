@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ import pyarrow as pa
 
 from neuronmap.core.version import VERSION
 from neuronmap.atlas import format as atlas_io
+from neuronmap.atlas import writer as atlas_out
 from neuronmap.core import fsio
 from neuronmap.decode.engine import build_head, choose_reducer, compiled_reduce, kernel_used, resolve_device, resolve_dtype
 from neuronmap.decode.head import NORM_MODES
@@ -103,7 +103,7 @@ def map_model(
     src = source if isinstance(source, Source) else resolve_source(source)
     # The model's own files are never written over, whatever -o and --overwrite say.
     protect = (src.path, *src.files)
-    out = atlas_io.check_output(Path(out), overwrite, protect)  # fail before reading any weights
+    out = atlas_out.check_output(Path(out), overwrite, protect)  # fail before reading any weights
     if ray is not None:  # before minutes of hashing: Ray missing or a bad address is one line at once
         from neuronmap.mapping.distributed import check_address, import_ray
 
@@ -123,10 +123,12 @@ def map_model(
     order = [(m, layer) for layer in layers for m in matrices]  # the order a single pass writes rows in
     reduce = choose_reducer(options.kernel, len(layers) * len(matrices) * weights.d_mlp * weights.d_vocab)
     kernel, cluster = kernel_used(reduce, weights.d_vocab, dtype, str(device), options.top_k), None
-    # Parts made by another kernel differ in the last bits: a resume must not mix them.
+    # What a part's rows depend on, and nothing else: the resolved matrices and layers (not the option text), and
+    # the precision class rather than the kernel or device, since every exact kernel gives the same atlas to ~1e-6.
     manifest = {"weights": [{"name": f.name, "sha256": file_sha256(f)} for f in src.files],
-                "options": dataclasses.asdict(options), "matrices": matrices, "layers": layers, "dtype": dtype,
-                "device": str(device), "kernel": kernel, "format": atlas_io.VERSION}
+                "matrices": matrices, "layers": layers, "top_k": options.top_k, "norm": options.norm,
+                "fold_input_norm": options.fold_input_norm, "precision": precision(dtype, options.n_candidates),
+                "format": atlas_io.VERSION}
     t_head = time.perf_counter()
     if ray is None:
         head = build_head(weights, options.norm, device, dtype)
@@ -137,6 +139,10 @@ def map_model(
         notes.append(f"removed {parts.removed} parts of an earlier interrupted map into {out} (--resume continues one instead)")
     if parts.reused:
         notes.append(f"resuming: reusing {parts.reused} of {len(order)} parts from {parts.path}")
+    if parts.redone:
+        n = len(parts.redone)
+        notes.append(f"decoding again {n} part{'s' if n > 1 else ''} of {parts.path} that failed their check: "
+                     + "; ".join(parts.redone[:3]) + (f" and {len(parts.redone) - 3} more" if len(parts.redone) > 3 else ""))
     done = set(parts.done)
 
     def note() -> str:
@@ -146,7 +152,7 @@ def map_model(
     with fsio.interrupt_note(note):
         def finished(matrix: str, layer: int, tables: list[pa.Table], best: dict) -> None:
             t = time.perf_counter()
-            write_part(parts.path, matrix, layer, tables, best)
+            write_part(parts, matrix, layer, tables, best)
             timings["write_s"] += time.perf_counter() - t
             done.add((matrix, layer))
             if progress:
@@ -184,22 +190,30 @@ def map_model(
             for key, row in read_best(parts.path, matrix, layer).items():
                 if key not in best or best[key]["prob"] < row["prob"]:  # first seen wins ties, as in one pass
                     best[key] = row
-        with atlas_io.atlas_writer(out, overwrite, protect) as tmp:
+        with atlas_out.atlas_writer(out, overwrite, protect) as tmp:
             t = time.perf_counter()
-            assemble(parts.path, order, tmp / "neurons.parquet")
-            atlas_io.write_vocab(tmp / "vocab.parquet", weights.tokens)
+            assemble(parts, order, tmp / "neurons.parquet", weights.d_mlp)
+            atlas_out.write_vocab(tmp / "vocab.parquet", weights.tokens)
+            sums = atlas_out.seal(tmp, ("neurons.parquet", "vocab.parquet"))
             timings["write_s"] += time.perf_counter() - t
             seconds = time.perf_counter() - t0
             meta = _meta(weights, src, options, matrices, layers, dtype, device, timings, seconds, n_vectors)
             # Which kernel ran (a failed compile falls back to eager): the numbers agree to ~1e-6.
             meta["kernel"] = kernel
+            meta["sha256"] = sums  # checked by every reader (atlas.verify_file)
             if cluster is not None:
                 meta["ray"] = cluster  # timings are summed over the workers
             if parts.reused:
                 meta["resumed_parts"] = parts.reused  # their decode time is not in `timings`
-            atlas_io.write_json(tmp / "meta.json", meta)
+            atlas_out.write_json(tmp / "meta.json", meta)
         fsio.remove_tree(parts.path)
     return MapResult(out, meta, n_vectors, seconds, highlights(best), notes)
+
+
+def precision(dtype: str, n_candidates: int) -> str:
+    """The precision class of a decode, what a resume compares: ``exact`` (``split`` and ``float32``, whatever the
+    kernel or device), or ``bfloat16 screening, N candidates``, whose tail probabilities are rounded."""
+    return f"bfloat16 screening, {n_candidates} candidates" if dtype == "bfloat16" else "exact"
 
 
 def _meta(weights: Weights, src: Source, options: MapOptions, matrices, layers, dtype, device, timings, seconds, n_vectors) -> dict:

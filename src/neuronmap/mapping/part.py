@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from neuronmap.atlas import format as atlas_io
+
+from neuronmap.atlas import writer as atlas_out
 from neuronmap.core.ids import neuron_id
 from neuronmap.decode.engine import block_rows, decode_block
 from neuronmap.sources.vocab import STOPWORDS, WORD
@@ -62,7 +63,7 @@ def map_part(weights: Weights, head, matrix: str, layer: int, options: MapOption
         timings["decode_s"] += t2 - t
         neurons = np.arange(start, start + len(norms[start:start + rows]))
         for pole, (ids, lg, lse, ent) in dec.items():
-            tables.append(atlas_io.rows_table(matrix, layer, pole, neurons, ids, lg, lse, ent, norms[start:start + rows], vocab))
+            tables.append(atlas_out.rows_table(matrix, layer, pole, neurons, ids, lg, lse, ent, norms[start:start + rows], vocab))
             track_best(best, weights.tokens, matrix, layer, pole, neurons, ids, lg, lse)
         timings["write_s"] += time.perf_counter() - t2
     return tables, best

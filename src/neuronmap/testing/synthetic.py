@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from neuronmap.atlas import format as atlas_io
+
+from neuronmap.atlas import writer as atlas_out
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.core.ids import POLES, parse_neuron_id
 
@@ -69,7 +71,7 @@ def synthetic_atlas(
     rng_change = np.random.default_rng(seed + 1)
     step = max(2, n_common // k)
 
-    with atlas_io.atlas_writer(Path(path), overwrite) as tmp:
+    with atlas_out.atlas_writer(Path(path), overwrite) as tmp:
         with pq.ParquetWriter(tmp / "neurons.parquet", atlas_io.SCHEMA, compression="zstd") as writer:
             for layer in range(n_layers):
                 for mi, mat in enumerate(matrices):
@@ -89,11 +91,12 @@ def synthetic_atlas(
                             ids[neuron, 0] = tok
                         rest = np.clip(1 - probs.sum(1), 1e-9, None)
                         entropy = -(probs * np.log(probs)).sum(1) - rest * np.log(rest)
-                        writer.write_table(atlas_io.rows_table(
+                        writer.write_table(atlas_out.rows_table(
                             mat, layer, pole, np.arange(d_mlp), ids, np.log(probs), np.zeros(d_mlp), entropy,
                             rng.uniform(0.5, 2.0, d_mlp), vocab))
-        atlas_io.write_vocab(tmp / "vocab.parquet", vocab.to_pylist())
-        atlas_io.write_json(tmp / "meta.json", {
+        atlas_out.write_vocab(tmp / "vocab.parquet", vocab.to_pylist())
+        atlas_out.write_json(tmp / "meta.json", {
+            "sha256": atlas_out.seal(tmp, ("neurons.parquet", "vocab.parquet")),
             "format": atlas_io.FORMAT, "version": atlas_io.VERSION, "neuronmap_version": "synthetic",
             "source": {"spec": f"synthetic(seed={seed})", "kind": "synthetic", "path": "", "files": []},
             "family": "synthetic", "n_layers": n_layers, "d_model": 64, "d_mlp": d_mlp, "d_vocab": d_vocab,

@@ -21,7 +21,8 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from neuronmap.core.errors import NeuronmapError, damaged_data
+from neuronmap.core.errors import NeuronmapError
+from neuronmap.atlas.damage import damaged_data
 from neuronmap.viewer import pages
 from neuronmap.viewer.guard import HEADERS, JSON, Guard, error_response, read_body
 from neuronmap.viewer.render import error_box, layout
