@@ -318,9 +318,9 @@ def bench_exact_search(atlas: Path) -> dict:
     out = {}
     for concept in (" coffee", " water"):
         t = time.perf_counter()
-        hits = a.search(concept, top=10)
-        out[concept.strip()] = {"seconds": round(time.perf_counter() - t, 2), "method": hits.attrs["method"],
-                                "n_scored": hits.attrs["n_scored"], "first": hits.iloc[0]["id"]}
+        r = a.search([concept], top=10)
+        out[concept.strip()] = {"seconds": round(time.perf_counter() - t, 2), "method": r.method,
+                                "n_scored": r.n_scored, "first": r.table.iloc[0]["id"]}
     return out
 
 
@@ -339,9 +339,9 @@ def case_atlas_8b(tmp: Path) -> dict:
     runs = []
     for concept in ("tok123", "tok4567", "tok123"):  # the first query builds the token index; later ones use it
         t = time.perf_counter()
-        hits = a.search(concept, stored=True, top=10)
-        runs.append({"concept": concept, "seconds": round(time.perf_counter() - t, 2), "method": hits.attrs["method"],
-                     "n_scored": hits.attrs["n_scored"], "n_hits": len(hits)})
+        r = a.search([concept], stored=True, top=10)
+        runs.append({"concept": concept, "seconds": round(time.perf_counter() - t, 2), "method": r.method,
+                     "n_scored": r.n_scored, "n_hits": len(r.table)})
     res["stored_search"] = runs
     res["rows"] = a.meta["n_rows"]
     for level in ("neuron", "concept"):
@@ -496,8 +496,8 @@ def case_record_memory(tmp: Path) -> dict:
     map_model(str(ck), tmp / "atlas")
     res: dict = {"case": "record-memory", "machine": machine(), "corpus": "GCIDE (/usr/share/dictd/gcide.dict.dz)",
                  "model": "llama, demo tokenizer (49,152), 4 layers, d_model 64, d_mlp 512, random", "runs": []}
-    code = ("import resource, sys, time; from neuronmap.evidence.record import record; t = time.perf_counter(); "
-            "r = record(sys.argv[1], sys.argv[2], tokens=int(sys.argv[3]), overwrite=True); "
+    code = ("import resource, sys, time; from neuronmap.atlas.handle import Atlas; from neuronmap.evidence.record import RecordOptions, record; t = time.perf_counter(); "
+            "r = record(Atlas.open(sys.argv[1]), sys.argv[2], RecordOptions(tokens=int(sys.argv[3])), overwrite=True); "
             "print(r.evidence['tokens'], r.evidence['sequences'], round(time.perf_counter() - t, 1), "
             "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
     for n in (1_000_000, 10_000_000):

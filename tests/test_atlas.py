@@ -310,13 +310,14 @@ def test_a_damaged_token_index_is_named_with_its_fix(atlas, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def with_evidence(worded, tmp_path_factory) -> Path:
     """The worded tiny atlas with evidence recorded over a few sentences."""
-    from neuronmap.evidence.record import record
+    from neuronmap.atlas.handle import Atlas
+    from neuronmap.evidence.record import RecordOptions, record
 
     root = tmp_path_factory.mktemp("ev")
     shutil.copytree(worded.parent, root / "w")
     corpus = root / "c.txt"
     corpus.write_text("The dog drank coffee about Paris.\n\nA river ran by the castle, which held tea.\n" * 4)
-    record(root / "w" / worded.name, corpus, context=16, examples=3)
+    record(Atlas.open(root / "w" / worded.name), corpus, RecordOptions(context=16, examples=3))
     return root / "w" / worded.name
 
 
@@ -343,3 +344,32 @@ def test_damaged_evidence_without_sha256_is_named_not_blamed_on_the_map(with_evi
     err = _one_line_error(capsys, f"error: {bad}/examples.parquet cannot be read (", "the file is damaged; record it again "
                           f"with `neuronmap record {bad} --corpus ")
     assert "neuronmap map" not in err
+
+
+# ------------------------------------------------------------------ the Atlas handle (issue 21)
+
+
+@pytest.mark.parametrize("method", sorted(__import__("neuronmap.atlas.handle", fromlist=["MIRRORS"]).MIRRORS))
+def test_each_atlas_method_takes_what_its_function_takes(method):
+    import inspect
+
+    from neuronmap.atlas.handle import MIRRORS, Atlas
+
+    mine = list(inspect.signature(getattr(Atlas, method)).parameters.values())
+    theirs = list(inspect.signature(MIRRORS[method]).parameters.values())
+    assert mine[0].name == "self" and theirs[0].name == "atlas"
+    assert [(p.name, p.kind, p.default, p.annotation) for p in mine[1:]] == \
+        [(p.name, p.kind, p.default, p.annotation) for p in theirs[1:]]
+    assert inspect.signature(getattr(Atlas, method)).return_annotation == inspect.signature(MIRRORS[method]).return_annotation
+
+
+def test_every_command_that_reads_one_atlas_has_its_method():
+    from neuronmap.atlas.handle import MIRRORS
+    from neuronmap.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    first = {name: next((a.dest for a in p._actions if not a.option_strings and a.dest != "help"), None)
+             for name, p in sub.choices.items()}
+    # record writes evidence into the atlas and verify runs the model: they take an Atlas but are no query of it.
+    readers = {name for name, dest in first.items() if dest == "atlas"} - {"record", "verify"}
+    assert readers == set(MIRRORS), f"commands that read one atlas without an Atlas method (or stale ones): {readers ^ set(MIRRORS)}"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from neuronmap.atlas.format import open_files
+from neuronmap.atlas.handle import Atlas
 from neuronmap.atlas.browse import confident_words, layer_rows
 from neuronmap.cli import main
 from neuronmap.core.errors import NeuronmapError
@@ -21,25 +21,25 @@ from tests.conftest import WORDS
 
 
 def _all_rows(atlas) -> list[dict]:
-    return pq.read_table(open_files(atlas).neurons).to_pylist()
+    return pq.read_table(Atlas.open(atlas).neurons).to_pylist()
 
 
 def test_layer_rows_sorts_filters_and_pages_as_the_rows_say(atlas):
     rows = [r for r in _all_rows(atlas) if r["layer"] == 1 and r["matrix"] == "up"]
     want = sorted(rows, key=lambda r: (-r["probs"][0], r["neuron"], r["pole"] == "-"))
-    got = layer_rows(open_files(atlas), 1, "up", limit=1000)
+    got = layer_rows(Atlas.open(atlas), 1, "up", limit=1000)
     assert got.n_matching == len(rows) == 48
     assert got.rows["id"].tolist() == [r["id"] for r in want]
     assert got.rows["top_token"].tolist() == [r["tokens"][0] for r in want]
     # entropy: lowest first by default; asc/desc flips it.
-    ent = layer_rows(open_files(atlas), 1, "up", sort="entropy", limit=1000).rows["entropy"].to_numpy()
+    ent = layer_rows(Atlas.open(atlas), 1, "up", sort="entropy", limit=1000).rows["entropy"].to_numpy()
     assert (np.diff(ent) >= 0).all()
-    ent_desc = layer_rows(open_files(atlas), 1, "up", sort="entropy", descending=True, limit=1000).rows["entropy"].to_numpy()
+    ent_desc = layer_rows(Atlas.open(atlas), 1, "up", sort="entropy", descending=True, limit=1000).rows["entropy"].to_numpy()
     assert (np.diff(ent_desc) <= 0).all()
     # pages tile the whole ordering
-    pages = [layer_rows(open_files(atlas), 1, "up", offset=o, limit=10).rows["id"].tolist() for o in range(0, 50, 10)]
+    pages = [layer_rows(Atlas.open(atlas), 1, "up", offset=o, limit=10).rows["id"].tolist() for o in range(0, 50, 10)]
     assert sum(pages, []) == got.rows["id"].tolist()
-    minus = layer_rows(open_files(atlas), 1, "up", pole="-", limit=1000)
+    minus = layer_rows(Atlas.open(atlas), 1, "up", pole="-", limit=1000)
     assert set(minus.rows["pole"]) == {"-"} and minus.n_matching == 24
 
 
@@ -47,7 +47,7 @@ def test_layer_rows_token_class_filter_matches_token_class(atlas):
     rows = [r for r in _all_rows(atlas) if r["layer"] == 0 and r["matrix"] == "down"]
     classes = {token_class(r["tokens"][0]) for r in rows}
     for cls in classes:
-        got = layer_rows(open_files(atlas), 0, "down", token_class=cls, limit=1000)
+        got = layer_rows(Atlas.open(atlas), 0, "down", token_class=cls, limit=1000)
         assert got.n_matching == sum(token_class(r["tokens"][0]) == cls for r in rows) > 0
         assert set(got.rows["token_class"]) == {cls}
 
@@ -62,7 +62,7 @@ def test_layer_rows_token_class_filter_matches_token_class(atlas):
 def test_layer_rows_bad_input(atlas, kwargs, message):
     args = dict(layer=0, matrix="up") | kwargs
     with pytest.raises(NeuronmapError, match=re.escape(message)):
-        layer_rows(open_files(atlas), **args)
+        layer_rows(Atlas.open(atlas), **args)
 
 
 def test_confident_words_are_the_best_row_per_word(worded):
@@ -74,7 +74,7 @@ def test_confident_words_are_the_best_row_per_word(worded):
         if r["probs"][0] >= 0.3 and t in (" coffee", " Paris", " dogs", " castle", " river"):  # words of 4+ letters
             best.setdefault(t.strip().lower(), r)
     want = sorted(best.values(), key=lambda r: -r["probs"][0])[:12]
-    got = confident_words(open_files(worded))
+    got = confident_words(Atlas.open(worded))
     assert got["id"].tolist() == [r["id"] for r in want] and len(want) > 0
     assert got["token"].tolist() == [r["tokens"][0] for r in want]
     assert not set(got["token"]) & {" about", " which", " 42", "ing", ".", " dog", " tea"}
@@ -83,13 +83,13 @@ def test_confident_words_are_the_best_row_per_word(worded):
 def test_confident_words_of_an_atlas_without_words_is_empty(tmp_path):
     from neuronmap.testing.synthetic import synthetic_atlas
 
-    assert confident_words(open_files(synthetic_atlas(tmp_path / "syn", 2, 8, 100, k=3))).empty  # " tok12": no words
+    assert confident_words(Atlas.open(synthetic_atlas(tmp_path / "syn", 2, 8, 100, k=3))).empty  # " tok12": no words
 
 
 def test_similar_matches_cosines_from_the_checkpoint(tiny_pair):
     ck, atlas = tiny_pair
     sd = load_file(str(ck / "model.safetensors"))
-    got = similar(open_files(atlas), "L1N5", top=4)
+    got = similar(Atlas.open(atlas), "L1N5", top=4)
     for matrix in ("gate", "up", "down"):
         def vec(layer: int) -> torch.Tensor:
             w = sd[f"model.layers.{layer}.mlp.{matrix}_proj.weight"].float()
@@ -111,23 +111,23 @@ def test_similar_refuses_changed_weights_and_bad_ids(tiny_pair, tmp_path):
 
     ck, atlas = tiny_pair
     with pytest.raises(NeuronmapError, match=r"neuron id 'L1X5'"):
-        similar(open_files(atlas), "L1X5")
+        similar(Atlas.open(atlas), "L1X5")
     moved = tmp_path / "atlas"
     shutil.copytree(atlas, moved)
     meta = json.loads((moved / "meta.json").read_text())
     meta["source"]["files"][0]["sha256"] = "0" * 64
     (moved / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(NeuronmapError, match="the weights changed since mapping"):
-        similar(open_files(moved), "L1N5")
+        similar(Atlas.open(moved), "L1N5")
 
 
 def test_layer_and_similar_cli_json_is_the_api(atlas, capsys):
     assert main(["layer", str(atlas), "1", "--matrix", "gate", "--sort", "norm", "--limit", "5", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
-    assert got == json.loads(json.dumps(layer_rows(open_files(atlas), 1, "gate", sort="norm", limit=5).to_dict()))
+    assert got == json.loads(json.dumps(layer_rows(Atlas.open(atlas), 1, "gate", sort="norm", limit=5).to_dict()))
     assert main(["similar", str(atlas), "L0N3", "--top", "2", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
-    want = similar(open_files(atlas), "L0N3", top=2).to_dict()
+    want = similar(Atlas.open(atlas), "L0N3", top=2).to_dict()
     assert got["rows"] == json.loads(json.dumps(want["rows"]))
     assert main(["layer", str(atlas), "1", "--class", "noun"]) == 2
     assert "invalid choice: 'noun'" in capsys.readouterr().err

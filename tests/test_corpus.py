@@ -23,12 +23,12 @@ import pytest
 
 import neuronmap
 from conftest import WORDS, atlas_with_tokens
-from neuronmap.atlas.format import open_files
+from neuronmap.atlas.handle import Atlas
 from neuronmap.cli import main
 from neuronmap.evidence.corpus import documents, open_corpus
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.atlas.evidence import neuron_evidence
-from neuronmap.evidence.record import record
+from neuronmap.evidence.record import RecordOptions, record
 
 GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
 SRC = str(Path(neuronmap.__file__).resolve().parents[1])  # the package under test, for the CLI in a subprocess
@@ -111,9 +111,9 @@ def test_a_dataset_in_the_hf_cache_is_read_offline(hf_cache, monkeypatch, tmp_pa
     test = open_corpus("hf:local/corpus:default:test", text_column="body")
     assert len(_docs(test)) == 2
     atlas = atlas_with_tokens(tmp_path / "a", WORDS, seed=3)
-    r = record(atlas, "hf:local/corpus", text_column="body", context=8, examples=3)
+    r = record(Atlas.open(atlas), "hf:local/corpus", RecordOptions(text_column="body", context=8, examples=3))
     assert r.evidence["documents"] == 6 and r.evidence["corpus"]["format"] == "hf"
-    ex = neuron_evidence(open_files(atlas), "L0N0").examples["+"]
+    ex = neuron_evidence(Atlas.open(atlas), "L0N0").examples["+"]
     assert all(x["doc"].startswith("hf:local/corpus:") for x in ex)
 
 
@@ -149,8 +149,8 @@ def test_demo_dog_neuron_fires_on_the_dog_entries_of_gcide(demo_atlas, gcide, tm
     atlas.mkdir()
     for name in ("meta.json", "neurons.parquet", "vocab.parquet"):
         shutil.copy(demo_atlas / name, atlas)
-    record(atlas, tmp_path / "c.jsonl", examples=10)
-    ev = neuron_evidence(open_files(atlas), "L29N808")
+    record(Atlas.open(atlas), tmp_path / "c.jsonl", RecordOptions(examples=10))
+    ev = neuron_evidence(Atlas.open(atlas), "L29N808")
     in_dog = [int(x["doc"].split(":")[1]) <= len(dog) for x in ev.examples["-"]]  # JSONL lines 1..60 are the dog entries
     assert sum(in_dog) >= 7, [(x["doc"], x["token"]) for x in ev.examples["-"]]
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from neuronmap.atlas.format import open_files
+from neuronmap.atlas.handle import Atlas
 from neuronmap.cli import main
 from neuronmap.atlas.concepts import variant_strings
 from neuronmap.intervene.effects import clamp, concept_tokens, mentions, next_token_logprobs
@@ -287,7 +287,7 @@ def test_verify_finds_and_confirms_the_dog_neuron(demo, tmp_path, capsys):
 
     atlas = tmp_path / "atlas"
     map_model(None, atlas, MapOptions(layers="29", device="cpu"))
-    cands = candidates(open_files(atlas), "dog", top=3)
+    cands = candidates(Atlas.open(atlas), "dog", top=3)
     assert cands[0].id == "L29N808" and cands[0].prob > 0.5
     assert len({c.id for c in cands}) == 3  # one row per neuron
     assert main(["verify", str(atlas), "dog", "--top", "1", "--sweep", "20x", "--json"]) == 0
@@ -408,7 +408,7 @@ def tiny_atlas(tiny_with_tokenizer, tmp_path):
 
 def test_verify_result_serializes_and_is_what_the_cli_prints(tiny_atlas, capsys):
     _, atlas = tiny_atlas
-    r = verify(atlas, "dog", top=2, sweep="2x,-1", min_ratio=1.0)
+    r = verify(Atlas.open(atlas), "dog", top=2, sweep="2x,-1", min_ratio=1.0)
     d = round_trips(r.to_dict())
     assert r.method == "exact" and len(d["neurons"]) == 2 and d["min_ratio"] == 1.0
     for v, row in zip(r.rows, d["neurons"]):
@@ -431,12 +431,12 @@ def test_verify_refuses_a_checkpoint_changed_since_mapping(tiny_atlas, tmp_path,
     with pytest.raises(NeuronmapError, match=r"^the weights changed since mapping: .*model\.safetensors has sha256 \w+\.\.\., "
                                              r"the atlas recorded \w+\.\.\.; re-map with `neuronmap map .*`, "
                                              r"or pass --source PATH if the weights only moved$"):
-        verify(atlas, "dog", top=1, sweep="2x")
+        verify(Atlas.open(atlas), "dog", top=1, sweep="2x")
     rc, _, err = run_cli(["verify", str(atlas), "dog", "--top", "1", "--sweep", "2x"], capsys)
     assert rc == 2 and err.startswith("error: the weights changed since mapping:") and err.count("\n") == 1
     # The unchanged weights elsewhere: exact candidates; another model: the stored top-k.
-    assert verify(atlas, "dog", str(moved), top=1, sweep="2x").method == "exact"
-    assert verify(atlas, "dog", str(ckpt), top=1, sweep="2x").method == "stored"
+    assert verify(Atlas.open(atlas), "dog", str(moved), top=1, sweep="2x").method == "exact"
+    assert verify(Atlas.open(atlas), "dog", str(ckpt), top=1, sweep="2x").method == "stored"
 
 
 def test_cli_defaults_are_the_api_defaults():

@@ -27,12 +27,12 @@ import torch
 
 import neuronmap
 from conftest import WORDS, atlas_with_tokens, make_tiny
-from neuronmap.atlas.format import open_files
+from neuronmap.atlas.handle import Atlas
 from neuronmap.cli import main
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.atlas.evidence import neuron_evidence
 from neuronmap.atlas.bins import N_BINS, hist_edges, positive_edges
-from neuronmap.evidence.record import record
+from neuronmap.evidence.record import RecordOptions, record
 from neuronmap.atlas.format import QUANTILES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def corpus(tmp_path_factory) -> Path:
 def recorded(tmp_path_factory, corpus) -> Path:
     """The worded tiny atlas with evidence recorded over ``corpus`` in batches of 40 tokens (many merges)."""
     atlas = atlas_with_tokens(tmp_path_factory.mktemp("rec"), WORDS, seed=3)
-    record(atlas, corpus, context=CONTEXT, examples=EXAMPLES, batch_tokens=40)
+    record(Atlas.open(atlas), corpus, RecordOptions(context=CONTEXT, examples=EXAMPLES, batch_tokens=40))
     return atlas
 
 
@@ -112,7 +112,7 @@ def brute(recorded, corpus) -> dict:
 
 
 def test_top_and_bottom_examples_equal_brute_force(recorded, brute):
-    files = open_files(recorded)
+    files = Atlas.open(recorded)
     vocab = pq.read_table(files.vocab).column("token").to_pylist()
     acts = brute["acts"]
     index = {w: i for i, w in enumerate(brute["where"])}
@@ -138,7 +138,7 @@ def test_top_and_bottom_examples_equal_brute_force(recorded, brute):
 
 
 def test_quantiles_histogram_density_mean_equal_brute_force(recorded, brute):
-    files = open_files(recorded)
+    files = Atlas.open(recorded)
     ev = pq.read_table(files.root / "evidence.parquet").to_pandas().sort_values(["layer", "neuron"])
     acts = brute["acts"].reshape(len(brute["acts"]), -1)  # [tokens, n_layers * d_mlp], layer-major like the table
     assert files.meta["evidence"]["hist_edges"] == [float(x) for x in hist_edges()]
@@ -165,7 +165,7 @@ def _topk(atlas: Path) -> dict:
 def test_agreement_scores_equal_brute_force(recorded, brute):
     from transformers import AutoModelForCausalLM
 
-    files = open_files(recorded)
+    files = Atlas.open(recorded)
     ag = pq.read_table(files.root / "agreement.parquet").to_pandas()
     assert len(ag) == 2 * 24 * 3 * 2
     K = _topk(recorded)
@@ -204,7 +204,7 @@ def test_agreement_scores_equal_brute_force(recorded, brute):
 def test_examples_cli_json_is_the_api_payload(recorded, capsys):
     rc, out, err = run_cli(["examples", str(recorded), "L1N3", "--json"], capsys)
     assert rc == 0 and err == ""
-    assert json.loads(out) == neuron_evidence(open_files(recorded), "L1N3").to_dict()
+    assert json.loads(out) == neuron_evidence(Atlas.open(recorded), "L1N3").to_dict()
     rc, out, _ = run_cli(["examples", str(recorded), "L1N3", "-n", "2"], capsys)
     assert rc == 0 and "max-activating" in out and "min-activating" in out and "quantiles: 1% " in out
     d = json.loads(run_cli(["examples", str(recorded), "L1N3", "-n", "2", "--json"], capsys)[1])
@@ -264,14 +264,14 @@ def test_jsonl_and_parquet_corpora_and_token_limit(tmp_path):
     rng = random.Random(1)
     texts = [_text(rng, 30) for _ in range(4)]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
-    r = record(atlas, tmp_path / "c.jsonl", text_column="body", tokens=50, context=8, examples=3)
+    r = record(Atlas.open(atlas), tmp_path / "c.jsonl", RecordOptions(text_column="body", tokens=50, context=8, examples=3))
     assert r.evidence["tokens"] == 50 and r.evidence["documents"] == 2 and r.evidence["corpus"]["format"] == "jsonl"
-    ex = neuron_evidence(open_files(atlas), "L0N0").examples["+"]
+    ex = neuron_evidence(Atlas.open(atlas), "L0N0").examples["+"]
     assert {x["doc"].split(":")[0] for x in ex} == {"c.jsonl"} and all(len(x["before"]) < 8 for x in ex)
     pq.write_table(pa.table({"text": texts}), tmp_path / "c.parquet")
-    r = record(atlas, tmp_path / "c.parquet", overwrite=True)
+    r = record(Atlas.open(atlas), tmp_path / "c.parquet", overwrite=True)
     assert r.evidence["tokens"] > 50 and r.evidence["documents"] == 4
-    assert open_files(atlas).meta["evidence"]["corpus"]["sha256"] == r.evidence["corpus"]["sha256"]
+    assert Atlas.open(atlas).meta["evidence"]["corpus"]["sha256"] == r.evidence["corpus"]["sha256"]
 
 
 def test_damaged_evidence_file_is_caught_by_open_files(recorded, tmp_path):
@@ -280,12 +280,12 @@ def test_damaged_evidence_file_is_caught_by_open_files(recorded, tmp_path):
     t = pq.read_table(bad / "examples.parquet")
     pq.write_table(t.slice(0, 10), bad / "examples.parquet")
     with pytest.raises(NeuronmapError, match=r"examples.parquet has 10 rows, meta.json says .*record it again with"):
-        open_files(bad)
+        Atlas.open(bad)
     shutil.copy(recorded / "examples.parquet", bad)
-    open_files(bad)
+    Atlas.open(bad)
     (bad / "contexts.parquet").unlink()
     with pytest.raises(NeuronmapError, match="contexts.parquet is missing, though meta.json records activation evidence"):
-        open_files(bad)
+        Atlas.open(bad)
 
 
 def test_map_overwrite_replaces_an_atlas_with_evidence(recorded, tmp_path):
@@ -294,7 +294,7 @@ def test_map_overwrite_replaces_an_atlas_with_evidence(recorded, tmp_path):
     out = tmp_path / "atlas"
     shutil.copytree(recorded, out)
     map_model(str(recorded.parent / "ck"), out, overwrite=True)
-    assert "evidence" not in open_files(out).meta and not (out / "examples.parquet").exists()
+    assert "evidence" not in Atlas.open(out).meta and not (out / "examples.parquet").exists()
 
 
 def _snapshot(d: Path) -> dict:
@@ -336,9 +336,9 @@ def test_demo_dog_and_coffee_neurons_fire_on_their_concepts(demo_atlas, tmp_path
     atlas.mkdir()
     for name in ("meta.json", "neurons.parquet", "vocab.parquet"):
         shutil.copy(demo_atlas / name, atlas)
-    r = record(atlas, ROOT / "tests" / "data" / "concepts.txt", examples=10)
+    r = record(Atlas.open(atlas), ROOT / "tests" / "data" / "concepts.txt", RecordOptions(examples=10))
     assert r.evidence["tokens"] > 500 and r.evidence["bos"] is None  # SmolLM2's tokenizer adds no BOS to plain text
-    files = open_files(atlas)
+    files = Atlas.open(atlas)
     dog, coffee = neuron_evidence(files, "L29N808"), neuron_evidence(files, "L29N750")
     assert sum(any(w in _window(x) for w in ("dog", "pupp", "terrier", "beagle")) for x in dog.examples["-"]) >= 8
     assert dog.examples["-"][0]["activation"] == dog.stats["min"] < -10
@@ -411,14 +411,14 @@ def test_native_kernel_falls_back_with_a_reason(monkeypatch, tmp_path, recorded,
         rc, _, err = run_cli(["record", str(atlas), "--corpus", str(corpus), "--context", str(CONTEXT), "--examples",
                               str(EXAMPLES), "--batch-tokens", "40", "--overwrite"], capsys)
         assert rc == 0 and "note: the C kernel for record was not used (NEURONMAP_NATIVE=0)" in err
-        assert open_files(atlas).meta["evidence"]["kernel"] == "torch"
+        assert Atlas.open(atlas).meta["evidence"]["kernel"] == "torch"
         # The same statistics as the kernel's run (values; ties may pick another token of equal activation).
         a, b = (pq.read_table(x / "evidence.parquet").to_pandas() for x in (atlas, recorded))
         np.testing.assert_array_equal(np.stack(a["hist"]), np.stack(b["hist"]))
         np.testing.assert_array_equal(np.stack(a["quantiles"]), np.stack(b["quantiles"]))
         np.testing.assert_allclose(a["mean"], b["mean"], rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(a["density"], b["density"])
-        assert open_files(recorded).meta["evidence"]["kernel"] == "native"
+        assert Atlas.open(recorded).meta["evidence"]["kernel"] == "native"
         native.load.cache_clear()
         monkeypatch.delenv("NEURONMAP_NATIVE")
         monkeypatch.setitem(native.KERNELS, "record", native.Kernel(needs=("no_such_isa",)))
@@ -443,7 +443,7 @@ def test_native_kernel_falls_back_with_a_reason(monkeypatch, tmp_path, recorded,
 def test_show_carries_the_evidence_examples_prints(recorded, capsys):
     from neuronmap.atlas.search import show
 
-    files = open_files(recorded)
+    files = Atlas.open(recorded)
     rep = show(files, "L1N3", stored=True, examples=2)
     assert rep.to_dict()["evidence"] == neuron_evidence(files, "L1N3", 2).to_dict()
     rc, out, _ = run_cli(["show", str(recorded), "L1N3", "--stored", "-n", "2", "--json"], capsys)
@@ -456,7 +456,7 @@ def test_show_carries_the_evidence_examples_prints(recorded, capsys):
 def test_search_sort_agreement_ranks_by_next_token_hits(recorded, capsys):
     from neuronmap.atlas.search import POOL, search
 
-    files = open_files(recorded)
+    files = Atlas.open(recorded)
     by_prob = search(files, ["dog"], top=200, stored=True)
     by_agree = search(files, ["dog"], top=5, stored=True, sort="agreement")
     a = by_agree.table["agreement"].fillna(-1).tolist()
@@ -484,9 +484,9 @@ def test_stats_adds_agreement_against_depth(recorded, worded, tmp_path, capsys):
 
     from neuronmap.atlas.stats import stats
 
-    want = open_files(recorded).meta["evidence"]["agreement"]
-    assert stats(open_files(recorded)).to_dict()["agreement"] == want and len(want) == 2 * 3 * 2
-    assert stats(open_files(worded)).to_dict()["agreement"] is None
+    want = Atlas.open(recorded).meta["evidence"]["agreement"]
+    assert stats(Atlas.open(recorded)).to_dict()["agreement"] == want and len(want) == 2 * 3 * 2
+    assert stats(Atlas.open(worded)).to_dict()["agreement"] is None
     assert run_cli(["stats", str(recorded), "--plot", str(tmp_path / "s.png")], capsys)[0] == 0
     assert run_cli(["stats", str(worded), "--plot", str(tmp_path / "t.png")], capsys)[0] == 0
     # Agreement adds a row of panels (next- and current-token hits against depth) to the figure.
@@ -515,7 +515,7 @@ def _republished(recorded: Path, out: Path, change) -> Path:
     from neuronmap.atlas.format import EXAMPLES_SCHEMA, SCHEMAS
 
     shutil.copytree(recorded, out)
-    files = open_files(out)
+    files = Atlas.open(out)
     built = {k: pq.read_table(out / f"{k}.parquet") for k in SCHEMAS}
     df = built["examples"].to_pandas()
     change(df, (df["id"] == "L1N3") & (df["pole"] == "+") & (df["rank"] == 1))

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from conftest import make_tiny, reseal
-from neuronmap.atlas.format import open_files
+from neuronmap.atlas.handle import Atlas
 from neuronmap.cli import main
 from neuronmap.mapping.mapper import map_model
 from neuronmap.mapping.part import highlights, track_best
@@ -115,7 +115,7 @@ def test_highlights_name_neurons_by_id_and_skip_nan():
 
 @pytest.mark.parametrize("stored", [False, True])
 def test_search_to_dict(mapped, capsys, stored):
-    files = open_files(mapped.path)
+    files = Atlas.open(mapped.path)
     r = search(files, ["<7>", "<9>xyz"], top=3, stored=stored)
     d = round_trip(r.to_dict())
     assert list(d) == ["atlas", "method", "n_scored", "top_k", "seconds", "concepts", "results"]
@@ -142,7 +142,7 @@ def test_records_turn_nan_and_inf_into_none_and_float32_into_its_shortest_decima
 
 @pytest.mark.parametrize("neuron, stored", [(f"L{NAN_LAYER}N{NAN_NEURON}", False), ("L0N3", True)])
 def test_show_to_dict(mapped, capsys, neuron, stored):
-    n = show(open_files(mapped.path), neuron, stored=stored)
+    n = show(Atlas.open(mapped.path), neuron, stored=stored)
     layer, idx = (int(x) for x in neuron[1:].split("N"))
     assert (n.id, n.layer, n.neuron, n.rank_method) == (neuron, layer, idx, "stored" if stored else "exact")
     d = round_trip(n.to_dict())
@@ -156,7 +156,7 @@ def test_show_to_dict(mapped, capsys, neuron, stored):
 
 
 def test_show_of_a_nan_vector_gives_none(mapped):
-    d = round_trip(show(open_files(mapped.path), f"L{NAN_LAYER}N{NAN_NEURON}").to_dict())
+    d = round_trip(show(Atlas.open(mapped.path), f"L{NAN_LAYER}N{NAN_NEURON}").to_dict())
     up = [r for r in d["rows"] if r["matrix"] == "up"]
     assert [(r["weight_norm"], r["entropy"]) for r in up] == [(None, None), (None, None)]
     assert all(r["weight_norm"] is not None for r in d["rows"] if r["matrix"] != "up")
@@ -166,7 +166,7 @@ def test_show_of_a_nan_vector_gives_none(mapped):
 
 
 def test_stats_to_dict(mapped, capsys):
-    s = stats(open_files(mapped.path))
+    s = stats(Atlas.open(mapped.path))
     d = round_trip(s.to_dict())
     assert list(d) == ["atlas", "n_rows", "layers", "top_tokens", "agreement"]
     assert d["agreement"] is None  # no evidence recorded here; tests/test_record.py covers the filled form
@@ -179,7 +179,7 @@ def test_stats_to_dict(mapped, capsys):
     assert means.pop((NAN_LAYER, "up")) is None and all(isinstance(v, float) for v in means.values())
     assert cli_json(capsys, "stats", mapped.path, "--json") == d
     assert cli_json(capsys, "stats", mapped.path, "--layers", "0", "--pole", "+", "--json") == round_trip(
-        stats(open_files(mapped.path), layers="0", pole="+").to_dict())
+        stats(Atlas.open(mapped.path), layers="0", pole="+").to_dict())
 
 
 def test_stats_table_names_the_class_of_each_top_token(mapped, capsys):

@@ -10,9 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from neuronmap.atlas.format import open_files
-from neuronmap.atlas.store import token_index_file
 from neuronmap.atlas.handle import Atlas
+from neuronmap.atlas.store import token_index_file
 from neuronmap.cli import main
 from neuronmap.decode.engine import build_head
 from neuronmap.decode.head import logits
@@ -30,7 +29,7 @@ from neuronmap.sources.resolve import open_weights
 
 def brute_probs(atlas_dir, token_ids: list[int]) -> dict[tuple, np.ndarray]:
     """p(tokens | row) for every row, from the full softmax over the vocabulary: {(matrix, layer, neuron, pole): [n_tokens]}."""
-    meta = open_files(atlas_dir).meta
+    meta = Atlas.open(atlas_dir).meta
     w = open_weights(meta["source"]["path"])
     head = build_head(w, meta["decode"]["norm"])
     out = {}
@@ -126,7 +125,7 @@ def test_empty_concept_is_an_error(demo_gguf):
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
 def test_exact_probs_match_brute_force_for_every_vector(tiny_atlases, family):
     d = tiny_atlases[family]
-    files = open_files(d)
+    files = Atlas.open(d)
     meta = files.meta
     ids = [3, 17, 40]
     tp = exact_token_probs(files, open_weights(meta["source"]["path"]), ids, meta["decode"]["matrices"],
@@ -142,7 +141,7 @@ def test_exact_probs_match_brute_force_for_every_vector(tiny_atlases, family):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_search_ranking_matches_brute_force(tiny_atlases, family):
     d = tiny_atlases[family]
-    r = search(open_files(d), ["<7>"], top=10_000)
+    r = search(Atlas.open(d), ["<7>"], top=10_000)
     ref = brute_probs(d, [7])
     order = sorted(ref, key=lambda k: -ref[k][0])
     assert r.method == "exact" and r.concepts[0].tokens == ("<7>",)
@@ -155,7 +154,7 @@ def test_search_ranking_matches_brute_force(tiny_atlases, family):
 
 
 def test_search_options_filter_rows(tiny_atlases):
-    files = open_files(tiny_atlases["llama"])
+    files = Atlas.open(tiny_atlases["llama"])
     r = search(files, ["<7>", "<9>"], matrices="up,down", layers="1", pole="-", top=4, min_prob=0.0)
     t = r.table
     assert set(t["matrix"]) <= {"up", "down"} and set(t["layer"]) == {1} and set(t["pole"]) == {"-"}
@@ -167,7 +166,7 @@ def test_search_options_filter_rows(tiny_atlases):
 
 
 def test_stored_search_finds_the_rows_holding_the_token_with_their_exact_probs(tiny_atlases):
-    files = open_files(tiny_atlases["llama"])
+    files = Atlas.open(tiny_atlases["llama"])
     rows = pq.read_table(files.neurons).to_pylist()
     holding = {(r["matrix"], r["layer"], r["neuron"], r["pole"]): r["probs"][r["token_ids"].index(5)]
                for r in rows if 5 in r["token_ids"]}
@@ -188,7 +187,7 @@ def test_stored_search_finds_the_rows_holding_the_token_with_their_exact_probs(t
 def test_token_index_is_every_top_k_entry_built_once_and_rebuilt_when_the_atlas_changes(tiny_models, tmp_path):
     d = tmp_path / "atlas"
     map_model(str(tiny_models("llama")), d, MapOptions(top_k=4))
-    files = open_files(d)
+    files = Atlas.open(d)
     path = token_index_file(files)
     assert path == d / "token_index.parquet"
     idx = pq.read_table(path).to_pandas()
@@ -208,8 +207,8 @@ def test_token_index_is_every_top_k_entry_built_once_and_rebuilt_when_the_atlas_
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_show_every_matrix_and_pole_with_exact_rank(tiny_atlases, family):
     d = tiny_atlases[family]
-    t = show(open_files(d), "L1N5").rows
-    meta = open_files(d).meta
+    t = show(Atlas.open(d), "L1N5").rows
+    meta = Atlas.open(d).meta
     assert [(m, p) for m, p in zip(t["matrix"], t["pole"])] == [(m, p) for m in meta["decode"]["matrices"] for p in "+-"]
     assert set(t["id"]) == {"L1N5"} and (t["rank_method"] == "exact").all()
     for r in t.itertuples():
@@ -222,7 +221,7 @@ def test_show_every_matrix_and_pole_with_exact_rank(tiny_atlases, family):
 
 
 def test_show_stored_rank_counts_only_rows_holding_the_token(tiny_atlases):
-    files = open_files(tiny_atlases["llama"])
+    files = Atlas.open(tiny_atlases["llama"])
     t = show(files, "L0N3", stored=True).rows
     import pyarrow.parquet as pq
 
@@ -264,10 +263,11 @@ def test_cli_show_and_api(tiny_atlases, capsys):
     data = json.loads(out)
     assert rc == 0 and data["id"] == "L0N2" and len(data["rows"]) == 4
     a = Atlas.open(d)
-    df = a.search("<7>", "<8>", top=2)
-    assert df.attrs["method"] == "exact" and list(df["concept"]) == ["<7>", "<7>", "<8>", "<8>"]
+    r = a.search(["<7>", "<8>"], top=2)
+    assert r.method == "exact" and list(r.table["concept"]) == ["<7>", "<7>", "<8>", "<8>"]
+    assert r.to_dict() | {"seconds": 0} == search(Atlas.open(d), ["<7>", "<8>"], top=2).to_dict() | {"seconds": 0}
     assert a.show("L0N2").rows[["matrix", "pole", "rank"]].equals(
-        show(open_files(d), "L0N2").rows[["matrix", "pole", "rank"]])
+        show(Atlas.open(d), "L0N2").rows[["matrix", "pole", "rank"]])
     assert a.variants("<7>").token_ids == (7,)
 
 
@@ -350,7 +350,7 @@ def test_weights_changed_or_moved_since_mapping(tiny_models, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def demo_hits(demo_atlas):
-    return search(open_files(demo_atlas), [" coffee", " water"], top=20)
+    return search(Atlas.open(demo_atlas), [" coffee", " water"], top=20)
 
 
 @pytest.mark.parametrize("concept", [" coffee", " water"])
@@ -370,7 +370,7 @@ def test_demo_ranks_a_confident_vector_first(demo_hits, concept):
 
 
 def test_demo_exact_search_matches_brute_force_on_a_layer(demo_atlas):
-    files = open_files(demo_atlas)
+    files = Atlas.open(demo_atlas)
     r = search(files, [" coffee"], layers="29", matrices="up", top=20)
     w = open_weights(None)
     ids = list(r.concepts[0].token_ids)
@@ -382,7 +382,7 @@ def test_demo_exact_search_matches_brute_force_on_a_layer(demo_atlas):
 
 
 def test_demo_show_coffee_neuron(demo_atlas):
-    t = show(open_files(demo_atlas), "L29N750").rows
+    t = show(Atlas.open(demo_atlas), "L29N750").rows
     up = t[(t["matrix"] == "up") & (t["pole"] == "+")].iloc[0]
     assert up["top_token"] == " coffee" and up["top_prob"] > 0.9 and up["rank"] == 1
     assert len(t) == 6 and (t["n_ranked"] == 2 * 30 * 3 * 1536).all()
@@ -424,7 +424,7 @@ def test_a_search_takes_at_most_64_concepts_of_256_characters(tiny_atlases, caps
     assert rc == 2 and err == ("error: concept 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'... has 257 characters: at most 256 "
                                "per concept; give a word or token, e.g. coffee\n")
     with pytest.raises(NeuronmapError, match="got 10,000: split the query"):
-        search(open_files(d), ["<7>"] * 10_000)
+        search(Atlas.open(d), ["<7>"] * 10_000)
 
 
 def test_many_hits_are_described_in_order_and_in_seconds(tiny_atlases):
@@ -432,7 +432,7 @@ def test_many_hits_are_described_in_order_and_in_seconds(tiny_atlases):
     (one query per hit took over 10 minutes for 6,400 hits on one demo layer)."""
     import time
 
-    files = open_files(tiny_atlases["llama"])
+    files = Atlas.open(tiny_atlases["llama"])
     t0 = time.perf_counter()
     r = search(files, [f"<{i}>" for i in range(64)], top=100)
     took = time.perf_counter() - t0

@@ -561,18 +561,18 @@ def test_sha256_sees_an_edit_whose_mtime_was_restored(tmp_path, monkeypatch):
 
 
 def test_exact_search_refuses_weights_edited_with_mtime_restored(tiny_models, tmp_path, monkeypatch):
-    from neuronmap.atlas.format import open_files
+    from neuronmap.atlas.handle import Atlas
     from neuronmap.atlas.search import search
 
     monkeypatch.setenv("NEURONMAP_CACHE", str(tmp_path / "cache"))
     ck = _copy(tiny_models, tmp_path)
     atlas = tmp_path / "atlas"
     map_model(str(ck), atlas, MapOptions(top_k=5, dtype="float32", device="cpu"))
-    assert search(open_files(atlas), ["<7>"]).method == "exact"  # the hash is cached now
+    assert search(Atlas.open(atlas), ["<7>"]).method == "exact"  # the hash is cached now
     # A byte inside the last tensor's data, so the file still opens.
     _edit_in_place_keeping_mtime(ck / "model.safetensors", (ck / "model.safetensors").stat().st_size - 3)
     with pytest.raises(NeuronmapError, match=r"the weights changed since mapping: .*model\.safetensors has sha256"):
-        search(open_files(atlas), ["<7>"])
+        search(Atlas.open(atlas), ["<7>"])
 
 
 def test_packaged_gguf_cache_that_cannot_be_written(gemma_gguf, tmp_path, monkeypatch):

@@ -8,12 +8,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from neuronmap.atlas.format import open_files
+from neuronmap.atlas.handle import Atlas
 from neuronmap.cli import main
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.mapping.mapper import map_model
 from neuronmap.mapping.part import MapOptions
-from neuronmap.atlas.handle import Atlas
 from neuronmap.atlas.stats import TOKEN_CLASSES, plot, stats, token_class
 
 
@@ -34,7 +33,7 @@ def test_token_class(token, cls):
 
 
 def test_stats_match_a_plain_recomputation(tiny_atlas):
-    s = stats(open_files(tiny_atlas))
+    s = stats(Atlas.open(tiny_atlas))
     rows = pq.read_table(tiny_atlas / "neurons.parquet").to_pandas()
     assert s.n_rows == len(rows) == 2 * 3 * 24 * 2
     assert [(r.layer, r.matrix) for r in s.layers.itertuples()] == [(l, m) for l in (0, 1) for m in ("gate", "up", "down")]
@@ -61,14 +60,14 @@ def test_stats_filters(tiny_atlas):
 
 
 def test_plot_writes_a_png_and_no_temp_file(tiny_atlas, tmp_path):
-    out = plot(stats(open_files(tiny_atlas)), tmp_path / "s.png", "tiny")
+    out = plot(stats(Atlas.open(tiny_atlas)), tmp_path / "s.png", "tiny")
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert [p.name for p in tmp_path.iterdir()] == ["s.png"]
     with pytest.raises(NeuronmapError, match="the plot is a PNG; give a file name ending in .png"):
-        plot(stats(open_files(tiny_atlas)), tmp_path / "s.jpg")
+        plot(stats(Atlas.open(tiny_atlas)), tmp_path / "s.jpg")
     with pytest.raises(NeuronmapError, match="does not exist"):
-        plot(stats(open_files(tiny_atlas)), tmp_path / "nope" / "s.png")
+        plot(stats(Atlas.open(tiny_atlas)), tmp_path / "nope" / "s.png")
 
 
 def test_cli_stats(tiny_atlas, tmp_path, capsys):

@@ -276,13 +276,14 @@ HOSTILE_TEXT = ' <script>window</script> <img src=x onerror=alert(1)> " & \' {{ 
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory):
     """A tiny atlas whose tokenizer reads markup as tokens, with evidence recorded over markup-laden text."""
-    from neuronmap.evidence.record import record
+    from neuronmap.atlas.handle import Atlas
+    from neuronmap.evidence.record import RecordOptions, record
     from tests.conftest import atlas_with_tokens
 
     root = tmp_path_factory.mktemp("hostile")
     atlas = atlas_with_tokens(root, HOSTILE, seed=5)
     (root / "corpus.txt").write_text(HOSTILE_TEXT * 6)
-    record(atlas, root / "corpus.txt", context=24, examples=4)
+    record(Atlas.open(atlas), root / "corpus.txt", RecordOptions(context=24, examples=4))
     return atlas
 
 
@@ -336,7 +337,8 @@ def test_search_sort_by_agreement_in_the_page_and_its_api(hostile, worded, capsy
 
 
 def test_evidence_recorded_while_serving_appears_without_a_restart(worded, tmp_path):
-    from neuronmap.evidence.record import record
+    from neuronmap.atlas.handle import Atlas
+    from neuronmap.evidence.record import RecordOptions, record
 
     atlas = tmp_path / "atlas"
     shutil.copytree(worded, atlas)
@@ -344,7 +346,7 @@ def test_evidence_recorded_while_serving_appears_without_a_restart(worded, tmp_p
     assert "this atlas holds no activation evidence" in c.get("/neuron/L1N5").text
     assert c.get("/api/stats").json()["agreement"] is None  # computed and cached before the evidence exists
     (tmp_path / "c.txt").write_text(" dog coffee about Paris. tea which river castle 42" * 20)
-    record(atlas, tmp_path / "c.txt", context=8, examples=3)
+    record(Atlas.open(atlas), tmp_path / "c.txt", RecordOptions(context=8, examples=3))
     assert '<section id="evidence">' in c.get("/neuron/L1N5").text
     assert c.get("/api/evidence/L1N5").status_code == 200
     assert c.get("/api/stats").json()["agreement"] is not None  # the cached stats were dropped with the old meta
@@ -403,11 +405,11 @@ def test_report_api_is_what_remove_printed(tiny_removal, capsys):
 def test_report_finds_the_atlas_of_the_source_by_its_own_files(tiny_removal):
     """A GGUF source (the demo model) is edited through a safetensors export, so the rewritten files' ``before``
     sha256 are the export's, which no atlas of the GGUF records: the report's ``source_files`` tie it to that atlas."""
-    from neuronmap.atlas.format import open_files
+    from neuronmap.atlas.handle import Atlas
     from neuronmap.viewer.data import report_atlases
 
     _, printed, model_atlas, edited_atlas = tiny_removal
-    atlases = {"model-atlas": open_files(model_atlas), "edited-atlas": open_files(edited_atlas)}
+    atlases = {"model-atlas": Atlas.open(model_atlas), "edited-atlas": Atlas.open(edited_atlas)}
     meta_files = atlases["model-atlas"].meta["source"]["files"]
     assert printed["source_files"] == [{"name": f["name"], "sha256": f["sha256"]} for f in meta_files]
     as_if_gguf = {**printed, "files": {k: {**v, "before": "0" * 64} for k, v in printed["files"].items()}}

@@ -6,19 +6,23 @@ Every number is read from the atlas (no weights).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from neuronmap.atlas.format import AtlasFiles
 from neuronmap.atlas.store import choose_rows, connect
 from neuronmap.atlas.concepts import read_vocab
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.sources.vocab import STOPWORDS, WORD
 from neuronmap.atlas.search import records
 from neuronmap.atlas.stats import TOKEN_CLASSES, vocab_classes
+
+if TYPE_CHECKING:  # the handle calls these functions; they only name its type
+    from neuronmap.atlas.handle import Atlas
 
 SORTS = ("confidence", "entropy", "norm", "neuron")
 _COLUMN = {"confidence": "top_prob", "entropy": "entropy", "norm": "weight_norm", "neuron": "neuron"}
@@ -70,7 +74,7 @@ class LayerRows:
                 "offset": self.offset, "limit": self.limit, "n_matching": self.n_matching, "rows": records(self.rows)}
 
 
-def layer_rows(files: AtlasFiles, layer: int, matrix: str = "up", pole: str | None = None, sort: str = "confidence",
+def layer_rows(atlas: Atlas, layer: int, matrix: str = "up", pole: str | None = None, sort: str = "confidence",
                descending: bool | None = None, token_class: str | None = None, offset: int = 0,
                limit: int = PAGE) -> LayerRows:
     """The rows of one layer and matrix, sorted and filtered, one page of them.
@@ -100,13 +104,13 @@ def layer_rows(files: AtlasFiles, layer: int, matrix: str = "up", pole: str | No
         raise NeuronmapError(f"unknown token class {token_class!r}: expected one of {', '.join(TOKEN_CLASSES)}")
     if offset < 0 or not 1 <= limit <= MAX_PAGE:
         raise NeuronmapError(f"page offset {offset} and limit {limit} out of range: expected offset >= 0 and 1 <= limit <= {MAX_PAGE}")
-    (mat,), (lay,), poles = choose_rows(files.meta, matrix, str(layer), pole)
+    (mat,), (lay,), poles = choose_rows(atlas.meta, matrix, str(layer), pole)
     descending = _DESCENDING[sort] if descending is None else descending
     df = connect().execute(
         "SELECT id, layer, neuron, matrix, pole, token_ids[1] AS top_id, tokens[1] AS top_token, probs[1] AS top_prob, "
         "entropy, weight_norm, tokens[1:5] AS tokens, probs[1:5] AS probs FROM read_parquet(?) "
-        "WHERE layer = ? AND matrix = ? AND list_contains(?, pole)", [str(files.neurons), lay, mat, poles]).df()
-    cls = vocab_classes(files)[df.pop("top_id").to_numpy()]
+        "WHERE layer = ? AND matrix = ? AND list_contains(?, pole)", [str(atlas.neurons), lay, mat, poles]).df()
+    cls = vocab_classes(atlas)[df.pop("top_id").to_numpy()]
     df.insert(7, "token_class", np.array(TOKEN_CLASSES)[cls])
     if token_class is not None:
         df = df[cls == TOKEN_CLASSES.index(token_class)]
@@ -115,11 +119,11 @@ def layer_rows(files: AtlasFiles, layer: int, matrix: str = "up", pole: str | No
     primary = np.where(np.isnan(key), np.inf, -key if descending else key)
     order = np.lexsort((df["pole"].to_numpy() == "-", df["neuron"].to_numpy(), primary))
     page = df.iloc[order[offset: offset + limit]].reset_index(drop=True)
-    return LayerRows(files.root, lay, mat, None if len(poles) == 2 else poles[0], sort, descending, token_class,
+    return LayerRows(atlas.root, lay, mat, None if len(poles) == 2 else poles[0], sort, descending, token_class,
                      offset, limit, len(df), page)
 
 
-def confident_words(files: AtlasFiles, n: int = WORDS, min_prob: float = WORD_MIN_PROB) -> pd.DataFrame:
+def confident_words(atlas: Atlas, n: int = WORDS, min_prob: float = WORD_MIN_PROB) -> pd.DataFrame:
     """The most confident row per content word (a whole word, not a function word), best first.
 
     The atlas-wide version of the summary ``map`` prints.
@@ -127,13 +131,13 @@ def confident_words(files: AtlasFiles, n: int = WORDS, min_prob: float = WORD_MI
     Returns:
         At most ``n`` rows: ``id layer neuron matrix pole token prob``.
     """
-    tokens = read_vocab(files)
+    tokens = read_vocab(atlas)
     words = [i for i, t in enumerate(tokens) if WORD.match(t) and t.strip().lower() not in STOPWORDS]
     con = connect()
     con.register("words", pd.DataFrame({"token_id": np.array(words, np.int32)}))
     df = con.execute(
         "SELECT id, layer, neuron, matrix, pole, token_ids[1] AS token_id, probs[1]::DOUBLE AS prob "
         "FROM read_parquet(?) WHERE probs[1] >= ? AND token_ids[1] IN (SELECT token_id FROM words) "
-        "ORDER BY prob DESC, layer, neuron, matrix, pole", [str(files.neurons), float(min_prob)]).df()
+        "ORDER BY prob DESC, layer, neuron, matrix, pole", [str(atlas.neurons), float(min_prob)]).df()
     df.insert(6, "token", pd.Series([tokens[i] for i in df.pop("token_id")], dtype=object))
     return df[~df["token"].str.strip().str.lower().duplicated()].head(n).reset_index(drop=True)

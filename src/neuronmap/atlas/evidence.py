@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,9 @@ from neuronmap.atlas.writer import seal, write_json
 from neuronmap.atlas.store import connect
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.core.ids import neuron_id, parse_neuron_id
+
+if TYPE_CHECKING:  # the handle calls these functions; they only name its type
+    from neuronmap.atlas.handle import Atlas
 
 AFTER = 4  # tokens shown after the firing one
 ROW_GROUP = 65536
@@ -145,11 +150,11 @@ def _num(x) -> float | None:
     return None if x is None or not np.isfinite(x) else float(x)
 
 
-def has_evidence(files: AtlasFiles) -> bool:
-    return "evidence" in files.meta
+def has_evidence(atlas: Atlas) -> bool:
+    return "evidence" in atlas.meta
 
 
-def neuron_evidence(files: AtlasFiles, neuron: str, examples: int | None = None) -> NeuronEvidence:
+def neuron_evidence(atlas: Atlas, neuron: str, examples: int | None = None) -> NeuronEvidence:
     """One neuron's evidence: statistics, examples with their windows as token strings, agreement.
 
     Args:
@@ -168,29 +173,29 @@ def neuron_evidence(files: AtlasFiles, neuron: str, examples: int | None = None)
         >>> neuron_evidence(open_files("demo-atlas"), "L29N808").examples["+"][0]["token"]  # doctest: +SKIP
         ' dog'
     """
-    meta = files.meta
+    meta = atlas.meta
     layer, idx = parse_neuron_id(neuron, int(meta["n_layers"]), int(meta["d_mlp"]))
     entry = meta.get("evidence")
     if entry is None:
-        raise NeuronmapError(f"{files.root} holds no activation evidence: add it with "
-                             f"`neuronmap record {files.root} --corpus CORPUS`")
-    check_evidence(files)
+        raise NeuronmapError(f"{atlas.root} holds no activation evidence: add it with "
+                             f"`neuronmap record {atlas.root} --corpus CORPUS`")
+    check_evidence(atlas)
     con = connect()
     q = lambda name, extra="": con.execute(  # noqa: E731
         f"SELECT * FROM read_parquet(?) WHERE layer = ? AND neuron = ? {extra}",
-        [str(files.root / f"{name}.parquet"), layer, idx]).df()
+        [str(atlas.root / f"{name}.parquet"), layer, idx]).df()
     ev = q("evidence")
     if len(ev) != 1:
-        raise NeuronmapError(f"{files.root / 'evidence.parquet'} has {len(ev)} rows for {neuron_id(layer, idx)}, "
-                             f"expected 1: the evidence is damaged; {record_hint(files)}")
+        raise NeuronmapError(f"{atlas.root / 'evidence.parquet'} has {len(ev)} rows for {neuron_id(layer, idx)}, "
+                             f"expected 1: the evidence is damaged; {record_hint(atlas)}")
     ev = ev.iloc[0]
     ex = q("examples", "ORDER BY pole, rank")
     if examples is not None:
         ex = ex[ex["rank"] <= examples]
     ctx = con.execute("SELECT seq, doc, start, token_ids FROM read_parquet(?) WHERE list_contains(?, seq)",
-                      [str(files.root / "contexts.parquet"), [int(x) for x in ex["seq"].unique()]]).df()
+                      [str(atlas.root / "contexts.parquet"), [int(x) for x in ex["seq"].unique()]]).df()
     ctx = {int(r.seq): r for r in ctx.itertuples()}
-    vocab = pq.read_table(files.vocab, columns=["token"]).column("token").to_pylist()
+    vocab = pq.read_table(atlas.vocab, columns=["token"]).column("token").to_pylist()
     name = lambda t: vocab[t] if 0 <= t < len(vocab) else f"<{t}>"  # noqa: E731
     shown: dict[str, list[dict]] = {"+": [], "-": []}
     for r in ex.itertuples():
@@ -199,9 +204,9 @@ def neuron_evidence(files: AtlasFiles, neuron: str, examples: int | None = None)
         if not 0 <= p < len(ids):
             at = "no row in contexts.parquet" if c is None else f"{len(ids)} tokens in contexts.parquet"
             raise NeuronmapError(
-                f"{files.root / 'examples.parquet'}: example {r.pole}{int(r.rank)} of {neuron_id(layer, idx)} points to "
+                f"{atlas.root / 'examples.parquet'}: example {r.pole}{int(r.rank)} of {neuron_id(layer, idx)} points to "
                 f"position {p} of sequence {int(r.seq)}, which has {at}: the evidence files disagree; "
-                f"{record_hint(files)}")
+                f"{record_hint(atlas)}")
         shown[r.pole].append({"rank": int(r.rank), "activation": float(r.activation), "doc": c.doc,
                               "position": int(c.start) + p, "before": [name(t) for t in ids[:p]], "token": name(ids[p]),
                               "after": [name(t) for t in ids[p + 1:p + 1 + AFTER]]})

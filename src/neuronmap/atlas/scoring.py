@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -33,11 +33,14 @@ from neuronmap.sources.resolve import Weights, open_weights, resolve_source
 from neuronmap.sources.weights import Source
 from neuronmap.core.cache import file_sha256
 
+if TYPE_CHECKING:  # the handle calls these functions; they only name its type
+    from neuronmap.atlas.handle import Atlas
+
 
 # ------------------------------------------------------------------ exact, from the weights
 
 
-def check_weights(files: AtlasFiles, weights: str | None = None,
+def check_weights(atlas: Atlas, weights: str | None = None,
                   fix: str = "pass --weights PATH if they only moved, or search the stored top-k with --stored") -> Source:
     """The weights an atlas was mapped from, each file's sha256 checked against meta.json.
 
@@ -54,11 +57,11 @@ def check_weights(files: AtlasFiles, weights: str | None = None,
         >>> check_weights(open_files("demo-atlas")).kind  # doctest: +SKIP
         'gguf'
     """
-    src = files.meta.get("source") or {}
+    src = atlas.meta.get("source") or {}
     expected = {f["name"]: f["sha256"] for f in src.get("files", [])}
-    fix = f"re-map with `neuronmap map {src.get('spec', 'SOURCE')} -o {files.root} --overwrite`, {fix}"
+    fix = f"re-map with `neuronmap map {src.get('spec', 'SOURCE')} -o {atlas.root} --overwrite`, {fix}"
     if not expected:
-        raise NeuronmapError(f"{files.root}/meta.json records no source weights with sha256: {fix}")
+        raise NeuronmapError(f"{atlas.root}/meta.json records no source weights with sha256: {fix}")
     if weights is not None:
         found = resolve_source(weights)
         have = {file_sha256(f) for f in found.files}
@@ -115,13 +118,13 @@ def _memoized(w: Weights, budget: int) -> Weights:
     return dataclasses.replace(w, read=read)
 
 
-def atlas_weights(files: AtlasFiles, weights: str | None = None) -> Weights:
+def atlas_weights(atlas: Atlas, weights: str | None = None) -> Weights:
     """The weights an atlas was mapped from (``check_weights``), opened; kept in memory after ``keep_weights``.
 
     Raises:
         NeuronmapError: as ``check_weights``.
     """
-    src = check_weights(files, weights)
+    src = check_weights(atlas, weights)
     if not _KEEP_BYTES:
         return open_weights(src)
     key = tuple((str(f), file_sha256(f)) for f in src.files)  # the sha256 is cached by path, size and times

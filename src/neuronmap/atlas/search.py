@@ -9,6 +9,8 @@ lists (neuronmap.atlas.scoring explains both).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 import time
 from dataclasses import dataclass
@@ -24,6 +26,9 @@ from neuronmap.core.errors import NeuronmapError
 from neuronmap.atlas.evidence import NeuronEvidence, has_evidence, neuron_evidence
 from neuronmap.core.ids import MATRICES, neuron_id, parse_neuron_id
 from neuronmap.atlas.scoring import TokenProbs, atlas_weights, exact_token_probs
+
+if TYPE_CHECKING:  # the handle calls these functions; they only name its type
+    from neuronmap.atlas.handle import Atlas
 
 COLUMNS = ["concept", "rank", "id", "layer", "neuron", "matrix", "pole", "prob", "token", "token_prob",
            "top_tokens", "top_probs", "entropy", "weight_norm", "approximate", "agreement", "agreement_base"]
@@ -127,7 +132,7 @@ def _describe(files: AtlasFiles, hits: pd.DataFrame) -> pd.DataFrame:
     return out.astype({k: hits[k].dtype for k in keys})
 
 
-def search(files: AtlasFiles, concepts: list[str], matrices: str | None = None, layers: str | None = None,
+def search(atlas: Atlas, concepts: list[str], matrices: str | None = None, layers: str | None = None,
            pole: str | None = None, top: int = TOP, min_prob: float = MIN_PROB, stored: bool = False,
            weights: str | None = None, variants: bool = True, sort: str = "prob") -> SearchResult:
     """Rank an atlas's rows by the probability their decoded distribution puts on each concept.
@@ -172,25 +177,25 @@ def search(files: AtlasFiles, concepts: list[str], matrices: str | None = None, 
         raise NeuronmapError(f"--min-prob {min_prob} is out of range: expected a probability from 0 to 1")
     if sort not in SORTS:
         raise NeuronmapError(f"--sort {sort!r} is not known: expected one of {', '.join(SORTS)}")
-    if sort == "agreement" and "evidence" not in files.meta:
-        raise NeuronmapError(f"{files.root} holds no activation evidence to sort by: run "
-                             f"`neuronmap record {files.root} --corpus PATH` first, or leave out --sort agreement")
+    if sort == "agreement" and "evidence" not in atlas.meta:
+        raise NeuronmapError(f"{atlas.root} holds no activation evidence to sort by: run "
+                             f"`neuronmap record {atlas.root} --corpus PATH` first, or leave out --sort agreement")
     pool = top if sort == "prob" else top * POOL
-    tokens = read_vocab(files)
+    tokens = read_vocab(atlas)
     index = vocab_index(tokens)
     expanded = tuple(expand_concept(c, index, variants) for c in concepts)
-    mats, lays, poles = choose_rows(files.meta, matrices, layers, pole)
-    n_scored = len(mats) * len(lays) * len(poles) * int(files.meta["d_mlp"])
+    mats, lays, poles = choose_rows(atlas.meta, matrices, layers, pole)
+    n_scored = len(mats) * len(lays) * len(poles) * int(atlas.meta["d_mlp"])
     if stored:
-        parts = [stored_top(files, list(c.token_ids), mats, lays, poles, pool, min_prob) for c in expanded]
+        parts = [stored_top(atlas, list(c.token_ids), mats, lays, poles, pool, min_prob) for c in expanded]
         for hits in parts:
             hits["token"] = [tokens[i] for i in hits.pop("token_id")]
     else:
         ids = list(dict.fromkeys(t for c in expanded for t in c.token_ids))
-        tp = exact_token_probs(files, atlas_weights(files, weights), ids, mats, lays, poles)
+        tp = exact_token_probs(atlas, atlas_weights(atlas, weights), ids, mats, lays, poles)
         parts = [_exact_top(tp, c, ids, pool, min_prob) for c in expanded]
     for i, (c, hits) in enumerate(zip(expanded, parts)):
-        hits = _with_agreement(files, hits)
+        hits = _with_agreement(atlas, hits)
         if sort == "agreement":  # None last; ties by probability, then atlas order (the pool's order)
             hits = hits.assign(_a=hits["agreement"].fillna(-1.0)).sort_values(["_a", "prob"], ascending=False,
                                                                               kind="stable").drop(columns="_a").head(top)
@@ -198,9 +203,9 @@ def search(files: AtlasFiles, concepts: list[str], matrices: str | None = None, 
         hits.insert(0, "concept", c.text)
         hits.insert(1, "rank", np.arange(1, len(hits) + 1))
         parts[i] = hits.assign(approximate=c.approximate)
-    table = _describe(files, pd.concat(parts, ignore_index=True))
+    table = _describe(atlas, pd.concat(parts, ignore_index=True))
     return SearchResult(table[COLUMNS], expanded, "stored" if stored else "exact", n_scored,
-                        int(files.meta["decode"]["top_k"]), time.perf_counter() - t0, files.root)
+                        int(atlas.meta["decode"]["top_k"]), time.perf_counter() - t0, atlas.root)
 
 
 def check_concepts(concepts: list[str]) -> None:
@@ -289,7 +294,7 @@ class NeuronReport:
                 "evidence": None if self.evidence is None else self.evidence.to_dict()}
 
 
-def show(files: AtlasFiles, neuron: str, stored: bool = False, weights: str | None = None,
+def show(atlas: Atlas, neuron: str, stored: bool = False, weights: str | None = None,
          examples: int = 5) -> NeuronReport:
     """Every matrix and pole of one neuron, with its rank for its own top token.
 
@@ -312,28 +317,28 @@ def show(files: AtlasFiles, neuron: str, stored: bool = False, weights: str | No
     Example:
         >>> show(open_files("demo-atlas"), "L29N750").rows[["matrix", "pole", "top_token", "rank"]]  # doctest: +SKIP
     """
-    meta = files.meta
+    meta = atlas.meta
     layer, idx = parse_neuron_id(neuron, int(meta["n_layers"]), int(meta["d_mlp"]))
     choose_rows(meta, None, str(layer), None)  # the atlas has this layer
     rows = connect().execute(
         "SELECT id, layer, neuron, matrix, pole, token_ids, tokens, probs, logits, entropy, weight_norm "
-        "FROM read_parquet(?) WHERE layer = ? AND neuron = ?", [str(files.neurons), layer, idx]).df()
+        "FROM read_parquet(?) WHERE layer = ? AND neuron = ?", [str(atlas.neurons), layer, idx]).df()
     order = {k: i for i, k in enumerate([*MATRICES, "+", "-"])}
     rows = rows.sort_values(["matrix", "pole"], key=lambda s: s.map(order)).reset_index(drop=True)
     top = [int(t[0]) for t in rows["token_ids"]]
     if stored:
         first = [float(p[0]) for p in rows["probs"]]
-        ranked = [(*r, p) for r, p in zip(stored_ranks(files, list(zip(top, first))), first)]
+        ranked = [(*r, p) for r, p in zip(stored_ranks(atlas, list(zip(top, first))), first)]
     else:
-        ranked = _exact_ranks(files, rows, top, layer, idx, weights)
+        ranked = _exact_ranks(atlas, rows, top, layer, idx, weights)
     rows.insert(5, "top_token", [t[0] for t in rows["tokens"]])
     rows.insert(6, "top_prob", [p for _, _, p in ranked])
     rows.insert(7, "rank", [r for r, _, _ in ranked])
     rows.insert(8, "n_ranked", [n for _, n, _ in ranked])
     method = "stored" if stored else "exact"
     rows.insert(9, "rank_method", method)
-    ev = neuron_evidence(files, neuron_id(layer, idx), examples) if has_evidence(files) else None
-    return NeuronReport(files.root, neuron_id(layer, idx), layer, idx, method, rows.drop(columns=["token_ids"]), ev)
+    ev = neuron_evidence(atlas, neuron_id(layer, idx), examples) if has_evidence(atlas) else None
+    return NeuronReport(atlas.root, neuron_id(layer, idx), layer, idx, method, rows.drop(columns=["token_ids"]), ev)
 
 
 def _exact_ranks(files, rows, top, layer, idx, weights) -> list[tuple[int, int, float]]:

@@ -9,6 +9,8 @@ that matches.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +19,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from neuronmap.atlas.format import AtlasFiles
 from neuronmap.atlas.store import choose_rows, connect
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.core.ids import neuron_id, parse_neuron_id
 from neuronmap.atlas.scoring import atlas_weights
 from neuronmap.atlas.search import records
+
+if TYPE_CHECKING:  # the handle calls these functions; they only name its type
+    from neuronmap.atlas.handle import Atlas
 
 TOP = 10
 
@@ -59,7 +63,7 @@ class SimilarResult:
                 "n_compared": self.n_compared, "seconds": round(self.seconds, 3), "rows": records(self.rows)}
 
 
-def similar(files: AtlasFiles, neuron: str, matrices: str | None = None, top: int = TOP,
+def similar(atlas: Atlas, neuron: str, matrices: str | None = None, top: int = TOP,
             weights: str | None = None) -> SimilarResult:
     """The ``top`` vectors most aligned with a neuron's, per matrix, by |cosine| over the weights.
 
@@ -82,11 +86,11 @@ def similar(files: AtlasFiles, neuron: str, matrices: str | None = None, top: in
     t0 = time.perf_counter()
     if top < 1:
         raise NeuronmapError(f"--top {top} is out of range: expected 1 or more")
-    meta = files.meta
+    meta = atlas.meta
     layer, idx = parse_neuron_id(neuron, int(meta["n_layers"]), int(meta["d_mlp"]))
     mats, lays, _ = choose_rows(meta, matrices, None, None)
     choose_rows(meta, None, str(layer), None)  # the atlas has this layer
-    w = atlas_weights(files, weights)
+    w = atlas_weights(atlas, weights)
     d_mlp = w.d_mlp
     parts = []
     with torch.inference_mode():
@@ -107,8 +111,8 @@ def similar(files: AtlasFiles, neuron: str, matrices: str | None = None, top: in
     con.register("hits", hits.assign(order=np.arange(len(hits))))
     rows = con.execute(
         "SELECT h.*, n.tokens[1] AS top_token, n.probs[1] AS top_prob FROM hits h JOIN read_parquet(?) n "
-        "USING (matrix, layer, neuron, pole) ORDER BY h.order", [str(files.neurons)]).df().drop(columns="order")
-    return SimilarResult(files.root, neuron_id(layer, idx), layer, idx, rows, len(lays) * d_mlp,
+        "USING (matrix, layer, neuron, pole) ORDER BY h.order", [str(atlas.neurons)]).df().drop(columns="order")
+    return SimilarResult(atlas.root, neuron_id(layer, idx), layer, idx, rows, len(lays) * d_mlp,
                          time.perf_counter() - t0)
 
 

@@ -5,6 +5,8 @@ Every number is over atlas rows, one per (vector, pole), through DuckDB.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,9 @@ from neuronmap.core.errors import NeuronmapError
 from neuronmap.core.fsio import atomic_file, check_png
 from neuronmap.atlas.store import choose_rows, connect, where_clause
 from neuronmap.atlas.search import records
+
+if TYPE_CHECKING:  # the handle calls these functions; they only name its type
+    from neuronmap.atlas.handle import Atlas
 
 TOKEN_CLASSES = ("word", "subword", "number", "punctuation", "whitespace", "other")
 CONFIDENT = 0.5
@@ -106,7 +111,7 @@ class Stats:
                 "agreement": None if self.agreement is None else records(self.agreement)}
 
 
-def stats(files: AtlasFiles, matrices: str | None = None, layers: str | None = None, pole: str | None = None,
+def stats(atlas: Atlas, matrices: str | None = None, layers: str | None = None, pole: str | None = None,
           n_top: int = 20) -> Stats:
     """Per layer and matrix: confident share, entropy quantiles, token classes, frequent top tokens.
 
@@ -122,14 +127,14 @@ def stats(files: AtlasFiles, matrices: str | None = None, layers: str | None = N
         >>> s = stats(open_files("demo-atlas"))  # doctest: +SKIP
         >>> s.layers.loc[s.layers.layer == 29, ["matrix", "confident"]]
     """
-    mats, lays, poles = choose_rows(files.meta, matrices, layers, pole)
-    tokens = read_vocab(files)
+    mats, lays, poles = choose_rows(atlas.meta, matrices, layers, pole)
+    tokens = read_vocab(atlas)
     con = connect()
     con.register("vocab", pd.DataFrame({"token_id": range(len(tokens)), "token": tokens,
-                                        "cls": np.array(TOKEN_CLASSES)[vocab_classes(files)]}))
+                                        "cls": np.array(TOKEN_CLASSES)[vocab_classes(atlas)]}))
     # Only the top-1 id, its p and the entropy are read (not the token strings), once, into a table the queries share.
     con.execute("CREATE TEMP TABLE rows AS SELECT layer, matrix, token_ids[1] AS top_id, probs[1] AS p, entropy "
-                f"FROM read_parquet(?) WHERE {where_clause(mats, lays, poles)}", [str(files.neurons)])
+                f"FROM read_parquet(?) WHERE {where_clause(mats, lays, poles)}", [str(atlas.neurons)])
     shares = ", ".join(f"avg((c.cls = '{k}')::DOUBLE) AS {k}" for k in TOKEN_CLASSES)
     by = con.execute(f"""
         SELECT layer, matrix, count(*) AS rows, avg((p > {CONFIDENT})::DOUBLE) AS confident,
@@ -146,17 +151,17 @@ def stats(files: AtlasFiles, matrices: str | None = None, layers: str | None = N
     by["top_tokens"] = [[(d["token"], int(d["rows"])) for d in v] for v in by["top_tokens"]]
     n_rows = int(by["rows"].sum())
     if n_rows == 0:
-        raise NeuronmapError(f"{files.root} has no rows for these options: widen --matrices, --layers or --pole")
+        raise NeuronmapError(f"{atlas.root} has no rows for these options: widen --matrices, --layers or --pole")
     top = con.execute(f"""
         SELECT top_id AS token_id, any_value(v.token) AS token, count(*) AS rows, count(*) / {n_rows} AS share
         FROM rows JOIN vocab v ON v.token_id = top_id GROUP BY top_id ORDER BY rows DESC, token_id LIMIT {int(n_top)}""").df()
     top["class"] = [token_class(t) for t in top["token"]]
     agree = None
-    if "evidence" in files.meta:
-        agree = pd.DataFrame(files.meta["evidence"]["agreement"])
+    if "evidence" in atlas.meta:
+        agree = pd.DataFrame(atlas.meta["evidence"]["agreement"])
         agree = agree[agree["layer"].isin(lays) & agree["matrix"].isin(mats) & agree["pole"].isin(poles)]
         agree = agree.reset_index(drop=True)
-    return Stats(by, top, n_rows, files.root, agree)
+    return Stats(by, top, n_rows, atlas.root, agree)
 
 
 def plot(result: Stats, out: Path | str, title: str = "") -> Path:

@@ -148,11 +148,11 @@ def _method_line(method: str, n_scored: int, top_k: int) -> str:
 
 
 def cmd_search(args) -> int:
-    from neuronmap.atlas.format import open_files
+    from neuronmap.atlas.handle import Atlas
     from neuronmap.atlas.search import check_concepts, search
 
     check_concepts(args.concepts)  # before the token index is built: a refused search does no work
-    files = open_files(args.atlas)
+    files = Atlas.open(args.atlas)
     _note_index(files, args.stored)
     r = search(files, args.concepts, args.matrices, args.layers, args.pole, args.top, args.min_prob,
                args.stored, args.weights, not args.exact_token, args.sort)
@@ -206,12 +206,12 @@ def add_show(sub) -> None:
 
 
 def cmd_show(args) -> int:
-    from neuronmap.atlas.format import open_files
+    from neuronmap.atlas.handle import Atlas
     from neuronmap.atlas.search import show
 
     from neuronmap.core.ids import parse_neuron_id
 
-    files = open_files(args.atlas)
+    files = Atlas.open(args.atlas)
     parse_neuron_id(args.neuron, int(files.meta["n_layers"]), int(files.meta["d_mlp"]))  # before building an index
     _note_index(files, args.stored)
     n = show(files, args.neuron, args.stored, args.weights, args.n)
@@ -249,10 +249,10 @@ def add_stats(sub) -> None:
 
 
 def cmd_stats(args) -> int:
-    from neuronmap.atlas.format import open_files
+    from neuronmap.atlas.handle import Atlas
     from neuronmap.atlas.stats import TOKEN_CLASSES, plot, stats
 
-    files = open_files(args.atlas)
+    files = Atlas.open(args.atlas)
     if args.plot:
         check_png(args.plot)
     s = stats(files, args.matrices, args.layers, args.pole)

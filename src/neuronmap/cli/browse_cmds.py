@@ -32,10 +32,10 @@ def add_layer(sub) -> None:
 
 
 def cmd_layer(args) -> int:
-    from neuronmap.atlas.format import open_files
+    from neuronmap.atlas.handle import Atlas
     from neuronmap.atlas.browse import layer_rows
 
-    files = open_files(args.atlas)
+    files = Atlas.open(args.atlas)
     r = layer_rows(files, args.layer, args.matrix, args.pole, args.sort, args.descending, args.token_class, args.offset, args.limit)
     if args.json:
         print_json(r.to_dict())
@@ -68,10 +68,10 @@ def add_similar(sub) -> None:
 
 
 def cmd_similar(args) -> int:
-    from neuronmap.atlas.format import open_files
+    from neuronmap.atlas.handle import Atlas
     from neuronmap.atlas.similar import similar
 
-    r = similar(open_files(args.atlas), args.neuron, args.matrices, args.top, args.weights)
+    r = similar(Atlas.open(args.atlas), args.neuron, args.matrices, args.top, args.weights)
     if args.json:
         print_json(r.to_dict())
         return 0

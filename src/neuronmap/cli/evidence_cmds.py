@@ -40,7 +40,13 @@ def add_record(sub) -> None:
 def cmd_record(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from neuronmap.evidence.record import record
+    from neuronmap.atlas.handle import Atlas
+    from neuronmap.evidence.record import RecordOptions, record
+
+    options = RecordOptions(args.text_column, args.every, args.tokens, args.context, args.examples, args.batch_tokens,
+                            args.device)
+    options.check()  # before the atlas is opened and checked: a bad number is found at once
+    atlas = Atlas.open(args.atlas)
 
     show = not args.json and err.is_terminal or os.environ.get("NEURONMAP_PROGRESS") == "1"
     with Progress(TextColumn("[bold]recording"), BarColumn(), TextColumn("{task.completed:,.0f} tokens"),
@@ -52,8 +58,7 @@ def cmd_record(args) -> int:
         def progress(done: int) -> None:
             bar.update(task, completed=done, rate=f"{done / max(time.perf_counter() - t0, 1e-9):,.0f} tokens/s")
 
-        r = record(args.atlas, args.corpus, args.text_column, args.every, args.tokens, args.context, args.examples,
-                   args.batch_tokens, args.source, args.device, args.overwrite, progress)
+        r = record(atlas, args.corpus, options, args.source, args.overwrite, progress)
     if args.json:
         print_json(r.to_dict())
         return 0
@@ -102,10 +107,10 @@ def context_line(ex: dict, width: int = 12) -> str:
 
 
 def cmd_examples(args) -> int:
-    from neuronmap.atlas.format import open_files
+    from neuronmap.atlas.handle import Atlas
     from neuronmap.atlas.evidence import neuron_evidence
 
-    files = open_files(args.atlas)
+    files = Atlas.open(args.atlas)
     ev = neuron_evidence(files, args.neuron, args.n)
     if args.json:
         print_json(ev.to_dict())

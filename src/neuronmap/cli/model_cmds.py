@@ -151,10 +151,11 @@ def add_verify(sub) -> None:
 
 def cmd_verify(args) -> int:
     from neuronmap.intervene.effects import read_prompts
+    from neuronmap.atlas.handle import Atlas
     from neuronmap.intervene.verify import verify
 
     prompts = read_prompts(args.prompts) if args.prompts else None
-    r = verify(args.atlas, args.concept, args.source, args.top, args.sweep, args.min_ratio, prompts, args.positions,
+    r = verify(Atlas.open(args.atlas), args.concept, args.source, args.top, args.sweep, args.min_ratio, prompts, args.positions,
                args.device, args.dtype)
     _note_approximate(r.concept)
     if args.json:

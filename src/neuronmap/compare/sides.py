@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from neuronmap.atlas import format as atlas_io
+from neuronmap.atlas.handle import Atlas
 from neuronmap.atlas.store import choose_rows
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.mapping.mapper import map_model
@@ -86,7 +87,7 @@ def resolve_atlas(
     """
     p = Path(spec).expanduser()
     if p.is_dir() and ((p / "meta.json").exists() or (p / "neurons.parquet").exists()):
-        return Side(spec, p, atlas_io.open_files(p).meta, False)
+        return Side(spec, p, Atlas.open(p).meta, False)
     if not _looks_like_source(spec):
         raise NeuronmapError(
             f"{spec} does not exist: pass an atlas directory (made by `neuronmap map`) or a model source "
@@ -111,7 +112,7 @@ def resolve_atlas(
     # A cached atlas of every matrix and layer serves any subset too.
     for cand in (cache_dir() / "atlases" / atlas_key(shas, replace(opts, matrices=None, layers=None)), out):
         try:
-            return Side(spec, cand, atlas_io.open_files(cand).meta, True)
+            return Side(spec, cand, Atlas.open(cand).meta, True)
         except NeuronmapError:
             pass
     if progress:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from neuronmap.atlas import format as atlas_io
+from neuronmap.atlas.handle import Atlas
 
 from neuronmap.atlas import writer as atlas_out
 from neuronmap.core import fsio
@@ -243,7 +244,7 @@ def _write_series(out: Path, atlases: list[dict]) -> None:
 
 def _complete(path: Path) -> bool:
     try:
-        atlas_io.open_files(path)
+        Atlas.open(path)
         return True
     except NeuronmapError:
         return False
@@ -289,7 +290,7 @@ def open_series(path: Path | str) -> list[Side]:
     if len(listed) < 2:
         raise NeuronmapError(f"{path} holds {len(listed)} atlas(es): a trajectory needs two or more; map the run's "
                              "checkpoints with `neuronmap map-many SOURCE... -o DIR`")
-    sides = [Side(spec, path / name, atlas_io.open_files(path / name).meta, False) for name, spec in listed]
+    sides = [Side(spec, path / name, Atlas.open(path / name).meta, False) for name, spec in listed]
     last = sides[-1]
     for s in sides[:-1]:
         diffs = shape_differences(s.meta, last.meta, s.meta.get("d_vocab") == last.meta.get("d_vocab")

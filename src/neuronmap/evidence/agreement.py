@@ -30,13 +30,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from neuronmap.atlas.format import AGREEMENT_SCHEMA, SCORES, AtlasFiles
+from neuronmap.atlas.format import AGREEMENT_SCHEMA, SCORES
+from neuronmap.atlas.handle import Atlas
 from neuronmap.core.ids import neuron_id
 
 SEED = 0
 
 
-def decoded_topk(files: AtlasFiles) -> dict[tuple[str, int, str], np.ndarray]:
+def decoded_topk(files: Atlas) -> dict[tuple[str, int, str], np.ndarray]:
     """The atlas's top-k token ids as ``{(matrix, layer, pole): [d_mlp, k] int64}`` (rows by neuron index)."""
     t = pq.read_table(files.neurons, columns=["matrix", "layer", "neuron", "pole", "token_ids"])
     k = int(files.meta["decode"]["top_k"])
@@ -95,7 +96,7 @@ def effect_shares(head, down: torch.Tensor, sets: dict[str, np.ndarray], chunk: 
     return out
 
 
-def agreement(files: AtlasFiles, source, s) -> tuple[pa.Table, list[dict]]:
+def agreement(files: Atlas, source, s) -> tuple[pa.Table, list[dict]]:
     """Score every neuron, matrix and pole of a recorded stream (``neuronmap.evidence.record.Stream``).
 
     Args:

@@ -30,7 +30,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from neuronmap.atlas.format import QUANTILES, open_files
+from neuronmap.atlas.format import QUANTILES
+from neuronmap.atlas.handle import Atlas
 from neuronmap.core import fsio
 from neuronmap.decode import native
 from neuronmap.atlas.bins import N_BINS, TOP_BITS, bin_index_fast, bin_table, hist_edges
@@ -288,38 +289,53 @@ class RecordResult:
         return {"atlas": str(self.path), **self.evidence}
 
 
-def check_args(tokens: int | None, context: int, examples: int, batch_tokens: int) -> None:
-    """Check the numbers before any model loads.
+@dataclass(frozen=True)
+class RecordOptions:
+    """How ``record`` reads its corpus and what it keeps; recorded in meta.json's ``evidence`` entry.
 
-    Raises:
-        NeuronmapError: one out of range (``--examples`` above ``MAX_EXAMPLES`` too).
-    """
-    if not 1 <= examples <= MAX_EXAMPLES:
-        raise NeuronmapError(f"--examples {examples} is out of range: expected a whole number from 1 to {MAX_EXAMPLES} "
-                             "(each example kept costs 24 bytes a neuron while recording and a row a neuron and pole in "
-                             "examples.parquet)")
-    for name, v, lo in (("--tokens", tokens, 1), ("--context", context, 1), ("--batch-tokens", batch_tokens, 1)):
-        if v is not None and v < lo:
-            raise NeuronmapError(f"{name} {v} is out of range: expected a whole number >= {lo}")
-
-
-def record(atlas: Path | str, corpus: Path | str, text_column: str | None = None, every: int = 1, tokens: int | None = None,
-           context: int = CONTEXT, examples: int = EXAMPLES, batch_tokens: int = BATCH_TOKENS,
-           source: str | None = None, device: str = DEVICE, overwrite: bool = False,
-           progress: Callable[[int], None] | None = None) -> RecordResult:
-    """Add activation evidence (examples, quantiles, density, histogram, agreement) to an atlas.
-
-    Args:
-        atlas: an atlas directory made by ``neuronmap map``.
-        corpus: anything ``neuronmap.evidence.corpus.open_corpus`` takes.
-        text_column: the text column of a JSONL, Parquet or ``hf:`` corpus.
+    Attributes:
+        text_column: the text column of a JSONL, Parquet or ``hf:`` corpus (None: ``text``).
         every: read the first of each ``every`` documents (a spread-out slice of a large corpus).
-        tokens: record at most this many tokens.
+        tokens: record at most this many tokens (None: the whole corpus).
         context: tokens per sequence the model reads.
         examples: top-N and bottom-N examples kept per neuron, 1 to ``MAX_EXAMPLES``.
         batch_tokens: tokens per forward pass.
-        source: the model, if it moved since mapping (sha256 checked against meta.json).
         device: ``cpu`` | ``cuda`` | ``auto``.
+    """
+
+    text_column: str | None = None
+    every: int = 1
+    tokens: int | None = None
+    context: int = CONTEXT
+    examples: int = EXAMPLES
+    batch_tokens: int = BATCH_TOKENS
+    device: str = DEVICE
+
+    def check(self) -> None:
+        """Check the numbers before any model loads.
+
+        Raises:
+            NeuronmapError: one out of range (``examples`` above ``MAX_EXAMPLES`` too).
+        """
+        if not 1 <= self.examples <= MAX_EXAMPLES:
+            raise NeuronmapError(f"--examples {self.examples} is out of range: expected a whole number from 1 to "
+                                 f"{MAX_EXAMPLES} (each example kept costs 24 bytes a neuron while recording and a row a "
+                                 "neuron and pole in examples.parquet)")
+        for name, v in (("--every", self.every), ("--tokens", self.tokens), ("--context", self.context),
+                        ("--batch-tokens", self.batch_tokens)):
+            if v is not None and v < 1:
+                raise NeuronmapError(f"{name} {v} is out of range: expected a whole number >= 1")
+
+
+def record(atlas: Atlas, corpus: Path | str, options: RecordOptions = RecordOptions(), source: str | None = None,
+           overwrite: bool = False, progress: Callable[[int], None] | None = None) -> RecordResult:
+    """Add activation evidence (examples, quantiles, density, histogram, agreement) to an atlas.
+
+    Args:
+        atlas: the opened atlas (``Atlas.open(path)``), made by ``neuronmap map``.
+        corpus: anything ``neuronmap.evidence.corpus.open_corpus`` takes.
+        options: how the corpus is read and what is kept (``RecordOptions``).
+        source: the model, if it moved since mapping (sha256 checked against meta.json).
         overwrite: replace evidence the atlas already holds.
         progress: called with the tokens recorded so far.
 
@@ -332,37 +348,37 @@ def record(atlas: Path | str, corpus: Path | str, text_column: str | None = None
             corpus's start (``open_corpus``) are checked before the model loads.
 
     Example:
-        >>> record("demo-atlas", "texts/", tokens=200_000).evidence["tokens"]  # doctest: +SKIP
+        >>> record(Atlas.open("demo-atlas"), "texts/", RecordOptions(tokens=200_000)).evidence["tokens"]  # doctest: +SKIP
         200000
     """
     from neuronmap.evidence.agreement import agreement
     from neuronmap.atlas.evidence import publish, tables
     from neuronmap.atlas.scoring import check_weights
 
-    check_args(tokens, context, examples, batch_tokens)
-    files = open_files(atlas)
-    if "evidence" in files.meta and not overwrite:
-        raise NeuronmapError(f"{files.root} already holds activation evidence (from "
-                             f"{files.meta['evidence'].get('corpus', {}).get('name', '?')}): pass --overwrite to replace it")
-    c = open_corpus(corpus, text_column, every)
-    src = check_weights(files, source, fix="pass --source PATH if they only moved")
-    m = load_model(src, device, "float32")
+    options.check()
+    if "evidence" in atlas.meta and not overwrite:
+        raise NeuronmapError(f"{atlas.root} already holds activation evidence (from "
+                             f"{atlas.meta['evidence'].get('corpus', {}).get('name', '?')}): pass --overwrite to replace it")
+    c = open_corpus(corpus, options.text_column, options.every)
+    src = check_weights(atlas, source, fix="pass --source PATH if they only moved")
+    m = load_model(src, options.device, "float32")
     t0 = time.perf_counter()
-    tmp = fsio.temp_dir_beside(files.root / "evidence", "atlas")
+    tmp = fsio.temp_dir_beside(atlas.root / "evidence", "atlas")
     try:
-        s = stream(m, c, tmp / "tokens.bin", context, examples, batch_tokens, tokens, progress)
+        s = stream(m, c, tmp / "tokens.bin", options.context, options.examples, options.batch_tokens, options.tokens,
+                   progress)
         seconds = time.perf_counter() - t0
-        built = tables(files, s)
-        agree, summary = agreement(files, src, s)
+        built = tables(atlas, s)
+        agree, summary = agreement(atlas, src, s)
         entry = {"corpus": c.to_dict(), "tokens": s.n_tokens, "documents": len(s.docs), "sequences": len(s.row_doc),
-                 "context": context, "examples": examples, "batch_tokens": batch_tokens,
+                 "context": options.context, "examples": options.examples, "batch_tokens": options.batch_tokens,
                  "bos": bos_token(m.tokenizer), "device": str(m.device), "kernel": s.kernel,
                  "record_s": round(seconds, 3), "tokens_per_s": round(s.n_tokens / max(seconds, 1e-9), 1),
                  "quantiles": list(QUANTILES), "hist_edges": [float(x) for x in hist_edges()],
                  "rows": {k: v.num_rows for k, v in {**built, "agreement": agree}.items()}, "agreement": summary,
                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        publish(files, tmp, {**built, "agreement": agree}, entry)
+        publish(atlas, tmp, {**built, "agreement": agree}, entry)
     finally:
         fsio.remove_tree(tmp)
-    return RecordResult(files.root, entry)
+    return RecordResult(atlas.root, entry)
 

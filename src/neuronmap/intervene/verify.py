@@ -12,11 +12,10 @@ head) favours the concept, and counts as causal when its best ratio reaches
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-from neuronmap.atlas.format import AtlasFiles, open_files
+from neuronmap.atlas.handle import Atlas
 from neuronmap.atlas.concepts import Concept
 from neuronmap.intervene.effects import Baseline, Outcome, concept_tokens, neutral_prompts
 from neuronmap.core.errors import NeuronmapError
@@ -57,7 +56,7 @@ class Candidate:
         return asdict(self)
 
 
-def candidates(files: AtlasFiles, word: str, top: int = TOP, stored: bool = False,
+def candidates(atlas: Atlas, word: str, top: int = TOP, stored: bool = False,
                weights: str | None = None) -> list[Candidate]:
     """The atlas's best neurons for a concept by ``search``, best first, one per neuron (its best row).
 
@@ -71,14 +70,14 @@ def candidates(files: AtlasFiles, word: str, top: int = TOP, stored: bool = Fals
         NeuronmapError: as ``search``, or no row of the atlas decodes to the concept.
 
     Example:
-        >>> candidates(open_files("demo-atlas"), "dog", 1)[0].id  # doctest: +SKIP
+        >>> candidates(Atlas.open("demo-atlas"), "dog", 1)[0].id  # doctest: +SKIP
         'L29N808'
     """
     # A neuron has at most len(MATRICES) * len(POLES) rows: that many per neuron give ``top`` distinct neurons.
-    r = search(files, [word], top=top * len(MATRICES) * len(POLES), stored=stored, weights=weights)
+    r = search(atlas, [word], top=top * len(MATRICES) * len(POLES), stored=stored, weights=weights)
     t = r.table.drop_duplicates("id").head(top)
     if t.empty:
-        raise NeuronmapError(f"no row of {files.root} puts any probability on {word.strip()!r}"
+        raise NeuronmapError(f"no row of {atlas.root} puts any probability on {word.strip()!r}"
                              f"{' in its stored top-k' if stored else ''}: try another form of the word")
     return [Candidate(x.id, int(x.layer), int(x.neuron), x.matrix, x.pole, x.token, float(x.prob)) for x in t.itertuples()]
 
@@ -144,7 +143,7 @@ class VerifyReport:
                 "min_ratio": self.min_ratio, "baseline": self.baseline.to_dict(), "neurons": [v.to_dict() for v in self.rows]}
 
 
-def atlas_model(files: AtlasFiles, source: str | None = None) -> tuple[Source, bool]:
+def atlas_model(atlas: Atlas, source: str | None = None) -> tuple[Source, bool]:
     """The model to run for an atlas, and whether it is the one the atlas was mapped from.
 
     Args:
@@ -160,20 +159,20 @@ def atlas_model(files: AtlasFiles, source: str | None = None) -> tuple[Source, b
             since mapping (one line, as ``search`` says it).
     """
     if source is None:
-        return check_weights(files, fix=_FIX), True
+        return check_weights(atlas, fix=_FIX), True
     try:
-        return check_weights(files, source, fix=_FIX), True
+        return check_weights(atlas, source, fix=_FIX), True
     except NeuronmapError:
         return resolve_source(source), False  # another model: its candidates come from the stored top-k
 
 
-def verify(atlas: str | Path, word: str, source: str | None = None, top: int = TOP, sweep: str = SWEEP,
+def verify(atlas: Atlas, word: str, source: str | None = None, top: int = TOP, sweep: str = SWEEP,
            min_ratio: float = MIN_RATIO, prompts: list[str] | None = None, positions: str = POSITIONS_DEFAULT,
            device: str = DEVICE, dtype: str = DTYPE) -> VerifyReport:
     """Clamp each of the atlas's top candidates for a concept over a sweep; a candidate whose best ratio reaches ``min_ratio`` is causal.
 
     Args:
-        atlas: the atlas directory.
+        atlas: the opened atlas (``Atlas.open(path)``).
         word: the concept, e.g. ``dog``.
         source: the model to run (default: the checkpoint recorded in the atlas, sha256 checked).
         top: candidate neurons.
@@ -186,10 +185,10 @@ def verify(atlas: str | Path, word: str, source: str | None = None, top: int = T
         VerifyReport.
 
     Raises:
-        NeuronmapError: not an atlas, its checkpoint changed or missing, bad options, or no candidate.
+        NeuronmapError: its checkpoint changed or missing, bad options, or no candidate.
 
     Example:
-        >>> r = verify("demo-atlas", "dog", top=1, sweep="20x")  # doctest: +SKIP
+        >>> r = verify(Atlas.open("demo-atlas"), "dog", top=1, sweep="20x")  # doctest: +SKIP
         >>> r.rows[0].candidate.id, r.rows[0].causal
         ('L29N808', True)
     """
@@ -199,9 +198,8 @@ def verify(atlas: str | Path, word: str, source: str | None = None, top: int = T
         raise NeuronmapError(f"--top {top} is out of range: expected 1 or more")
     if not min_ratio > 0:
         raise NeuronmapError(f"--min-ratio {min_ratio} is out of range: expected a ratio above 0, e.g. 2")
-    files = open_files(atlas)
-    src, same = atlas_model(files, source)
-    cands = candidates(files, word, top, stored=not same, weights=source if same else None)
+    src, same = atlas_model(atlas, source)
+    cands = candidates(atlas, word, top, stored=not same, weights=source if same else None)
     m = load_model(src, device, dtype)
     concept = concept_tokens(m, word)
     base = Baseline(m, concept, neutral_prompts(prompts))
@@ -212,5 +210,5 @@ def verify(atlas: str | Path, word: str, source: str | None = None, top: int = T
         signed = [Value(sign * v.amount + 0.0, v.relative) for v in values]  # + 0.0: no "-0" label
         outs = tuple(base.measure(spec, v, resolve(spec, m, v), positions) for v in signed)
         rows.append(Verified(c, sign, outs, max(o.ratio for o in outs) >= min_ratio))
-    return VerifyReport(str(atlas), src.spec, "exact" if same else "stored", concept, tuple(base.prompts), positions,
+    return VerifyReport(str(atlas.root), src.spec, "exact" if same else "stored", concept, tuple(base.prompts), positions,
                         tuple(values), min_ratio, base.outcome, tuple(rows))

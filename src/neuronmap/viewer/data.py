@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from neuronmap.atlas import search as search_api
-from neuronmap.atlas.format import AtlasFiles
+from neuronmap.atlas.handle import Atlas
 from neuronmap.atlas.browse import PAGE, confident_words, layer_rows
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.atlas.evidence import has_evidence, neuron_evidence
@@ -140,7 +140,7 @@ def _opt(request: Request, key: str) -> str | None:
     return v if v not in (None, "", "both", "all") else None
 
 
-def report_atlases(report: dict, atlases: dict[str, AtlasFiles]) -> list[tuple[str, str, frozenset[int]]]:
+def report_atlases(report: dict, atlases: dict[str, Atlas]) -> list[tuple[str, str, frozenset[int]]]:
     """The served atlases of the model a removal report edited, or of the checkpoint it wrote.
 
     An atlas is of the model edited (``source``) when the sha256 of its weight files (meta.json) are those of the
@@ -168,10 +168,10 @@ class Data:
     def __init__(self, served: Served):
         self.served = served
 
-    def _atlas(self, request: Request, key: str = "atlas") -> tuple[str, AtlasFiles]:
+    def _atlas(self, request: Request, key: str = "atlas") -> tuple[str, Atlas]:
         return self.served.get(request.query_params.get(key))
 
-    def weights(self, files: AtlasFiles) -> tuple[bool, str | None]:
+    def weights(self, files: Atlas) -> tuple[bool, str | None]:
         """Whether the atlas's weights are where meta.json says, unchanged (sha256, cached by file stat), and why not."""
         try:
             check_weights(files, fix="search uses the stored top-k meanwhile")
@@ -195,7 +195,7 @@ class Data:
         r = self.served.report(request.path_params["name"])
         return ReportPage(r, report_atlases(r.report, self.served.atlases))
 
-    def _words(self, name: str, files: AtlasFiles):
+    def _words(self, name: str, files: Atlas):
         return self.served.cached(("words", name), lambda: confident_words(files))
 
     def atlas(self, request: Request) -> Found:

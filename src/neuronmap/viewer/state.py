@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from neuronmap.atlas.format import AtlasFiles, open_files
+from neuronmap.atlas.handle import Atlas
 from neuronmap.core.errors import NeuronmapError
 
 _NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -54,7 +54,7 @@ class Served:
         stamps: name -> the (mtime, size) of its meta.json when it was opened.
     """
 
-    atlases: dict[str, AtlasFiles]
+    atlases: dict[str, Atlas]
     reports: dict[str, Report] = field(default_factory=dict)
     hosts: list[str] = field(default_factory=lambda: ["127.0.0.1", "localhost"])
     cache: dict = field(default_factory=dict)
@@ -65,7 +65,7 @@ class Served:
     def names(self) -> list[str]:
         return list(self.atlases)
 
-    def get(self, name: str | None) -> tuple[str, AtlasFiles]:
+    def get(self, name: str | None) -> tuple[str, Atlas]:
         """The atlas called ``name`` (None: the first one).
 
         Raises:
@@ -103,7 +103,7 @@ class Served:
         if stamp == self.stamps.get(name, stamp):
             return
         try:
-            fresh = open_files(files.root)
+            fresh = Atlas.open(files.root)
         except NeuronmapError:
             return
         with self.lock:
@@ -140,9 +140,9 @@ def serve_atlases(paths: list[Path | str], reports: list[Path | str] = ()) -> Se
     if not paths and not reports:
         raise NeuronmapError("no atlas given: pass one or more atlas directories, e.g. `neuronmap serve demo-atlas`, "
                              "or a removal report with --report EDITED_DIR")
-    atlases: dict[str, AtlasFiles] = {}
+    atlases: dict[str, Atlas] = {}
     for p in paths:
-        files = open_files(p)
+        files = Atlas.open(p)
         atlases[_unique(files.root, atlases, "atlas")] = files
     served: dict[str, Report] = {}
     for p in reports:
