@@ -3,7 +3,7 @@
 Example:
     >>> import neuronmap
     >>> result = neuronmap.map_model(None, "demo-atlas")  # doctest: +SKIP
-    >>> neuronmap.Atlas.open("demo-atlas").search("coffee", top=5)  # doctest: +SKIP
+    >>> neuronmap.Atlas.open("demo-atlas").search(["coffee"], top=5).table  # doctest: +SKIP
 """
 
 from __future__ import annotations

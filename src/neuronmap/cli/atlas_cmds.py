@@ -9,7 +9,7 @@ import sys
 from rich.markup import escape
 from rich.table import Table
 
-from neuronmap.cli.common import print_json, print_table, show_token, err, finite_float, int_at_least, out
+from neuronmap.cli.common import DEVICE_HELP, err, finite_float, int_at_least, out, print_json, print_table, show_token
 from neuronmap.core.fsio import check_png
 
 
@@ -21,7 +21,7 @@ def map_arguments(p) -> None:
     p.add_argument("--matrices", default=None, help="comma list of gate,up,down (default: all the model has)")
     p.add_argument("--layers", default=None, help="layers and ranges, e.g. 0-5,9 (default: all)")
     p.add_argument("--top-k", type=int_at_least(1), default=d.top_k, help=f"tokens kept per vector (default {d.top_k})")
-    p.add_argument("--device", default=d.device, help=f"auto | cpu | cuda (default {d.device})")
+    p.add_argument("--device", default=d.device, help=DEVICE_HELP)
     p.add_argument("--dtype", default=d.dtype, help=f"auto | split | float32 | bfloat16 (default {d.dtype}: split, exact bf16 halves "
                    "with fp32 accumulation, where the CPU has AVX512-BF16 or on CUDA, else float32; bfloat16: bf16 "
                    "screening, exact fp32 rescoring)")

@@ -7,7 +7,7 @@ import contextlib
 from rich.markup import escape
 from rich.table import Table
 
-from neuronmap.cli.common import print_json, print_table, show_token, err, int_at_least, out
+from neuronmap.cli.common import DEVICE_HELP, MODEL_DTYPE_HELP, err, int_at_least, out, print_json, print_table, show_token
 from neuronmap.core.errors import NeuronmapError
 
 
@@ -101,8 +101,8 @@ def add_serve(sub) -> None:
     p.add_argument("--host", default=HOST, help=f"address to bind (default {HOST}: this machine only)")
     p.add_argument("--port", type=int_at_least(0), default=PORT, help=f"port (default {PORT}; 0 picks a free one)")
     p.add_argument("--open", action="store_true", help="open the viewer in the default browser")
-    p.add_argument("--device", default=DEVICE, help=f"where steering runs the model: cpu | cuda | auto (default {DEVICE})")
-    p.add_argument("--dtype", default=DTYPE, help=f"float32 | bfloat16 for steering (default {DTYPE})")
+    p.add_argument("--device", default=DEVICE, help="where steering runs the model: " + DEVICE_HELP)
+    p.add_argument("--dtype", default=DTYPE, help="for steering: " + MODEL_DTYPE_HELP)
     p.set_defaults(func=cmd_serve)
 
 

@@ -68,3 +68,8 @@ def show_token(t: str) -> str:
 def print_table(tab: Table) -> None:
     # Piped or redirected output has no width; Rich would squeeze the table into 80 columns.
     (out if out.is_terminal else Console(**CONSOLE, width=max(out.width, 200))).print(tab)
+
+
+# --device and --dtype mean one thing in every command (runtime.models: DEVICE, DTYPE, model_dtype).
+DEVICE_HELP = "auto | cpu | cuda (default auto: cuda where torch has one, else cpu)"
+MODEL_DTYPE_HELP = "auto | float32 | bfloat16 (default auto: float32, exact; split is a decoding precision, map's)"

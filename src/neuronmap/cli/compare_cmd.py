@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from neuronmap.cli.common import print_json, show_token, err, finite_float, int_at_least, out
+from neuronmap.cli.common import DEVICE_HELP, err, finite_float, int_at_least, out, print_json, show_token
 from neuronmap.core.fsio import check_png
 
 
@@ -25,7 +25,7 @@ def add_compare(sub) -> None:
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw agreement against depth into a PNG")
     d = MapOptions()
     p.add_argument("--top-k", type=int_at_least(1), default=d.top_k, help=f"when mapping a model source: tokens kept per vector (default {d.top_k})")
-    p.add_argument("--device", default=d.device, help=f"when mapping a model source: auto | cpu | cuda (default {d.device})")
+    p.add_argument("--device", default=d.device, help="when mapping a model source: " + DEVICE_HELP)
     p.add_argument("--dtype", default=d.dtype, help=f"when mapping a model source: auto | split | float32 | bfloat16 (default {d.dtype})")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_compare)

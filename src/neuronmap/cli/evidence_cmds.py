@@ -8,7 +8,7 @@ import time
 from rich.markup import escape
 from rich.table import Table
 
-from neuronmap.cli.common import print_json, print_table, show_token, err, int_at_least, out
+from neuronmap.cli.common import DEVICE_HELP, err, int_at_least, out, print_json, print_table, show_token
 
 
 def add_record(sub) -> None:
@@ -31,7 +31,7 @@ def add_record(sub) -> None:
                    help=f"tokens per forward pass (default {BATCH_TOKENS})")
     p.add_argument("--source", default=None,
                    help="the model, if it moved since mapping (its sha256 must match the atlas's); default: the recorded path")
-    p.add_argument("--device", default=DEVICE, help=f"cpu | cuda | auto (default {DEVICE})")
+    p.add_argument("--device", default=DEVICE, help=DEVICE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace the evidence the atlas already holds")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_record)

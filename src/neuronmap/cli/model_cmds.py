@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from neuronmap.cli.common import print_json, print_table, show_token, err, finite_float, int_at_least, out
+from neuronmap.cli.common import DEVICE_HELP, MODEL_DTYPE_HELP, err, finite_float, int_at_least, out, print_json, print_table, show_token
 
 
 def _model_args(p, source: bool = True) -> None:
@@ -16,8 +16,8 @@ def _model_args(p, source: bool = True) -> None:
         p.add_argument("source", nargs="?", default=None,
                        help="checkpoint dir, .gguf file, hub id or packaged model, as for map; default: the demo model")
     p.add_argument("--positions", default=POSITIONS_DEFAULT, help=f"{' | '.join(POSITIONS)} (default {POSITIONS_DEFAULT})")
-    p.add_argument("--device", default=DEVICE, help=f"cpu | cuda | auto (default {DEVICE})")
-    p.add_argument("--dtype", default=DTYPE, help=f"float32 | bfloat16 (default {DTYPE})")
+    p.add_argument("--device", default=DEVICE, help=DEVICE_HELP)
+    p.add_argument("--dtype", default=DTYPE, help=MODEL_DTYPE_HELP)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 

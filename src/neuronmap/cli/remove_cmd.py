@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from neuronmap.cli.common import print_json, print_table, show_token, err, finite_float, int_at_least, out
+from neuronmap.cli.common import DEVICE_HELP, err, finite_float, int_at_least, out, print_json, print_table, show_token
 
 
 def add_remove(sub) -> None:
@@ -50,7 +50,7 @@ def add_remove(sub) -> None:
     p.add_argument("--candidates", type=int_at_least(1), default=CANDIDATES, help=f"noisy candidates per round (default {CANDIDATES})")
     p.add_argument("--rounds", type=int_at_least(1), default=ROUNDS, help=f"rounds of noise, each from the best so far (default {ROUNDS})")
     p.add_argument("--seed", type=int, default=SEED, help=f"random seed of the noise (default {SEED})")
-    p.add_argument("--device", default=DEVICE, help=f"cpu | cuda | auto (default {DEVICE})")
+    p.add_argument("--device", default=DEVICE, help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_remove)
 

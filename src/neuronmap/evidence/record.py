@@ -149,7 +149,7 @@ class Stream:
         row_doc: ``[n_rows]`` document index into ``docs``; row_pos: ``[n_rows]`` the sequence's first token in its document.
         docs: document names.
         store: the token store (int32 token ids, one per recorded token).
-        kernel: how the statistics were kept: ``native`` (neuronmap/csrc/record.c) or ``torch``.
+        kernel: how the statistics were kept: ``native`` (neuronmap/decode/csrc/record.c) or ``torch``.
     """
 
     layers: list[LayerStats]

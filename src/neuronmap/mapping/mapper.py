@@ -100,6 +100,62 @@ def map_model(
         1536
     """
     t0 = time.perf_counter()
+    plan = plan_map(source, out, options, overwrite, resume, ray)
+    timings = {"read_s": 0.0, "decode_s": 0.0, "write_s": 0.0}
+    parts = open_parts(plan.out, plan.manifest, resume)  # after every option is checked: a refused map leaves nothing
+    notes = plan.notes + resume_notes(parts, plan)
+    done = set(parts.done)
+
+    def note() -> str:
+        return (f"{len(done)} of {len(plan.order)} parts are kept in {parts.path}; run the same command with --resume "
+                "to continue")
+
+    with fsio.interrupt_note(note):  # until the atlas is in place, an interrupted map says how to resume it
+        ran = run_parts(plan, parts, done, timings, progress, notes)
+        meta, best = assemble_atlas(plan, parts, ran, timings, t0)
+    return MapResult(plan.out, meta, plan.n_vectors, meta["timings"]["total_s"], highlights(best), notes)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A map checked and resolved before any vector is decoded.
+
+    Attributes:
+        src, weights: the model; out: the atlas directory; protect: the model's own paths, never written over.
+        options: as given; matrices, layers: resolved; device, dtype: resolved (on Ray the workers resolve the device).
+        order: (matrix, layer) parts in the order a single pass writes rows; reduce, kernel: the reduction chosen.
+        manifest: what a part's rows depend on (a resume compares it); notes: what the run found before it began.
+    """
+
+    src: Source
+    weights: Weights
+    out: Path
+    protect: tuple[Path, ...]
+    options: MapOptions
+    overwrite: bool
+    ray: str | None
+    matrices: list[str]
+    layers: list[int]
+    device: object
+    dtype: str
+    order: list[tuple[str, int]]
+    reduce: Callable
+    kernel: str
+    manifest: dict
+    notes: list[str]
+
+    @property
+    def n_vectors(self) -> int:
+        return len(self.order) * self.weights.d_mlp
+
+
+def plan_map(source: Source | str | None, out: Path | str, options: MapOptions, overwrite: bool, resume: bool,
+             ray: str | None) -> Plan:
+    """Check every input (output first, then Ray, weights and options) and resolve what the map will do.
+
+    Raises:
+        NeuronmapError: a bad source, output or option; Ray missing or a bad address.
+    """
     src = source if isinstance(source, Source) else resolve_source(source)
     # The model's own files are never written over, whatever -o and --overwrite say.
     protect = (src.path, *src.files)
@@ -122,92 +178,128 @@ def map_model(
     dtype = resolve_dtype(options.dtype, device)
     order = [(m, layer) for layer in layers for m in matrices]  # the order a single pass writes rows in
     reduce = choose_reducer(options.kernel, len(layers) * len(matrices) * weights.d_mlp * weights.d_vocab)
-    kernel, cluster = kernel_used(reduce, weights.d_vocab, dtype, str(device), options.top_k), None
+    kernel = kernel_used(reduce, weights.d_vocab, dtype, str(device), options.top_k)
     # What a part's rows depend on, and nothing else: the resolved matrices and layers (not the option text), and
     # the precision class rather than the kernel or device, since every exact kernel gives the same atlas to ~1e-6.
     manifest = {"weights": [{"name": f.name, "sha256": file_sha256(f)} for f in src.files],
                 "matrices": matrices, "layers": layers, "top_k": options.top_k, "norm": options.norm,
                 "fold_input_norm": options.fold_input_norm, "precision": precision(dtype, options.n_candidates),
                 "format": atlas_io.VERSION}
-    t_head = time.perf_counter()
-    if ray is None:
-        head = build_head(weights, options.norm, device, dtype)
-        vocab = pa.array(list(weights.tokens), pa.string())
-    timings = {"read_s": time.perf_counter() - t_head, "decode_s": 0.0, "write_s": 0.0}
-    parts = open_parts(out, manifest, resume)  # after every option is checked: a refused map leaves nothing
+    return Plan(src, weights, out, protect, options, overwrite, ray, matrices, layers, device, dtype, order, reduce,
+                kernel, manifest, notes)
+
+
+def resume_notes(parts, plan: Plan) -> list[str]:
+    """One line each for parts removed, reused or decoded again."""
+    notes = []
     if parts.removed:
-        notes.append(f"removed {parts.removed} parts of an earlier interrupted map into {out} (--resume continues one instead)")
+        notes.append(f"removed {parts.removed} parts of an earlier interrupted map into {plan.out} (--resume continues one instead)")
     if parts.reused:
-        notes.append(f"resuming: reusing {parts.reused} of {len(order)} parts from {parts.path}")
+        notes.append(f"resuming: reusing {parts.reused} of {len(plan.order)} parts from {parts.path}")
     if parts.redone:
         n = len(parts.redone)
         notes.append(f"decoding again {n} part{'s' if n > 1 else ''} of {parts.path} that failed their check: "
                      + "; ".join(parts.redone[:3]) + (f" and {len(parts.redone) - 3} more" if len(parts.redone) > 3 else ""))
-    done = set(parts.done)
+    return notes
 
-    def note() -> str:
-        return (f"{len(done)} of {len(order)} parts are kept in {parts.path}; run the same command with --resume "
-                "to continue")
 
-    with fsio.interrupt_note(note):
-        def finished(matrix: str, layer: int, tables: list[pa.Table], best: dict) -> None:
-            t = time.perf_counter()
-            write_part(parts, matrix, layer, tables, best)
-            timings["write_s"] += time.perf_counter() - t
-            done.add((matrix, layer))
-            if progress:
-                progress(len(done), len(order), len(done) * weights.d_mlp)
+@dataclass(frozen=True)
+class Ran:
+    """Where the parts were decoded: the device and kernel that ran, and the Ray cluster (None: here)."""
 
-        n_vectors = len(order) * weights.d_mlp
-        todo = [(m, layer) for m, layer in order if (m, layer) not in done]
+    device: object
+    kernel: str
+    cluster: dict | None = None
+
+
+def run_local(plan: Plan, todo: list[tuple[str, int]], finished: Callable, timings: dict, notes: list[str]) -> Ran:
+    """Decode the parts ``todo`` in this process, handing each to ``finished(matrix, layer, tables, best)``."""
+    t = time.perf_counter()
+    head = build_head(plan.weights, plan.options.norm, plan.device, plan.dtype)
+    vocab = pa.array(list(plan.weights.tokens), pa.string())
+    timings["read_s"] += time.perf_counter() - t
+    for matrix, layer in todo:
+        finished(matrix, layer, *map_part(plan.weights, head, matrix, layer, plan.options, plan.reduce, vocab, timings))
+    return Ran(plan.device, plan.kernel)
+
+
+def run_ray(plan: Plan, todo: list[tuple[str, int]], finished: Callable, timings: dict, notes: list[str]) -> Ran:
+    """Decode the parts ``todo`` as tasks on a Ray cluster (neuronmap.mapping.distributed), the same interface."""
+    from neuronmap.mapping.distributed import run
+
+    device, kernel, worked, cluster = run(plan.src, plan.options, plan.dtype, plan.reduce is compiled_reduce, todo,
+                                          finished, plan.ray, notes)
+    for k, v in worked.items():
+        timings[k] += v
+    return Ran(device, kernel, cluster)
+
+
+def run_parts(plan: Plan, parts, done: set, timings: dict, progress: Callable | None, notes: list[str]) -> Ran:
+    """Decode every part not in ``done``, writing each as it finishes (and adding it to ``done``); on failure keep
+    what can be resumed.
+
+    Raises:
+        NeuronmapError: a part fails; where the failure can pass (a full disk, a lost cluster) the finished parts are
+            kept and the message says to resume, else they are removed.
+    """
+    d_mlp = plan.weights.d_mlp
+
+    def finished(matrix: str, layer: int, tables: list[pa.Table], best: dict) -> None:
+        t = time.perf_counter()
+        write_part(parts, matrix, layer, tables, best)
+        timings["write_s"] += time.perf_counter() - t
+        done.add((matrix, layer))
         if progress:
-            progress(len(done), len(order), len(done) * weights.d_mlp)  # parts reused, before any work
-        try:
-            if ray is None:
-                for matrix, layer in todo:
-                    finished(matrix, layer, *map_part(weights, head, matrix, layer, options, reduce, vocab, timings))
-            else:
-                from neuronmap.mapping.distributed import run
+            progress(len(done), len(plan.order), len(done) * d_mlp)
 
-                device, kernel, worked, cluster = run(src, options, dtype, reduce is compiled_reduce, todo, finished, ray,
-                                                      notes)
-                for k, v in worked.items():
-                    timings[k] += v
-        except NeuronmapError as e:
-            # A write that failed (disk full) or a cluster that failed can go on once fixed; a model that cannot be
-            # read would fail again.
-            if done and (isinstance(e.__cause__, OSError) or isinstance(e, ResumableError)):
-                raise NeuronmapError(f"{e}; the {len(done)} finished parts are kept in {parts.path}: add --resume "
-                                     "when you run it again") from e
-            fsio.remove_tree(parts.path)
-            raise
-        except BaseException:
-            if not done:  # nothing to resume from
-                fsio.remove_tree(parts.path)
-            raise
-        best: dict[str, dict] = {}
-        for matrix, layer in order:
-            for key, row in read_best(parts.path, matrix, layer).items():
-                if key not in best or best[key]["prob"] < row["prob"]:  # first seen wins ties, as in one pass
-                    best[key] = row
-        with atlas_out.atlas_writer(out, overwrite, protect) as tmp:
-            t = time.perf_counter()
-            assemble(parts, order, tmp / "neurons.parquet", weights.d_mlp)
-            atlas_out.write_vocab(tmp / "vocab.parquet", weights.tokens)
-            sums = atlas_out.seal(tmp, ("neurons.parquet", "vocab.parquet"))
-            timings["write_s"] += time.perf_counter() - t
-            seconds = time.perf_counter() - t0
-            meta = _meta(weights, src, options, matrices, layers, dtype, device, timings, seconds, n_vectors)
-            # Which kernel ran (a failed compile falls back to eager): the numbers agree to ~1e-6.
-            meta["kernel"] = kernel
-            meta["sha256"] = sums  # checked by every reader (atlas.verify_file)
-            if cluster is not None:
-                meta["ray"] = cluster  # timings are summed over the workers
-            if parts.reused:
-                meta["resumed_parts"] = parts.reused  # their decode time is not in `timings`
-            atlas_out.write_json(tmp / "meta.json", meta)
+    todo = [(m, layer) for m, layer in plan.order if (m, layer) not in done]
+    if progress:
+        progress(len(done), len(plan.order), len(done) * d_mlp)  # parts reused, before any work
+    runner = run_local if plan.ray is None else run_ray
+    try:
+        return runner(plan, todo, finished, timings, notes)
+    except NeuronmapError as e:
+        # A write that failed (disk full) or a cluster that failed can go on once fixed; a model that cannot be
+        # read would fail again.
+        if done and (isinstance(e.__cause__, OSError) or isinstance(e, ResumableError)):
+            raise NeuronmapError(f"{e}; the {len(done)} finished parts are kept in {parts.path}: add --resume "
+                                 "when you run it again") from e
         fsio.remove_tree(parts.path)
-    return MapResult(out, meta, n_vectors, seconds, highlights(best), notes)
+        raise
+    except BaseException:
+        if not done:  # nothing to resume from
+            fsio.remove_tree(parts.path)
+        raise
+
+
+def assemble_atlas(plan: Plan, parts, ran: Ran, timings: dict, t0: float) -> tuple[dict, dict[str, dict]]:
+    """Join the parts into the atlas directory, written whole or not at all, then remove the parts.
+
+    Returns:
+        ``(meta, best)``: meta.json as written, and the most confident row per content word.
+    """
+    best: dict[str, dict] = {}
+    for matrix, layer in plan.order:
+        for key, row in read_best(parts.path, matrix, layer).items():
+            if key not in best or best[key]["prob"] < row["prob"]:  # first seen wins ties, as in one pass
+                best[key] = row
+    with atlas_out.atlas_writer(plan.out, plan.overwrite, plan.protect) as tmp:
+        t = time.perf_counter()
+        assemble(parts, plan.order, tmp / "neurons.parquet", plan.weights.d_mlp)
+        atlas_out.write_vocab(tmp / "vocab.parquet", plan.weights.tokens)
+        sums = atlas_out.seal(tmp, ("neurons.parquet", "vocab.parquet"))
+        timings["write_s"] += time.perf_counter() - t
+        meta = atlas_meta(plan, ran.device, timings, time.perf_counter() - t0)
+        # Which kernel ran (a failed compile falls back to eager): the numbers agree to ~1e-6.
+        meta["kernel"] = ran.kernel
+        meta["sha256"] = sums  # checked by every reader (atlas.format.verify_file)
+        if ran.cluster is not None:
+            meta["ray"] = ran.cluster  # timings are summed over the workers
+        if parts.reused:
+            meta["resumed_parts"] = parts.reused  # their decode time is not in `timings`
+        atlas_out.write_json(tmp / "meta.json", meta)
+    fsio.remove_tree(parts.path)
+    return meta, best
 
 
 def precision(dtype: str, n_candidates: int) -> str:
@@ -216,7 +308,9 @@ def precision(dtype: str, n_candidates: int) -> str:
     return f"bfloat16 screening, {n_candidates} candidates" if dtype == "bfloat16" else "exact"
 
 
-def _meta(weights: Weights, src: Source, options: MapOptions, matrices, layers, dtype, device, timings, seconds, n_vectors) -> dict:
+def atlas_meta(plan: Plan, device, timings: dict, seconds: float) -> dict:
+    """meta.json of the atlas ``plan`` made (the kernel, sha256, Ray and resume entries are added by the caller)."""
+    weights, src, options, dtype, n_vectors = plan.weights, plan.src, plan.options, plan.dtype, plan.n_vectors
     return {
         "format": atlas_io.FORMAT,
         "version": atlas_io.VERSION,
@@ -241,8 +335,8 @@ def _meta(weights: Weights, src: Source, options: MapOptions, matrices, layers, 
             "softcap": weights.softcap,
             "fold_input_norm": options.fold_input_norm,
             "top_k": options.top_k,
-            "matrices": list(matrices),
-            "layers": list(layers),
+            "matrices": list(plan.matrices),
+            "layers": list(plan.layers),
             "poles": ["+", "-"],
             "screen_candidates": options.n_candidates if dtype == "bfloat16" else None,
         },

@@ -24,8 +24,10 @@ from neuronmap.sources.resolve import resolve_source
 from neuronmap.sources.weights import Source
 
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DEVICE = "cpu"
-DTYPE = "float32"
+# One meaning across commands: --device auto is cuda where torch has one, else cpu; --dtype auto is the exact
+# precision at the best speed here (a model runs in float32; map decodes in split or float32).
+DEVICE = "auto"
+DTYPE = "auto"
 
 
 @dataclass(frozen=True)
@@ -117,13 +119,29 @@ _LOADED: dict[tuple, Model] = {}
 _KEEP = 2  # models kept loaded per process: a real one and a small one, without hoarding memory
 
 
+def model_dtype(dtype: str) -> str:
+    """The precision a model runs in: ``auto`` is ``float32`` (exact); ``split`` is a decoding precision only.
+
+    Raises:
+        NeuronmapError: ``split`` or an unknown name.
+    """
+    if dtype == "auto":
+        return "float32"
+    if dtype == "split":
+        raise NeuronmapError("--dtype split is a decoding precision (map, compare): a model runs in auto, float32 or "
+                             "bfloat16; use --dtype auto")
+    if dtype not in MODEL_DTYPES:
+        raise NeuronmapError(f"unknown --dtype {dtype!r}: expected auto, float32 or bfloat16")
+    return dtype
+
+
 def load_model(source: Source | str | None = None, device: str = DEVICE, dtype: str = DTYPE) -> Model:
     """Load a model with transformers; the last two loaded stay in memory for reuse.
 
     Args:
         source: a ``Source`` or anything ``resolve_source`` takes (None: the demo model).
-        device: ``cpu`` | ``cuda`` | ``auto``.
-        dtype: ``float32`` | ``bfloat16``.
+        device: ``auto`` (cuda if present, else cpu) | ``cpu`` | ``cuda``.
+        dtype: ``auto`` (float32: exact) | ``float32`` | ``bfloat16`` (faster on a GPU, approximate).
 
     Returns:
         Model: in eval mode, with gradients off.
@@ -137,8 +155,7 @@ def load_model(source: Source | str | None = None, device: str = DEVICE, dtype: 
         ('llama', 30, 1536)
     """
     src = source if isinstance(source, Source) else resolve_source(source)
-    if dtype not in MODEL_DTYPES:
-        raise NeuronmapError(f"unknown --dtype {dtype!r}: expected float32 or bfloat16")
+    dtype = model_dtype(dtype)
     dev = resolve_device(device)
     key = (src.kind, str(src.path.resolve()), str(dev), dtype)
     if key in _LOADED:

@@ -20,7 +20,7 @@ WEIGHT_CACHE_BYTES = 2 << 30  # weights kept in memory per served model, so sear
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
-def create_app(atlases: list[Path | str], device: str = "cpu", dtype: str = "float32", host: str = HOST,
+def create_app(atlases: list[Path | str], device: str = "auto", dtype: str = "auto", host: str = HOST,
                reports: list[Path | str] = ()):
     """The viewer as an ASGI app (Starlette), serving only ``atlases`` and ``reports``.
 

@@ -59,7 +59,7 @@ def _shown(v: object) -> str:
 class SteerRunner:
     """Checks steering requests and runs them through one ``JobQueue``."""
 
-    def __init__(self, served: Served, device: str = "cpu", dtype: str = "float32"):
+    def __init__(self, served: Served, device: str = "auto", dtype: str = "auto"):
         self.served, self.device, self.dtype = served, device, dtype
         self.queue = JobQueue()
 
@@ -103,10 +103,10 @@ class SteerRunner:
         model = {}
 
         def load(_: dict) -> dict:
-            from neuronmap.runtime.models import load_model
+            from neuronmap.runtime.models import load_model, model_dtype
 
-            model["m"] = load_model(src, self.device, self.dtype)
-            return {"source": src.spec, "device": self.device, "dtype": self.dtype}
+            model["m"] = m = load_model(src, self.device, self.dtype)
+            return {"source": src.spec, "device": str(m.device), "dtype": model_dtype(self.dtype)}
 
         def run_clamp(_: dict) -> dict:
             return clamp(model["m"], [spec], word, None, None, positions).to_dict()
