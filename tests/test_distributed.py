@@ -43,7 +43,7 @@ def test_tiny_model_on_ray_gives_the_single_process_atlas(cluster, ckpt, atlas, 
 
 
 def test_map_many_on_ray(cluster, tiny_models, tmp_path):
-    from neuronmap.compare.trajectory import map_many
+    from neuronmap.compare.series import map_many
 
     run = [str(tiny_models("llama", seed=1)), str(tiny_models("llama", seed=0))]
     here = map_many(run, tmp_path / "here", MapOptions(layers="1"))

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import SERIES_STEPS
 from neuronmap.cli import main
-from neuronmap.compare.trajectory import SERIES, atlas_names
+from neuronmap.compare.series import SERIES, atlas_names
 
 
 def run_json(capsys, argv: list[str]) -> dict:

@@ -25,7 +25,7 @@ def add_map_many(sub) -> None:
 
 def cmd_map_many(args) -> int:
     from neuronmap.core.errors import NeuronmapError
-    from neuronmap.compare.trajectory import map_many, read_source_list
+    from neuronmap.compare.series import map_many, read_source_list
 
     if args.sources and args.from_file:
         raise NeuronmapError("give the sources as arguments or with --from FILE, not both")
