@@ -58,9 +58,9 @@ def read_source_list(path: Path | str) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
-        raise NeuronmapError(f"--from {path}: cannot read it ({e.strerror or e}); give a text file with one source a line") from e
+        raise NeuronmapError(f"from_file={path}: cannot read it ({e.strerror or e}); give a text file with one source a line") from e
     except UnicodeDecodeError as e:
-        raise NeuronmapError(f"--from {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+        raise NeuronmapError(f"from_file={path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
                              "give a text file with one source a line") from e
     out = []
     for i, line in enumerate(lines, 1):
@@ -73,7 +73,7 @@ def read_source_list(path: Path | str) -> list[str]:
             raise NeuronmapError(f"line {i} of {path}: {e}") from e
         out.append(spec)
     if not out:
-        raise NeuronmapError(f"--from {path} lists no source: write one checkpoint directory, .gguf file or hub id a line")
+        raise NeuronmapError(f"from_file={path} lists no source: write one checkpoint directory, .gguf file or hub id a line")
     return out
 
 
@@ -137,7 +137,7 @@ def map_many(
     """
     t0 = time.perf_counter()
     if not sources:
-        raise NeuronmapError("map-many needs at least one SOURCE, or --from FILE with one source a line")
+        raise NeuronmapError("map-many needs at least one SOURCE, or from_file=FILE with one source a line")
     for i, spec in enumerate(sources, 1):
         try:
             resolve_source(spec)
@@ -230,8 +230,8 @@ def check_series_dir(out: Path, overwrite: bool) -> None:
     strangers = [e for e in entries if not _OURS.fullmatch(e)]
     if strangers and not overwrite:
         shown = ", ".join(strangers[:3]) + (f" and {len(strangers) - 3} more" if len(strangers) > 3 else "")
-        raise NeuronmapError(f"-o {out} is not empty and map-many did not write it (it holds {shown}): choose a new or "
-                             "empty directory, or pass --overwrite to add the atlases beside those files (none is replaced)")
+        raise NeuronmapError(f"out={out} is not empty and map-many did not write it (it holds {shown}): choose a new or "
+                             "empty directory, or pass overwrite=True to add the atlases beside those files (none is replaced)")
 
 
 def _write_series(out: Path, atlases: list[dict]) -> None:
@@ -341,14 +341,14 @@ def trajectory(path: Path | str, matrices: str | None = None, layers: str | None
         [0.71, 0.83, 0.94, 1.0]
     """
     if not 0.0 <= min_prob < 1.0:
-        raise NeuronmapError(f"--min-prob {min_prob} is out of range: expected 0 <= p < 1")
+        raise NeuronmapError(f"min_prob={min_prob} is out of range: expected 0 <= p < 1")
     sides = open_series(path)
     chosen = [select_rows(s, s.path.name, matrices, layers) for s in sides]
     mats = [m for m in chosen[-1][0] if all(m in c[0] for c in chosen)]
     lays = sorted(set.intersection(*(set(c[1]) for c in chosen)))
     if not mats or not lays:
         raise NeuronmapError(f"the atlases in {path} share no {'matrix' if not mats else 'layer'}: map them with the "
-                             "same --matrices and --layers")
+                             "same matrices=... and layers=...")
     last = sides[-1]
     overall, per_layer, steps = [], [], []
     k = None

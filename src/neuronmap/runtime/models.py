@@ -138,7 +138,7 @@ def load_model(source: Source | str | None = None, device: str = DEVICE, dtype: 
     """
     src = source if isinstance(source, Source) else resolve_source(source)
     if dtype not in MODEL_DTYPES:
-        raise NeuronmapError(f"unknown --dtype {dtype!r}: expected float32 or bfloat16")
+        raise NeuronmapError(f"unknown dtype={dtype!r}: expected float32 or bfloat16")
     dev = resolve_device(device)
     key = (src.kind, str(src.path.resolve()), str(dev), dtype)
     if key in _LOADED:
