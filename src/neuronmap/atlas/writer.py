@@ -128,14 +128,14 @@ def check_output(out: Path, overwrite: bool, protect: tuple[Path, ...] = ()) -> 
         p = Path(os.path.abspath(p))
         if _inside(out, p) or _inside(p, out):
             where = "is" if out == p else "is inside" if _inside(out, p) else "contains"
-            raise NeuronmapError(f"-o {out} {where} the model being mapped ({p}): write the atlas to a directory "
-                                 "outside the checkpoint, e.g. -o ./atlas")
+            raise NeuronmapError(f"out={out} {where} the model being mapped ({p}): write the atlas to a directory "
+                                 "outside the checkpoint, e.g. out=./atlas")
     if out.is_symlink():
-        raise NeuronmapError(f"{out} is a symbolic link: give the directory it points to, or another -o")
+        raise NeuronmapError(f"{out} is a symbolic link: give the directory it points to, or another out=...")
     if not out.exists():
         return out
     if not out.is_dir():
-        raise NeuronmapError(f"{out} exists and is not a directory: choose another -o")
+        raise NeuronmapError(f"{out} exists and is not a directory: choose another out=...")
     try:
         names = sorted(os.listdir(out))
     except OSError as e:

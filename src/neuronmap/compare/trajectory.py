@@ -203,7 +203,7 @@ def _check_series_file(out: Path) -> None:
         ours = False
     if not ours:
         raise NeuronmapError(f"{f} was not written by neuronmap (no \"format\": \"{FORMAT}\"), and map-many would "
-                             "replace it: move it out of the way or choose another -o")
+                             "replace it: move it out of the way or choose another out=...")
 
 
 def check_series_dir(out: Path, overwrite: bool) -> None:
@@ -219,11 +219,11 @@ def check_series_dir(out: Path, overwrite: bool) -> None:
             ``overwrite``.
     """
     if out.exists() and not out.is_dir():
-        raise NeuronmapError(f"-o {out} is a file: give a directory to hold one atlas per source")
+        raise NeuronmapError(f"out={out} is a file: give a directory to hold one atlas per source")
     try:
         entries = sorted(os.listdir(out)) if out.is_dir() else []
     except OSError as e:
-        raise NeuronmapError(f"cannot read -o {out} ({e.strerror or e}): choose another -o") from e
+        raise NeuronmapError(f"cannot read out={out} ({e.strerror or e}): choose another out=...") from e
     if SERIES in entries:
         _check_series_file(out)
         return
@@ -284,7 +284,7 @@ def open_series(path: Path | str) -> list[Side]:
     """
     path = Path(path)
     if not path.is_dir():
-        raise NeuronmapError(f"{path} is not a directory: pass the -o of `neuronmap map-many`")
+        raise NeuronmapError(f"{path} is not a directory: pass the out=... of `neuronmap map-many`")
     listed = _listed(path) if (path / SERIES).exists() else \
         [(p.name, p.name) for p in sorted(path.iterdir()) if (p / "meta.json").is_file()]
     if len(listed) < 2:
