@@ -108,7 +108,7 @@ def test_no_message_suggests_mapping_over_a_checkpoint(ckpt, capsys):
 
 def test_an_atlas_that_appears_meanwhile_is_not_replaced(ckpt, atlas, tmp_path):
     out = tmp_path / "a"
-    with pytest.raises(NeuronmapError, match="pass --overwrite to replace it"):
+    with pytest.raises(NeuronmapError, match="pass overwrite=True to replace it"):
         with atlas_writer(out, overwrite=False) as tmp:
             (tmp / "meta.json").write_text("{}")
             shutil.copytree(atlas, out)  # another run finished first

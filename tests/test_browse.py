@@ -53,7 +53,7 @@ def test_layer_rows_token_class_filter_matches_token_class(atlas):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(layer=7), "--layers '7' is out of range: the model has 2 layers, 0-1"),
+    (dict(layer=7), "layers='7' is out of range: the model has 2 layers, 0-1"),
     (dict(matrix="mlp"), "unknown matrix 'mlp'"),
     (dict(sort="size"), "unknown sort 'size': expected one of confidence, entropy, norm, neuron"),
     (dict(token_class="noun"), "unknown token class 'noun': expected one of word, subword"),

@@ -190,7 +190,7 @@ def test_different_shapes_refuse_neuron_level_and_offer_concept(syn, tmp_path):
     with pytest.raises(NeuronmapError) as e:
         compare(str(syn), str(other), level="neuron")
     assert "cannot compare neuron by neuron" in str(e.value) and "n_layers 4 vs 3" in str(e.value)
-    assert "use --level concept" in str(e.value) and "\n" not in str(e.value)
+    assert "use level=concept" in str(e.value) and "\n" not in str(e.value)
     c = compare(str(syn), str(other))  # auto falls back to concepts and says why
     assert c.level == "concept" and "n_layers 4 vs 3" in c.reason
 
@@ -248,9 +248,9 @@ def test_per_layer_agreement_matches_brute_force_on_tiny_models(tiny_models, tmp
     assert 0.1 < c.neuron.overall[-1]["same_top1"] < 0.95
     assert_layers_match(c, brute_layers(c.a.path, c.b.path))
     part = map_model(str(base), tmp_path / "part", MapOptions(layers="1", matrices="up", top_k=5, dtype="float32", device="cpu")).path
-    with pytest.raises(NeuronmapError, match=r"^A \(.*part\): the atlas has no layer 0 \(it was mapped with layers 1\): choose among those, or re-map with more --layers$"):
+    with pytest.raises(NeuronmapError, match=r"^A \(.*part\): the atlas has no layer 0 \(it was mapped with layers 1\): choose among those, or re-map with more layers=\.\.\.$"):
         compare(str(part), str(c.b.path), layers="0")
-    with pytest.raises(NeuronmapError, match=r"^A \(.*part\): the atlas has no 'gate' vectors \(it was mapped with up\): choose among those, or re-map with more --matrices$"):
+    with pytest.raises(NeuronmapError, match=r"^A \(.*part\): the atlas has no 'gate' vectors \(it was mapped with up\): choose among those, or re-map with more matrices=\.\.\.$"):
         compare(str(part), str(c.b.path), matrices="gate")
     again = compare(str(base), str(tuned), options=MapOptions(top_k=5, dtype="float32", device="cpu"), progress=notes.append)
     assert len(notes) == 2 and again.a.path == c.a.path  # cached: mapped once

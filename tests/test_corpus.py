@@ -64,7 +64,7 @@ def test_every_keeps_the_first_of_each_n_documents(gcide):
     every = open_corpus(gcide, every=50)
     assert _docs(every) == whole[::50]
     assert every.to_dict()["every"] == 50 and every.sha256() == open_corpus(gcide).sha256()
-    with pytest.raises(NeuronmapError, match=r"--every 0 is out of range: expected a whole number >= 1"):
+    with pytest.raises(NeuronmapError, match=r"every=0 is out of range: expected a whole number >= 1"):
         open_corpus(gcide, every=0)
 
 

@@ -203,7 +203,7 @@ def test_kernel_choice():
     assert choose_reducer("auto", 1e6) is reduce_logits
     assert choose_reducer("auto", 1e11) is compiled_reduce
     assert choose_reducer("eager", 1e11) is reduce_logits
-    with pytest.raises(NeuronmapError, match="unknown --kernel 'fast': expected one of auto, eager, compiled"):
+    with pytest.raises(NeuronmapError, match="unknown kernel='fast': expected one of auto, eager, compiled"):
         choose_reducer("fast", 1)
 
 
@@ -211,10 +211,10 @@ def test_device_and_dtype_choices():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_dtype("auto", torch.device("cpu")) == ("split" if fused.status() == "ok" else "float32")
     assert resolve_dtype("float32", torch.device("cpu")) == "float32"
-    with pytest.raises(NeuronmapError, match="unknown --dtype 'half'"):
+    with pytest.raises(NeuronmapError, match="unknown dtype='half'"):
         resolve_dtype("half", torch.device("cpu"))
     if not torch.cuda.is_available():
-        with pytest.raises(NeuronmapError, match="--device cuda was asked for, but no CUDA GPU is available"):
+        with pytest.raises(NeuronmapError, match="device=cuda was asked for, but no CUDA GPU is available"):
             resolve_device("cuda")
 
 
@@ -270,7 +270,7 @@ def test_auto_falls_back_to_float32_without_avx512_bf16(monkeypatch):
         why = "the fused kernel is not available (this CPU lacks avx512bw, avx512vl, avx512dq, avx512_bf16)"
         assert fused.status() == why
         assert resolve_dtype("auto", torch.device("cpu")) == "float32"
-        with pytest.raises(NeuronmapError, match=re.escape(f"--dtype split cannot run on cpu: {why}; use --dtype float32")):
+        with pytest.raises(NeuronmapError, match=re.escape(f"dtype=split cannot run on cpu: {why}; use dtype=float32")):
             resolve_dtype("split", torch.device("cpu"))
     finally:
         monkeypatch.undo()

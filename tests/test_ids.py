@@ -38,8 +38,8 @@ def test_ascii_ids_still_parse():
 
 
 @pytest.mark.parametrize("text, says", [
-    ("٠-٣", "malformed --layers '٠-٣': expected a list of layers and ranges in ASCII digits"),
-    ("1,２", "malformed --layers"),
+    ("٠-٣", "malformed layers='٠-٣': expected a list of layers and ranges in ASCII digits"),
+    ("1,２", "malformed layers="),
     (LONG, "is out of range: the model has 4 layers, 0-3"),
     (f"0-{LONG}", "is out of range: the model has 4 layers, 0-3"),
 ])
@@ -83,7 +83,7 @@ def test_integer_options_take_ascii_digits_only(option, value, capsys, tmp_path)
 def test_ray_ports_take_ascii_digits_only(address):
     from neuronmap.mapping.distributed import check_address
 
-    with pytest.raises(NeuronmapError, match=r"^malformed --ray .*: expected local, auto, HOST:PORT or ray://HOST:PORT"):
+    with pytest.raises(NeuronmapError, match=r"^malformed ray=.*: expected local, auto, HOST:PORT or ray://HOST:PORT"):
         check_address(address)
 
 

@@ -430,7 +430,7 @@ def test_verify_refuses_a_checkpoint_changed_since_mapping(tiny_atlas, tmp_path,
     save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(NeuronmapError, match=r"^the weights changed since mapping: .*model\.safetensors has sha256 \w+\.\.\., "
                                              r"the atlas recorded \w+\.\.\.; re-map with `neuronmap map .*`, "
-                                             r"or pass --source PATH if the weights only moved$"):
+                                             r"or pass source=PATH if the weights only moved$"):
         verify(Atlas.open(atlas), "dog", top=1, sweep="2x")
     rc, _, err = run_cli(["verify", str(atlas), "dog", "--top", "1", "--sweep", "2x"], capsys)
     assert rc == 2 and err.startswith("error: the weights changed since mapping:") and err.count("\n") == 1
@@ -479,5 +479,5 @@ def test_cli_spec_without_value_fails_before_the_model_loads(argv, tmp_path, cap
 
 def test_generate_api_refuses_a_nan_temperature(tiny_with_tokenizer):
     m = load_model(str(tiny_with_tokenizer))
-    with pytest.raises(NeuronmapError, match="--temperature nan is not a number >= 0"):
+    with pytest.raises(NeuronmapError, match="temperature=nan is not a number >= 0"):
         generate(m, "hello", [parse_spec("L1N5=3")], temperature=float("nan"))

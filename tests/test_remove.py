@@ -329,7 +329,7 @@ def test_high_collateral_kl_is_a_warning(tiny_with_tokenizer, prompts_file, tmp_
                    "--strength 100); try fewer --edits, a smaller --strength or another --select (docs/remove.md)\n")
     rc, printed, err = run_cli([*base, "-o", str(tmp_path / "soft"), "--edits", "1"], capsys)
     assert rc == 0 and json.loads(printed)["steps"][0]["kl_median"] < 0.1 and err == ""
-    with pytest.raises(NeuronmapError, match=r"^--strength 1e\+30 is out of range: expected a number above 0 and at most 100"):
+    with pytest.raises(NeuronmapError, match=r"^strength=1e\+30 is out of range: expected a number above 0 and at most 100"):
         RemoveOptions(select="cosine", edit="reflect", strength=1e30).check()
 
 def test_contribution_selection_and_bfloat16_checkpoint(tiny_with_tokenizer, prompts_file, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from neuronmap.cli import main
+from neuronmap.cli.flags import as_flags
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.testing.synthetic import synthetic_atlas
 from neuronmap.viewer import create_app
@@ -120,9 +121,9 @@ def test_bad_input_gets_the_clis_message_as_a_4xx(worded, capsys, path, argv):
     c = client(worded)
     page = c.get(path if not path.startswith("/api") else path[4:])
     api = c.get(path if path.startswith("/api") else "/api" + path)
-    assert api.status_code == 400 and api.json() == {"error": message}
+    assert api.status_code == 400 and as_flags(api.json()["error"]) == message  # the CLI's, with parameter names
     if not path.startswith("/api/similar"):
-        assert page.status_code == 400 and f"error: {message}".replace("'", "&#x27;") in page.text
+        assert page.status_code == 400 and f"error: {api.json()['error']}".replace("'", "&#x27;") in page.text
 
 
 def test_only_the_named_atlases_are_readable(worded, pair):
@@ -169,7 +170,7 @@ def test_host_header_and_cross_site_posts_are_refused(worded):
     ({"neuron": "L1X5", "value": "20x", "concept": "coffee"}, "neuron id 'L1X5'"),
     ({"neuron": "L1N5", "value": "twenty", "concept": "coffee"}, "malformed value 'twenty'"),
     ({"neuron": "L1N5", "value": "1e39", "concept": "coffee"}, "which the model's float32 activations cannot hold"),
-    ({"neuron": "L1N5", "value": "20x", "concept": "  "}, "empty --concept"),
+    ({"neuron": "L1N5", "value": "20x", "concept": "  "}, "empty word="),
     ({"neuron": "L1N5", "value": "20x", "concept": "coffee", "positions": "middle"}, "positions"),
     ({"neuron": "L1N5", "value": "20x", "concept": "coffee", "n": 0}, "n 0 is out of range"),
     ({"neuron": "L1N5", "value": "20x", "concept": "coffee", "chat": "yes"}, "'chat' is 'yes': expected true or false"),
@@ -475,7 +476,7 @@ def test_bad_report_is_refused_at_start_with_one_line(tiny_removal, tmp_path, ca
     assert cli_error(capsys, "serve", str(model_atlas), "--report", str(p)) == message.format(p=p)
     with pytest.raises(NeuronmapError) as e:
         create_app([model_atlas], reports=[p])
-    assert str(e.value) == message.format(p=p)
+    assert as_flags(str(e.value)) == message.format(p=p) and str(e.value).startswith(f"reports={p}")
 
 
 def _write(path, text: str):

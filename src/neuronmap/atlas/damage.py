@@ -45,7 +45,7 @@ def find_damaged() -> tuple[Path, str] | None:
     for root, meta in opened:
         files = AtlasFiles(root, meta)
         index = token_index_ready(files)
-        derived = [(index, "remove it; the next --stored lookup builds it anew")] if index else []
+        derived = [(index, "remove it; the next stored=True lookup builds it anew")] if index else []
         for path, hint in data_files(files) + derived:
             if not path.is_file():
                 continue

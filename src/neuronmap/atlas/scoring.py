@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # the handle calls these functions; they only name its type
 
 
 def check_weights(atlas: Atlas, weights: str | None = None,
-                  fix: str = "pass --weights PATH if they only moved, or search the stored top-k with --stored") -> Source:
+                  fix: str = "pass weights=PATH if they only moved, or search the stored top-k with stored=True") -> Source:
     """The weights an atlas was mapped from, each file's sha256 checked against meta.json.
 
     Args:

@@ -172,14 +172,14 @@ def search(atlas: Atlas, concepts: list[str], matrices: str | None = None, layer
         raise NeuronmapError("no concept given: pass at least one word, e.g. coffee")
     check_concepts(concepts)
     if top < 1:
-        raise NeuronmapError(f"--top {top} is out of range: expected 1 or more")
+        raise NeuronmapError(f"top={top} is out of range: expected 1 or more")
     if not 0.0 <= min_prob <= 1.0:
-        raise NeuronmapError(f"--min-prob {min_prob} is out of range: expected a probability from 0 to 1")
+        raise NeuronmapError(f"min_prob={min_prob} is out of range: expected a probability from 0 to 1")
     if sort not in SORTS:
-        raise NeuronmapError(f"--sort {sort!r} is not known: expected one of {', '.join(SORTS)}")
+        raise NeuronmapError(f"sort={sort!r} is not known: expected one of {', '.join(SORTS)}")
     if sort == "agreement" and "evidence" not in atlas.meta:
         raise NeuronmapError(f"{atlas.root} holds no activation evidence to sort by: run "
-                             f"`neuronmap record {atlas.root} --corpus PATH` first, or leave out --sort agreement")
+                             f"`neuronmap record {atlas.root} --corpus PATH` first, or leave out sort=agreement")
     pool = top if sort == "prob" else top * POOL
     tokens = read_vocab(atlas)
     index = vocab_index(tokens)

@@ -85,7 +85,7 @@ def similar(atlas: Atlas, neuron: str, matrices: str | None = None, top: int = T
     """
     t0 = time.perf_counter()
     if top < 1:
-        raise NeuronmapError(f"--top {top} is out of range: expected 1 or more")
+        raise NeuronmapError(f"top={top} is out of range: expected 1 or more")
     meta = atlas.meta
     layer, idx = parse_neuron_id(neuron, int(meta["n_layers"]), int(meta["d_mlp"]))
     mats, lays, _ = choose_rows(meta, matrices, None, None)

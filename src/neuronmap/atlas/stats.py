@@ -151,7 +151,7 @@ def stats(atlas: Atlas, matrices: str | None = None, layers: str | None = None, 
     by["top_tokens"] = [[(d["token"], int(d["rows"])) for d in v] for v in by["top_tokens"]]
     n_rows = int(by["rows"].sum())
     if n_rows == 0:
-        raise NeuronmapError(f"{atlas.root} has no rows for these options: widen --matrices, --layers or --pole")
+        raise NeuronmapError(f"{atlas.root} has no rows for these options: widen matrices=..., layers=... or pole=...")
     top = con.execute(f"""
         SELECT top_id AS token_id, any_value(v.token) AS token, count(*) AS rows, count(*) / {n_rows} AS share
         FROM rows JOIN vocab v ON v.token_id = top_id GROUP BY top_id ORDER BY rows DESC, token_id LIMIT {int(n_top)}""").df()

@@ -40,11 +40,11 @@ def choose_rows(meta: dict, matrices: str | None, layers: str | None, pole: str 
     for m in mats:
         if m not in dec["matrices"]:
             raise NeuronmapError(f"the atlas has no {m!r} vectors (it was mapped with {','.join(dec['matrices'])}): "
-                                 "choose among those, or re-map with more --matrices")
+                                 "choose among those, or re-map with more matrices=...")
     missing = [x for x in lays if x not in dec["layers"]]
     if missing:
         raise NeuronmapError(f"the atlas has no layer {missing[0]} (it was mapped with layers {format_ranges(dec['layers'])}): "
-                             "choose among those, or re-map with more --layers")
+                             "choose among those, or re-map with more layers=...")
     return mats, lays, parse_poles(pole)
 
 

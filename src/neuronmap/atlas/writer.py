@@ -128,30 +128,30 @@ def check_output(out: Path, overwrite: bool, protect: tuple[Path, ...] = ()) -> 
         p = Path(os.path.abspath(p))
         if _inside(out, p) or _inside(p, out):
             where = "is" if out == p else "is inside" if _inside(out, p) else "contains"
-            raise NeuronmapError(f"-o {out} {where} the model being mapped ({p}): write the atlas to a directory "
-                                 "outside the checkpoint, e.g. -o ./atlas")
+            raise NeuronmapError(f"out={out} {where} the model being mapped ({p}): write the atlas to a directory "
+                                 "outside the checkpoint, e.g. out=./atlas")
     if out.is_symlink():
-        raise NeuronmapError(f"{out} is a symbolic link: give the directory it points to, or another -o")
+        raise NeuronmapError(f"{out} is a symbolic link: give the directory it points to, or another out=...")
     if not out.exists():
         return out
     if not out.is_dir():
-        raise NeuronmapError(f"{out} exists and is not a directory: choose another -o")
+        raise NeuronmapError(f"{out} exists and is not a directory: choose another out=...")
     try:
         names = sorted(os.listdir(out))
     except OSError as e:
-        raise NeuronmapError(f"cannot read {out} ({e.strerror}): choose another -o") from e
+        raise NeuronmapError(f"cannot read {out} ({e.strerror}): choose another out=...") from e
     if not names:
         return out
     if not is_atlas_dir(out):
         raise NeuronmapError(f"{out} already exists and is not a neuronmap atlas (no meta.json with format "
-                             f"{FORMAT!r}): --overwrite replaces only atlases; choose another -o")
+                             f"{FORMAT!r}): overwrite=True replaces only atlases; choose another out=...")
     foreign = [n for n in names if n not in ATLAS_FILES]
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise NeuronmapError(f"{out} is an atlas but also holds files neuronmap did not write ({shown}): "
-                             "move them out first, or choose another -o")
+                             "move them out first, or choose another out=...")
     if not overwrite:
-        raise NeuronmapError(f"{out} already exists (an atlas): pass --overwrite to replace it, or choose another -o")
+        raise NeuronmapError(f"{out} already exists (an atlas): pass overwrite=True to replace it, or choose another out=...")
     return out
 
 
@@ -197,8 +197,8 @@ def _publish_dir(tmp: Path, out: Path) -> None:
         fsio.remove_tree(old)
     except OSError as e:
         if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            raise NeuronmapError(f"{out} appeared while mapping (another run?): pass --overwrite to replace it, "
-                                 "or choose another -o") from e
+            raise NeuronmapError(f"{out} appeared while mapping (another run?): pass overwrite=True to replace it, "
+                                 "or choose another out=...") from e
         raise fsio.write_error(out, e, "atlas") from e
 
 

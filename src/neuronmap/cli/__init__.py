@@ -17,6 +17,7 @@ from neuronmap.cli.browse_cmds import add_layer, add_serve, add_similar
 from neuronmap.cli.common import err
 from neuronmap.cli.compare_cmd import add_compare
 from neuronmap.cli.evidence_cmds import add_examples, add_record
+from neuronmap.cli.flags import as_flags
 from neuronmap.cli.model_cmds import add_clamp, add_generate, add_verify
 from neuronmap.cli.remove_cmd import add_remove
 from neuronmap.cli.series_cmds import add_map_many, add_trajectory
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except NeuronmapError as e:
-        err.print(f"error: {e}", markup=False)
+        err.print(f"error: {as_flags(str(e))}", markup=False)  # the library names parameters, the CLI its flags
         return 2
     except KeyboardInterrupt:  # signals left to the host (not the main thread)
         err.print("interrupted: nothing was written", markup=False)
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         damaged = damaged_data(e)
         if damaged is None:
             raise
-        err.print(f"error: {damaged}", markup=False)
+        err.print(f"error: {as_flags(damaged)}", markup=False)
         return 2
     finally:
         restore_signals(previous)

@@ -118,9 +118,9 @@ def compare(
         0.87
     """
     if level not in LEVELS:
-        raise NeuronmapError(f"unknown --level {level!r}: expected auto, neuron or concept")
+        raise NeuronmapError(f"unknown level={level!r}: expected auto, neuron or concept")
     if not 0.0 <= min_prob < 1.0:
-        raise NeuronmapError(f"--min-prob {min_prob} is out of range: expected 0 <= p < 1")
+        raise NeuronmapError(f"min_prob={min_prob} is out of range: expected 0 <= p < 1")
     options = replace(options, matrices=options.matrices or matrices, layers=options.layers or layers)
     sa, sb = resolve_atlas(a, options, progress), resolve_atlas(b, options, progress)
     t0 = time.perf_counter()
@@ -135,7 +135,7 @@ def compare(
     if level == "neuron" and diffs:
         raise NeuronmapError(
             f"cannot compare neuron by neuron: A ({sa.spec}) and B ({sb.spec}) differ in {', '.join(diffs)}; "
-            "use --level concept to compare them by decoded token strings"
+            "use level=concept to compare them by decoded token strings"
         )
     use = "concept" if level == "concept" or diffs else "neuron"
     reason = ("asked for with --level concept" if level == "concept" else
@@ -144,11 +144,11 @@ def compare(
     sel_a, sel_b = select_rows(sa, "A", matrices, layers), select_rows(sb, "B", matrices, layers)
     common = [m for m in sel_a[0] if m in sel_b[0]]
     if not common:
-        raise NeuronmapError(f"A and B share no matrix: A holds {','.join(sel_a[0])}, B holds {','.join(sel_b[0])}; re-map one of them with --matrices")
+        raise NeuronmapError(f"A and B share no matrix: A holds {','.join(sel_a[0])}, B holds {','.join(sel_b[0])}; re-map one of them with matrices=...")
     if use == "neuron":
         lay = sorted(set(sel_a[1]) & set(sel_b[1]))
         if not lay:
-            raise NeuronmapError(f"A and B share no layer: A holds {format_ranges(sel_a[1])}, B holds {format_ranges(sel_b[1])}; re-map one of them with --layers")
+            raise NeuronmapError(f"A and B share no layer: A holds {format_ranges(sel_a[1])}, B holds {format_ranges(sel_b[1])}; re-map one of them with layers=...")
         res = compare_neurons(sa, sb, common, lay, min_prob, top)
         return Comparison(sa, sb, use, reason, warnings, common, time.perf_counter() - t0, neuron=res)
     res = compare_concepts(sa, sb, (common, sel_a[1]), (common, sel_b[1]), min_prob, top)

@@ -53,9 +53,9 @@ def read_source_list(path: Path | str) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
-        raise NeuronmapError(f"--from {path}: cannot read it ({e.strerror or e}); give a text file with one source a line") from e
+        raise NeuronmapError(f"from_file={path}: cannot read it ({e.strerror or e}); give a text file with one source a line") from e
     except UnicodeDecodeError as e:
-        raise NeuronmapError(f"--from {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+        raise NeuronmapError(f"from_file={path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
                              "give a text file with one source a line") from e
     out = []
     for i, line in enumerate(lines, 1):
@@ -68,7 +68,7 @@ def read_source_list(path: Path | str) -> list[str]:
             raise NeuronmapError(f"line {i} of {path}: {e}") from e
         out.append(spec)
     if not out:
-        raise NeuronmapError(f"--from {path} lists no source: write one checkpoint directory, .gguf file or hub id a line")
+        raise NeuronmapError(f"from_file={path} lists no source: write one checkpoint directory, .gguf file or hub id a line")
     return out
 
 
@@ -132,7 +132,7 @@ def map_many(
     """
     t0 = time.perf_counter()
     if not sources:
-        raise NeuronmapError("map-many needs at least one SOURCE, or --from FILE with one source a line")
+        raise NeuronmapError("map-many needs at least one SOURCE, or from_file=FILE with one source a line")
     for i, spec in enumerate(sources, 1):
         try:
             resolve_source(spec)
@@ -198,7 +198,7 @@ def check_series_file(out: Path) -> None:
         ours = False
     if not ours:
         raise NeuronmapError(f"{f} was not written by neuronmap (no \"format\": \"{FORMAT}\"), and map-many would "
-                             "replace it: move it out of the way or choose another -o")
+                             "replace it: move it out of the way or choose another out=...")
 
 
 def check_series_dir(out: Path, overwrite: bool) -> None:
@@ -214,19 +214,19 @@ def check_series_dir(out: Path, overwrite: bool) -> None:
             ``overwrite``.
     """
     if out.exists() and not out.is_dir():
-        raise NeuronmapError(f"-o {out} is a file: give a directory to hold one atlas per source")
+        raise NeuronmapError(f"out={out} is a file: give a directory to hold one atlas per source")
     try:
         entries = sorted(os.listdir(out)) if out.is_dir() else []
     except OSError as e:
-        raise NeuronmapError(f"cannot read -o {out} ({e.strerror or e}): choose another -o") from e
+        raise NeuronmapError(f"cannot read out={out} ({e.strerror or e}): choose another out=...") from e
     if SERIES in entries:
         check_series_file(out)
         return
     strangers = [e for e in entries if not _OURS.fullmatch(e)]
     if strangers and not overwrite:
         shown = ", ".join(strangers[:3]) + (f" and {len(strangers) - 3} more" if len(strangers) > 3 else "")
-        raise NeuronmapError(f"-o {out} is not empty and map-many did not write it (it holds {shown}): choose a new or "
-                             "empty directory, or pass --overwrite to add the atlases beside those files (none is replaced)")
+        raise NeuronmapError(f"out={out} is not empty and map-many did not write it (it holds {shown}): choose a new or "
+                             "empty directory, or pass overwrite=True to add the atlases beside those files (none is replaced)")
 
 
 def _write_series(out: Path, atlases: list[dict]) -> None:

@@ -58,7 +58,7 @@ def open_series(path: Path | str) -> list[Side]:
     """
     path = Path(path)
     if not path.is_dir():
-        raise NeuronmapError(f"{path} is not a directory: pass the -o of `neuronmap map-many`")
+        raise NeuronmapError(f"{path} is not a directory: pass the out=... of `neuronmap map-many`")
     listed = _listed(path) if (path / SERIES).exists() else \
         [(p.name, p.name) for p in sorted(path.iterdir()) if (p / "meta.json").is_file()]
     if len(listed) < 2:
@@ -115,14 +115,14 @@ def trajectory(path: Path | str, matrices: str | None = None, layers: str | None
         [0.71, 0.83, 0.94, 1.0]
     """
     if not 0.0 <= min_prob < 1.0:
-        raise NeuronmapError(f"--min-prob {min_prob} is out of range: expected 0 <= p < 1")
+        raise NeuronmapError(f"min_prob={min_prob} is out of range: expected 0 <= p < 1")
     sides = open_series(path)
     chosen = [select_rows(s, s.path.name, matrices, layers) for s in sides]
     mats = [m for m in chosen[-1][0] if all(m in c[0] for c in chosen)]
     lays = sorted(set.intersection(*(set(c[1]) for c in chosen)))
     if not mats or not lays:
         raise NeuronmapError(f"the atlases in {path} share no {'matrix' if not mats else 'layer'}: map them with the "
-                             "same --matrices and --layers")
+                             "same matrices=... and layers=...")
     last = sides[-1]
     overall, per_layer, steps = [], [], []
     k = None

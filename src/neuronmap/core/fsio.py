@@ -165,15 +165,15 @@ def check_png(out: Path | str) -> Path:
     Example:
         >>> check_png("plots/x.svg")
         Traceback (most recent call last):
-        neuronmap.core.errors.NeuronmapError: --plot plots/x.svg: the plot is a PNG; give a file name ending in .png
+        neuronmap.core.errors.NeuronmapError: plot=plots/x.svg: the plot is a PNG; give a file name ending in .png
     """
     out = Path(out)
     if out.suffix.lower() != ".png":
-        raise NeuronmapError(f"--plot {out}: the plot is a PNG; give a file name ending in .png")
+        raise NeuronmapError(f"plot={out}: the plot is a PNG; give a file name ending in .png")
     if out.parent.exists() and not out.parent.is_dir():
-        raise NeuronmapError(f"--plot {out}: {out.parent} is a file, not a directory; choose another path")
+        raise NeuronmapError(f"plot={out}: {out.parent} is a file, not a directory; choose another path")
     if not out.parent.is_dir():
-        raise NeuronmapError(f"--plot {out}: directory {out.parent} does not exist; create it or choose another path")
+        raise NeuronmapError(f"plot={out}: directory {out.parent} does not exist; create it or choose another path")
     return out
 
 

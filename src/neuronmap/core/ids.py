@@ -84,7 +84,7 @@ def parse_layers(text: str | None, n_layers: int) -> list[int]:
         NeuronmapError: malformed, or a layer outside ``0..n_layers-1``.
     """
     if n_layers < 1:
-        raise NeuronmapError(f"the model has {n_layers} layers: there is nothing to choose with --layers")
+        raise NeuronmapError(f"the model has {n_layers} layers: there is nothing to choose with layers=...")
     if text is None or text.strip() in ("", "all"):
         return list(range(n_layers))
     out: set[int] = set()
@@ -92,18 +92,18 @@ def parse_layers(text: str | None, n_layers: int) -> list[int]:
         part = part.strip()
         m = _LAYERS.fullmatch(part)
         if not m:
-            raise NeuronmapError(f"malformed --layers {shown(text)}: expected a list of layers and ranges in ASCII digits, "
+            raise NeuronmapError(f"malformed layers={shown(text)}: expected a list of layers and ranges in ASCII digits, "
                                  "e.g. 0-5,9")
         if any(g is not None and len(g.lstrip("-")) > MAX_DIGITS for g in m.groups()):
-            raise NeuronmapError(f"--layers {shown(text)} is out of range: the model has {n_layers} layers, 0-{n_layers - 1}")
+            raise NeuronmapError(f"layers={shown(text)} is out of range: the model has {n_layers} layers, 0-{n_layers - 1}")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         lo, hi = (lo + n_layers if lo < 0 else lo), (hi + n_layers if hi < 0 else hi)
         if lo > hi:
-            raise NeuronmapError(f"--layers {text!r}: the range {part} is reversed; write it low-high, e.g. {m.group(2)}-{m.group(1)}")
+            raise NeuronmapError(f"layers={text!r}: the range {part} is reversed; write it low-high, e.g. {m.group(2)}-{m.group(1)}")
         if not (0 <= lo <= hi < n_layers):
             raise NeuronmapError(
-                f"--layers {text!r} is out of range: the model has {n_layers} layers, 0-{n_layers - 1}"
+                f"layers={text!r} is out of range: the model has {n_layers} layers, 0-{n_layers - 1}"
             )
         out.update(range(lo, hi + 1))
     return sorted(out)
@@ -119,7 +119,7 @@ def parse_matrices(text: str | None, available: tuple[str, ...]) -> list[str]:
         return list(available)
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
-        raise NeuronmapError(f"--matrices {text!r} names no matrix: expected some of gate, up, down, e.g. up or gate,up")
+        raise NeuronmapError(f"matrices={text!r} names no matrix: expected some of gate, up, down, e.g. up or gate,up")
     for n in names:
         if n not in MATRICES:
             raise NeuronmapError(f"unknown matrix {n!r}: expected some of gate, up, down")

@@ -42,9 +42,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise NeuronmapError("--device cuda was asked for, but no CUDA GPU is available to torch: use --device cpu or auto")
+        raise NeuronmapError("device=cuda was asked for, but no CUDA GPU is available to torch: use device=cpu or auto")
     if device not in ("cpu",) and not device.startswith("cuda"):
-        raise NeuronmapError(f"unknown --device {device!r}: expected auto, cpu or cuda")
+        raise NeuronmapError(f"unknown device={device!r}: expected auto, cpu or cuda")
     return torch.device(device)
 
 
@@ -72,13 +72,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
         'float32'
     """
     if dtype not in DTYPES:
-        raise NeuronmapError(f"unknown --dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        raise NeuronmapError(f"unknown dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     if dtype in ("float32", "bfloat16"):
         return dtype
     dev = torch.device("cpu" if str(device) == "auto" else device)
     can_split = dev.type == "cuda" or fused.available(dev)  # the first call builds the kernel (a second, once)
     if dtype == "split" and not can_split:
-        raise NeuronmapError(f"--dtype split cannot run on {dev}: {fused.status()}; use --dtype float32 (as exact, "
+        raise NeuronmapError(f"dtype=split cannot run on {dev}: {fused.status()}; use dtype=float32 (as exact, "
                              "slower) or auto")
     if dtype != "auto":
         return dtype
@@ -181,7 +181,7 @@ def choose_reducer(kernel: str, n_elements: float):
         NeuronmapError: unknown kernel name.
     """
     if kernel not in KERNELS:
-        raise NeuronmapError(f"unknown --kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
+        raise NeuronmapError(f"unknown kernel={kernel!r}: expected one of {', '.join(KERNELS)}")
     if kernel == "compiled" or (kernel == "auto" and n_elements >= 2e10):
         return compiled_reduce
     return reduce_logits
@@ -302,7 +302,7 @@ def build_head(weights: Weights, norm: str = "final", device: torch.device | str
         NeuronmapError: unknown norm mode.
     """
     if norm not in NORM_MODES:
-        raise NeuronmapError(f"unknown --norm {norm!r}: expected final or none")
+        raise NeuronmapError(f"unknown norm={norm!r}: expected final or none")
     device = torch.device(device)
     stored = weights.head(native=True)  # [d_vocab, d_model]
     packed = screen = None

@@ -121,7 +121,7 @@ def decode_rows(packed: Packed, h: torch.Tensor, k: int, minus: bool, bias: torc
     """
     lib, why = _load()
     if lib is None:
-        raise NeuronmapError(f"the fused decode kernel cannot run here: {why}; use --dtype float32")
+        raise NeuronmapError(f"the fused decode kernel cannot run here: {why}; use dtype=float32")
     n, d = h.shape
     d2 = packed.panels.shape[1]
     h = torch.nn.functional.pad(h.float(), (0, 2 * d2 - d)) if d % 2 else h.float()
@@ -136,7 +136,7 @@ def decode_rows(packed: Packed, h: torch.Tensor, k: int, minus: bool, bias: torc
                        float(softcap or 0.0), poles, k, torch.get_num_threads(), mx.data_ptr(), s.data_ptr(), t.data_ptr(), vals.data_ptr(),
                        ids.data_ptr())
     if rc != 0:
-        raise NeuronmapError(f"the fused decode kernel ran out of memory on a block of {n} rows: use --dtype float32")
+        raise NeuronmapError(f"the fused decode kernel ran out of memory on a block of {n} rows: use dtype=float32")
     return tuple((ids[p].long(), vals[p], mx[p], s[p], t[p]) for p in range(poles))
 
 

@@ -117,7 +117,7 @@ def open_corpus(path: Path | str, text_column: str | None = None, every: int = 1
         'text'
     """
     if every < 1:
-        raise NeuronmapError(f"--every {every} is out of range: expected a whole number >= 1")
+        raise NeuronmapError(f"every={every} is out of range: expected a whole number >= 1")
     if str(path).startswith("hf:"):
         from neuronmap.evidence.corpus_sources import cached_dataset
 
@@ -127,17 +127,17 @@ def open_corpus(path: Path | str, text_column: str | None = None, every: int = 1
         return _checked(Corpus(root, "hf", files, text_column or TEXT_COLUMN, every, str(path)))
     path = Path(path)
     if not path.exists() and not path.is_symlink():
-        raise NeuronmapError(f"--corpus {path} does not exist: give {FORMATS}")
+        raise NeuronmapError(f"corpus={path} does not exist: give {FORMATS}")
     if path.is_dir():
         files = _dir_files(path)
         if not files:
-            raise NeuronmapError(f"--corpus {path} is a directory with no .txt or .md files: add some, or give {FORMATS}")
+            raise NeuronmapError(f"corpus={path} is a directory with no .txt or .md files: add some, or give {FORMATS}")
         kind = "dir"
     elif path.name.endswith((".dict.dz", ".dict")):
         _regular(path)
         index = path.with_name(path.name.removesuffix(".dz").removesuffix(".dict") + ".index")
         if not index.is_file():
-            raise NeuronmapError(f"--corpus {path} is a dictd dictionary without its index {index.name} beside it: "
+            raise NeuronmapError(f"corpus={path} is a dictd dictionary without its index {index.name} beside it: "
                                  "keep the two files together")
         kind, files = "dictd", (path, index)
     else:
@@ -145,10 +145,10 @@ def open_corpus(path: Path | str, text_column: str | None = None, every: int = 1
         suffix = path.suffix.lower()
         kind = "text" if suffix in TEXT_SUFFIXES else {".jsonl": "jsonl", ".parquet": "parquet"}.get(suffix, "")
         if not kind:
-            raise NeuronmapError(f"--corpus {path}: unknown format {suffix or '(no suffix)'!r}: give {FORMATS}")
+            raise NeuronmapError(f"corpus={path}: unknown format {suffix or '(no suffix)'!r}: give {FORMATS}")
         files = (path,)
     if text_column is not None and kind in ("text", "dir", "dictd"):
-        raise NeuronmapError(f"--text-column {text_column!r} applies to .jsonl, .parquet and hf: corpora; {path} is "
+        raise NeuronmapError(f"text_column={text_column!r} applies to .jsonl, .parquet and hf: corpora; {path} is "
                              "plain text: leave it out")
     return _checked(Corpus(path, kind, files, text_column or TEXT_COLUMN, every, path.name))
 
@@ -163,13 +163,13 @@ def _regular(path: Path) -> None:
         mode = os.stat(path).st_mode
     except OSError as e:
         what = f"a broken symlink (to {os.readlink(path)})" if path.is_symlink() else f"unreadable ({e.strerror})"
-        raise NeuronmapError(f"--corpus {path} is {what}: give {FORMATS}") from e
+        raise NeuronmapError(f"corpus={path} is {what}: give {FORMATS}") from e
     if stat.S_ISREG(mode):
         return
     what = ("a named pipe" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
             else "a socket" if stat.S_ISSOCK(mode) else "not a file")
     via = f" (a symlink to {os.path.realpath(path)})" if path.is_symlink() else ""
-    raise NeuronmapError(f"--corpus {path}{via} is {what}, not a regular file: record reads regular files only (a pipe "
+    raise NeuronmapError(f"corpus={path}{via} is {what}, not a regular file: record reads regular files only (a pipe "
                          "or device may block or never end); save the text to a file and give that")
 
 
@@ -183,7 +183,7 @@ def _dir_files(root: Path) -> tuple[Path, ...]:
         NeuronmapError: a folder that cannot be listed, or a text file that is not a regular file (``_regular``).
     """
     def fail(e: OSError) -> None:
-        raise NeuronmapError(f"--corpus {root}: cannot list {e.filename} ({e.strerror}): make it readable or move it "
+        raise NeuronmapError(f"corpus={root}: cannot list {e.filename} ({e.strerror}): make it readable or move it "
                              "out of the corpus") from e
 
     seen, found = set(), []
@@ -215,11 +215,11 @@ def _checked(corpus: Corpus) -> Corpus:
         except NeuronmapError:
             raise
         except Exception as e:
-            raise NeuronmapError(f"--corpus {corpus.name} is not a readable {corpus.kind} table "
+            raise NeuronmapError(f"corpus={corpus.name} is not a readable {corpus.kind} table "
                                  f"({str(e).splitlines()[0][:100]}): give a table with a text column") from e
         if corpus.text_column not in names:
-            raise NeuronmapError(f"--corpus {corpus.name} has no column {corpus.text_column!r} (it has "
-                                 f"{', '.join(names[:8])}): name the text column with --text-column")
+            raise NeuronmapError(f"corpus={corpus.name} has no column {corpus.text_column!r} (it has "
+                                 f"{', '.join(names[:8])}): name the text column with text_column=...")
     _probe(corpus)
     return corpus
 
@@ -237,12 +237,12 @@ def _probe(c: Corpus) -> None:
         for f in c.files:
             _check_head(f)
         if all(f.stat().st_size == 0 for f in c.files):
-            raise NeuronmapError(f"--corpus {c.path} holds no text (0 bytes): give a corpus with some text")
+            raise NeuronmapError(f"corpus={c.path} holds no text (0 bytes): give a corpus with some text")
         return
     for _, chunks in _texts(c):
         next(iter(chunks), None)
         return
-    raise NeuronmapError(f"--corpus {c.name or c.path} holds no documents: give a corpus with some text")
+    raise NeuronmapError(f"corpus={c.name or c.path} holds no documents: give a corpus with some text")
 
 
 def _binary(where: str) -> NeuronmapError:
@@ -260,7 +260,7 @@ def _check_head(path: Path) -> None:
         with open(path, "rb") as f:
             head = f.read(_HEAD_BYTES)
     except OSError as e:
-        raise NeuronmapError(f"--corpus {path} cannot be read ({e.strerror}): make it readable") from e
+        raise NeuronmapError(f"corpus={path} cannot be read ({e.strerror}): make it readable") from e
     if b"\0" in head:
         raise _binary(str(path))
     try:
@@ -316,10 +316,10 @@ def _jsonl(c: Corpus) -> Iterator[tuple[str, Iterator[str]]]:
                 if not isinstance(obj, dict) or c.text_column not in obj:
                     have = ", ".join(list(obj)[:8]) if isinstance(obj, dict) else f"a JSON {type(obj).__name__}"
                     raise NeuronmapError(f"{c.path}:{n} has no field {c.text_column!r} (it has {have}): "
-                                         "name the text field with --text-column")
+                                         "name the text field with text_column=...")
                 if not isinstance(obj[c.text_column], str):
                     raise NeuronmapError(f"{c.path}:{n}: field {c.text_column!r} is a {type(obj[c.text_column]).__name__}, "
-                                         "expected a string: name the text field with --text-column")
+                                         "expected a string: name the text field with text_column=...")
                 yield f"{c.path.name}:{n}", iter([obj[c.text_column]])
     except UnicodeDecodeError as e:
         raise _not_utf8(str(c.path), e) from e

@@ -48,7 +48,7 @@ def dictd_entries(dict_path: Path, index_path: Path) -> Iterator[tuple[str, str]
         with opener(dict_path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:
-        raise NeuronmapError(f"--corpus {dict_path} is not a readable dictd file ({e}): give a .dict.dz with its .index") from e
+        raise NeuronmapError(f"corpus={dict_path} is not a readable dictd file ({e}): give a .dict.dz with its .index") from e
     seen = set()
     with open(index_path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
@@ -90,27 +90,27 @@ def cached_dataset(spec: str) -> tuple[Path, tuple[Path, ...]]:
     root = cache / name.replace("/", "___")
     if not name or not root.is_dir():
         have = sorted(p.name.replace("___", "/") for p in cache.glob("*") if p.is_dir() and not p.name.startswith("_"))
-        raise NeuronmapError(f"--corpus hf:{spec}: dataset {name!r} is not in the Hugging Face datasets cache {cache} "
+        raise NeuronmapError(f"corpus=hf:{spec}: dataset {name!r} is not in the Hugging Face datasets cache {cache} "
                              f"(it holds {', '.join(have[:8]) or 'nothing'}): fetch it once with "
                              "datasets.load_dataset where there is a network, or set HF_DATASETS_CACHE")
     configs = sorted(p.name for p in root.iterdir() if p.is_dir())
     if config and config not in configs:
-        raise NeuronmapError(f"--corpus hf:{spec}: no config {config!r} (the cache has {', '.join(configs) or 'none'}): "
+        raise NeuronmapError(f"corpus=hf:{spec}: no config {config!r} (the cache has {', '.join(configs) or 'none'}): "
                              "name one the cache has")
     if not config and len(configs) != 1:
-        raise NeuronmapError(f"--corpus hf:{spec}: name a config (the cache has {', '.join(configs) or 'none'}): "
+        raise NeuronmapError(f"corpus=hf:{spec}: name a config (the cache has {', '.join(configs) or 'none'}): "
                              f"use hf:{name}:CONFIG[:SPLIT]")
     cfg = root / (config or configs[0])
     builds = sorted((p for p in cfg.glob("*/*") if p.is_dir() and (p / "dataset_info.json").is_file()),
                     key=lambda p: p.stat().st_mtime)
     if not builds:
-        raise NeuronmapError(f"--corpus hf:{spec}: {cfg} holds no finished dataset (no dataset_info.json): "
+        raise NeuronmapError(f"corpus=hf:{spec}: {cfg} holds no finished dataset (no dataset_info.json): "
                              "load it again with datasets.load_dataset")
     build = builds[-1]  # the newest, as datasets itself would reuse
     files = sorted(build.glob(f"*-{split}.arrow")) + sorted(build.glob(f"*-{split}-[0-9]*-of-[0-9]*.arrow"))
     if not files:
         splits = sorted({re.sub(r"-\d+-of-\d+$", "", p.stem).rsplit("-", 1)[-1] for p in build.glob("*.arrow")})
-        raise NeuronmapError(f"--corpus hf:{spec}: no split {split!r} (the cache has {', '.join(splits) or 'none'}): "
+        raise NeuronmapError(f"corpus=hf:{spec}: no split {split!r} (the cache has {', '.join(splits) or 'none'}): "
                              f"use hf:{name}:{cfg.name}:SPLIT")
     return build, tuple(files)
 
@@ -118,7 +118,7 @@ def cached_dataset(spec: str) -> tuple[Path, tuple[Path, ...]]:
 def damaged_table(name: str, kind: str, row: int, e: Exception) -> NeuronmapError:
     """The error for a corpus table (Parquet, Arrow) whose data cannot be read after ``row`` rows: the corpus's fault."""
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-    return NeuronmapError(f"--corpus {name} is damaged: its {kind} data after row {row:,} cannot be read ({first}); "
+    return NeuronmapError(f"corpus={name} is damaged: its {kind} data after row {row:,} cannot be read ({first}); "
                           "it is the corpus file that is damaged, not the atlas: replace it with a good copy")
 
 
@@ -146,8 +146,8 @@ def table_texts(path: Path, kind: str, batches: Callable[[], Iterable], column: 
                 if text is None:
                     continue
                 if not isinstance(text, str):
-                    raise NeuronmapError(f"--corpus {path}: column {column!r} holds {type(text).__name__} values, "
-                                         "expected strings: name the text column with --text-column")
+                    raise NeuronmapError(f"corpus={path}: column {column!r} holds {type(text).__name__} values, "
+                                         "expected strings: name the text column with text_column=...")
                 yield f"{label}:{row}", text
     except (OSError, pa.ArrowException) as e:
         raise damaged_table(str(path), kind, row, e) from e

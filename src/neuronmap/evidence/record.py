@@ -267,7 +267,7 @@ def stream(m, corpus: Corpus, store: Path, context: int = CONTEXT, examples: int
             if progress:
                 progress(n)
     if n == 0:
-        raise NeuronmapError(f"--corpus {corpus.path} holds no text (0 tokens): give a corpus with some text")
+        raise NeuronmapError(f"corpus={corpus.path} holds no text (0 tokens): give a corpus with some text")
     return Stream([x.finish() for x in layers], n, np.asarray(starts, np.int64), np.asarray(row_doc, np.int32),
                   np.asarray(row_pos, np.int64), docs, store, kernel)
 
@@ -318,13 +318,13 @@ class RecordOptions:
             NeuronmapError: one out of range (``examples`` above ``MAX_EXAMPLES`` too).
         """
         if not 1 <= self.examples <= MAX_EXAMPLES:
-            raise NeuronmapError(f"--examples {self.examples} is out of range: expected a whole number from 1 to "
+            raise NeuronmapError(f"examples={self.examples} is out of range: expected a whole number from 1 to "
                                  f"{MAX_EXAMPLES} (each example kept costs 24 bytes a neuron while recording and a row a "
                                  "neuron and pole in examples.parquet)")
-        for name, v in (("--every", self.every), ("--tokens", self.tokens), ("--context", self.context),
-                        ("--batch-tokens", self.batch_tokens)):
+        for name, v in (("every", self.every), ("tokens", self.tokens), ("context", self.context),
+                        ("batch_tokens", self.batch_tokens)):
             if v is not None and v < 1:
-                raise NeuronmapError(f"{name} {v} is out of range: expected a whole number >= 1")
+                raise NeuronmapError(f"{name}={v} is out of range: expected a whole number >= 1")
 
 
 def record(atlas: Atlas, corpus: Path | str, options: RecordOptions = RecordOptions(), source: str | None = None,
@@ -358,9 +358,9 @@ def record(atlas: Atlas, corpus: Path | str, options: RecordOptions = RecordOpti
     options.check()
     if "evidence" in atlas.meta and not overwrite:
         raise NeuronmapError(f"{atlas.root} already holds activation evidence (from "
-                             f"{atlas.meta['evidence'].get('corpus', {}).get('name', '?')}): pass --overwrite to replace it")
+                             f"{atlas.meta['evidence'].get('corpus', {}).get('name', '?')}): pass overwrite=True to replace it")
     c = open_corpus(corpus, options.text_column, options.every)
-    src = check_weights(atlas, source, fix="pass --source PATH if they only moved")
+    src = check_weights(atlas, source, fix="pass source=PATH if they only moved")
     m = load_model(src, options.device, "float32")
     t0 = time.perf_counter()
     tmp = fsio.temp_dir_beside(atlas.root / "evidence", "atlas")

@@ -51,7 +51,7 @@ def concept_tokens(m: Model, word: str) -> Concept:
 
 def check_word(word: str) -> None:
     if not word.strip():
-        raise NeuronmapError(f"empty --concept {word!r}: give a word, e.g. --concept dog")
+        raise NeuronmapError(f"empty word={word!r}: give a word, e.g. word=dog")
 
 
 def mentions(text: str, word: str) -> bool:
@@ -267,9 +267,9 @@ def read_prompts(path: str | Path) -> list[str]:
     try:
         lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
-        raise NeuronmapError(f"cannot read --prompts {path} ({type(e).__name__}): pass a UTF-8 text file, one prompt per line") from e
+        raise NeuronmapError(f"cannot read prompts_file={path} ({type(e).__name__}): pass a UTF-8 text file, one prompt per line") from e
     if not lines:
-        raise NeuronmapError(f"--prompts {path} has no non-empty lines: put one prompt per line")
+        raise NeuronmapError(f"prompts_file={path} has no non-empty lines: put one prompt per line")
     return lines
 
 

@@ -76,10 +76,10 @@ def concept_specs(path: str | Path | None = None) -> dict[str, ConceptSpec]:
         try:
             user = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise NeuronmapError(f"cannot read --prompts {path} ({type(e).__name__}): pass a JSON file shaped like "
+            raise NeuronmapError(f"cannot read prompts_file={path} ({type(e).__name__}): pass a JSON file shaped like "
                                  f"neuronmap/data/{BUNDLED}") from e
         if not isinstance(user, dict):
-            raise NeuronmapError(f"--prompts {path} holds a JSON {type(user).__name__}: expected an object of concepts, "
+            raise NeuronmapError(f"prompts_file={path} holds a JSON {type(user).__name__}: expected an object of concepts, "
                                  f"shaped like neuronmap/data/{BUNDLED}")
         out.update({k.lower(): _spec(k, v, str(path)) for k, v in user.items()})
     return out
@@ -94,8 +94,8 @@ def resolve_spec(word: str, specs: dict[str, ConceptSpec], prompt: str | None) -
     spec = specs.get(word.strip().lower())
     if spec is None:
         if prompt is None:
-            raise NeuronmapError(f"no bundled prompts for {word!r} (bundled: {', '.join(sorted(specs))}): pass --prompt "
-                                 "TEXT, a detailed description ending where its name comes next, or --prompts FILE")
+            raise NeuronmapError(f"no bundled prompts for {word!r} (bundled: {', '.join(sorted(specs))}): pass prompt="
+                                 "TEXT, a detailed description ending where its name comes next, or prompts_file=FILE")
         return ConceptSpec(word, prompt, None, (("descriptive", prompt, word),))
     return ConceptSpec(word, prompt or spec.prompt, spec.control, spec.eliciting or (("descriptive", prompt or spec.prompt, word),),
                        spec.contrast, spec.neighbours, spec.neighbour_prompts)

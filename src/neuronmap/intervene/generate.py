@@ -128,9 +128,9 @@ def generate(m: Model, text: str, specs: list[Spec], n: int = N_SAMPLES, tempera
     """
     check_positions(positions)
     if n < 1 or max_new_tokens < 1:
-        raise NeuronmapError(f"-n {n} and --max-new-tokens {max_new_tokens} must be at least 1")
+        raise NeuronmapError(f"n={n} and max_new_tokens={max_new_tokens} must be at least 1")
     if not math.isfinite(temperature) or temperature < 0:
-        raise NeuronmapError(f"--temperature {temperature} is not a number >= 0: use 0 (greedy) or more, e.g. 0.7")
+        raise NeuronmapError(f"temperature={temperature} is not a number >= 0: use 0 (greedy) or more, e.g. 0.7")
     for c in concepts:
         check_word(c)
     ivs = resolve(specs, m)

@@ -31,7 +31,7 @@ from neuronmap.sources.weights import Source
 TOP = 5
 SWEEP = "5x,10x,20x"
 MIN_RATIO = 2.0
-_FIX = "or pass --source PATH if the weights only moved"
+_FIX = "or pass source=PATH if the weights only moved"
 
 
 @dataclass(frozen=True)
@@ -195,9 +195,9 @@ def verify(atlas: Atlas, word: str, source: str | None = None, top: int = TOP, s
     check_positions(positions)
     values = parse_sweep(sweep)
     if top < 1:
-        raise NeuronmapError(f"--top {top} is out of range: expected 1 or more")
+        raise NeuronmapError(f"top={top} is out of range: expected 1 or more")
     if not min_ratio > 0:
-        raise NeuronmapError(f"--min-ratio {min_ratio} is out of range: expected a ratio above 0, e.g. 2")
+        raise NeuronmapError(f"min_ratio={min_ratio} is out of range: expected a ratio above 0, e.g. 2")
     src, same = atlas_model(atlas, source)
     cands = candidates(atlas, word, top, stored=not same, weights=source if same else None)
     m = load_model(src, device, dtype)

@@ -45,7 +45,7 @@ def import_ray():
     try:
         import ray
     except ImportError as e:
-        raise NeuronmapError(f"--ray needs Ray, which is not installed here: {INSTALL}") from e
+        raise NeuronmapError(f"ray=... needs Ray, which is not installed here: {INSTALL}") from e
     return ray
 
 
@@ -70,14 +70,14 @@ def check_address(address: str) -> tuple[str, int] | None:
     host, _, port = address.removeprefix("ray://").rpartition(":")
     # isdigit() alone takes "²" and "٥" (int() then fails or reads them as ASCII); a port is at most 5 ASCII digits.
     if not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536:
-        raise NeuronmapError(f"malformed --ray {address!r}: expected local, auto, HOST:PORT or ray://HOST:PORT "
+        raise NeuronmapError(f"malformed ray={address!r}: expected local, auto, HOST:PORT or ray://HOST:PORT "
                              "(the head's address from `ray start --head`)")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as e:
         why = "no answer" if isinstance(e, TimeoutError) else e.strerror or type(e).__name__
-        raise NeuronmapError(f"--ray {address}: cannot reach {host}:{port} ({why}; waited at most {CONNECT_TIMEOUT_S:g} s): "
-                             "check the head's address and port (`ray status` on the head), or use --ray local") from e
+        raise NeuronmapError(f"ray={address}: cannot reach {host}:{port} ({why}; waited at most {CONNECT_TIMEOUT_S:g} s): "
+                             "check the head's address and port (`ray status` on the head), or use ray=local") from e
     return host, int(port)
 
 
@@ -102,8 +102,8 @@ def connect(address: str, note: Callable[[str], None]) -> bool:
         else:
             ray.init(address=address, **kw)
     except (ConnectionError, RuntimeError) as e:
-        raise NeuronmapError(f"--ray {address}: no Ray cluster to connect to ({_first(e)}): start one with "
-                             "`ray start --head`, set RAY_ADDRESS, or use --ray local") from e
+        raise NeuronmapError(f"ray={address}: no Ray cluster to connect to ({_first(e)}): start one with "
+                             "`ray start --head`, set RAY_ADDRESS, or use ray=local") from e
     return True
 
 
@@ -128,7 +128,7 @@ def _worker_source(src: Source) -> Source:
         if not f.is_file():
             raise NeuronmapError(
                 f"the Ray worker on {node} cannot read {f}: every node must see the model at the same path "
-                "(a shared filesystem; for a hub id, each node's Hugging Face cache); copy it there or use --ray local")
+                "(a shared filesystem; for a hub id, each node's Hugging Face cache); copy it there or use ray=local")
         if f.stat().st_size != want.stat().st_size if want.exists() else False:
             raise NeuronmapError(f"{f} differs on {node} ({f.stat().st_size:,} bytes) from the driver's copy "
                                  f"({want.stat().st_size:,} bytes): give every node the same model files")

@@ -170,9 +170,9 @@ def plan_map(source: Source | str | None, out: Path | str, options: MapOptions, 
     matrices = parse_matrices(options.matrices, weights.family.matrices)
     layers = parse_layers(options.layers, weights.n_layers)
     if not 1 <= options.top_k <= weights.d_vocab:
-        raise NeuronmapError(f"--top-k {options.top_k} is out of range: expected 1 to {weights.d_vocab} (the vocabulary size)")
+        raise NeuronmapError(f"top_k={options.top_k} is out of range: expected 1 to {weights.d_vocab} (the vocabulary size)")
     if options.norm not in NORM_MODES:
-        raise NeuronmapError(f"unknown --norm {options.norm!r}: expected final or none")
+        raise NeuronmapError(f"unknown norm={options.norm!r}: expected final or none")
     # On Ray the workers resolve the device: a driver without a GPU may drive GPU workers.
     device = resolve_device(options.device) if ray is None else options.device
     dtype = resolve_dtype(options.dtype, device)
@@ -262,7 +262,7 @@ def run_parts(plan: Plan, parts, done: set, timings: dict, progress: Callable | 
         # A write that failed (disk full) or a cluster that failed can go on once fixed; a model that cannot be
         # read would fail again.
         if done and (isinstance(e.__cause__, OSError) or isinstance(e, ResumableError)):
-            raise NeuronmapError(f"{e}; the {len(done)} finished parts are kept in {parts.path}: add --resume "
+            raise NeuronmapError(f"{e}; the {len(done)} finished parts are kept in {parts.path}: add resume=True "
                                  "when you run it again") from e
         fsio.remove_tree(parts.path)
         raise

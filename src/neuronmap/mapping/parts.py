@@ -142,14 +142,14 @@ def open_parts(out: Path, manifest: dict, resume: bool) -> Parts:
         if resume and old is None and found:
             raise NeuronmapError(
                 f"cannot resume the map into {out}: {d / MANIFEST} {why}, so the {len(found)} parts in {d} cannot be "
-                "checked; run the command without --resume to remove them and start over")
+                "checked; run the command without resume=True to remove them and start over")
         if resume and old is not None:
             kept = {k: v for k, v in old.items() if k != "parts"}
             if kept != manifest:
                 raise NeuronmapError(
                     f"cannot resume the map into {out}: the parts in {d} were made from other weights or options "
-                    f"({_describe_difference(kept, manifest)}); run the same command as before with --resume, or "
-                    "without --resume to start over")
+                    f"({_describe_difference(kept, manifest)}); run the same command as before with resume=True, or "
+                    "without resume=True to start over")
             for f in found:
                 problem = _part_problem(f, old["parts"].get(f.name), manifest)
                 if problem:
@@ -210,7 +210,7 @@ def _check_rows(path: Path, t: pa.Table, matrix: str, layer: int, rows: int, top
             ("top-k", pc.unique(lengths).to_pylist(), [top_k])) if got != want), None)
     if wrong:
         raise NeuronmapError(f"{path} holds {wrong[0]} {wrong[1]}, expected {wrong[2]}: it is not the part it should be; "
-                             "run the same command again with --resume (the part is decoded again)")
+                             "run the same command again with resume=True (the part is decoded again)")
 
 
 def assemble(parts: Parts, order: list[tuple[str, int]], neurons: Path, d_mlp: int) -> int:

@@ -65,12 +65,12 @@ def check_new_dir(out: Path | str, protect: tuple[Path, ...] = ()) -> Path:
     for p in protect:
         p = Path(os.path.abspath(p))
         if out == p or p in out.parents or out in p.parents:
-            raise NeuronmapError(f"-o {out} overlaps the model being read ({p}): write the edited checkpoint "
-                                 "elsewhere, e.g. -o ./no-paris")
+            raise NeuronmapError(f"out={out} overlaps the model being read ({p}): write the edited checkpoint "
+                                 "elsewhere, e.g. out=./no-paris")
     if out.is_symlink():
-        raise NeuronmapError(f"-o {out} is a symbolic link: give a new directory")
+        raise NeuronmapError(f"out={out} is a symbolic link: give a new directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise NeuronmapError(f"-o {out} already exists and is not empty: neuronmap never replaces it; choose a new directory")
+        raise NeuronmapError(f"out={out} already exists and is not empty: neuronmap never replaces it; choose a new directory")
     return out
 
 
@@ -88,7 +88,7 @@ def new_dir(out: Path, protect: tuple[Path, ...] = ()) -> Iterator[Path]:
             os.rename(tmp, out)  # onto an empty directory, or nothing; a directory filled meanwhile fails here
         except OSError as e:
             if out.is_dir() and any(out.iterdir()):
-                raise NeuronmapError(f"-o {out} appeared while writing (another run?): choose a new directory") from e
+                raise NeuronmapError(f"out={out} appeared while writing (another run?): choose a new directory") from e
             raise fsio.write_error(out, e, "checkpoint") from e
     finally:
         fsio.remove_tree(tmp)

@@ -180,9 +180,9 @@ def check_specs(specs: list[ConceptSpec], opts: RemoveOptions) -> None:
         return
     for s in specs:
         if not (s.neighbours or s.contrast) or not s.neighbour_prompts:
-            raise NeuronmapError(f"--select specific needs neighbour words and prompts for {s.word!r}: add "
-                                 "\"neighbours\" and \"neighbour_prompts\" for it to a --prompts FILE (see docs/remove.md), "
-                                 "or pass --select auto (specific where it can run, else cosine: TARS as published)")
+            raise NeuronmapError(f"select=specific needs neighbour words and prompts for {s.word!r}: add "
+                                 "\"neighbours\" and \"neighbour_prompts\" for it to a prompts_file=FILE (see docs/remove.md), "
+                                 "or pass select=auto (specific where it can run, else cosine: TARS as published)")
 
 
 def single_tokens(m: Model, words: tuple[str, ...], leave_out: tuple[str, ...] = ()) -> list[str]:

@@ -125,19 +125,19 @@ class RemoveOptions:
             return self.resolved().check(available)
         for name in ("edits", "candidates", "rounds"):
             if getattr(self, name) < 1:
-                raise NeuronmapError(f"--{name} {getattr(self, name)} is out of range: expected a whole number >= 1")
+                raise NeuronmapError(f"{name}={getattr(self, name)} is out of range: expected a whole number >= 1")
         if not (math.isfinite(self.noise) and self.noise > 0):
-            raise NeuronmapError(f"--noise {self.noise} is out of range: expected a number > 0, e.g. {NOISE}")
+            raise NeuronmapError(f"noise={self.noise} is out of range: expected a number > 0, e.g. {NOISE}")
         if self.select not in SELECTS:
-            raise NeuronmapError(f"unknown --select {self.select!r}: expected one of {', '.join(SELECTS)}")
+            raise NeuronmapError(f"unknown select={self.select!r}: expected one of {', '.join(SELECTS)}")
         if not (math.isfinite(self.strength) and 0 < self.strength <= STRENGTH_MAX):
-            raise NeuronmapError(f"--strength {self.strength:g} is out of range: expected a number above 0 and at most "
+            raise NeuronmapError(f"strength={self.strength:g} is out of range: expected a number above 0 and at most "
                                  f"{STRENGTH_MAX:g}, e.g. {STRENGTH:g} (or {STRENGTH_DEFAULTS['specific']:g} with "
-                                 "--select specific)")
+                                 "select=specific)")
         if self.edit not in EDIT_MODES:
-            raise NeuronmapError(f"unknown --edit {self.edit!r}: expected one of {', '.join(EDIT_MODES)}")
+            raise NeuronmapError(f"unknown edit={self.edit!r}: expected one of {', '.join(EDIT_MODES)}")
         if self.select in ("unembed", "specific") and parse_matrices(self.matrices, available) != ["down"]:
-            raise NeuronmapError(f"--select {self.select} ranks what neurons write: use it with --matrices down")
+            raise NeuronmapError(f"select={self.select} ranks what neurons write: use it with matrices=down")
         return parse_matrices(self.matrices, available)
 
     def to_dict(self) -> dict:

@@ -80,9 +80,9 @@ def remove(source: str | None, concepts: list[str], out: Path | str, prompts: li
     options = options.resolved()  # edit and strength recorded as used, not as None (auto: per step, in its "method")
     options.check()
     if not concepts:
-        raise NeuronmapError("no --concept given: name the concept to remove, e.g. --concept Paris")
+        raise NeuronmapError("no concepts=... given: name the concept to remove, e.g. concepts=Paris")
     if len(prompts) > len(concepts):
-        raise NeuronmapError(f"{len(prompts)} --prompt for {len(concepts)} --concept: give at most one prompt per concept, in order")
+        raise NeuronmapError(f"{len(prompts)} prompts=... for {len(concepts)} concepts=...: give at most one prompt per concept, in order")
     src = resolve_source(source)
     out = check_new_dir(out, (src.path,))
     specs_all = concept_specs(prompts_file)
@@ -107,8 +107,8 @@ def _control(control: str | None, specs: list[ConceptSpec], specs_all: dict[str,
     if word.lower() in removed:
         if control is None:
             return None
-        raise NeuronmapError(f"--control {word!r} is also a --concept being removed: choose a concept that should stay")
+        raise NeuronmapError(f"control={word!r} is also a concepts=... being removed: choose a concept that should stay")
     if word.lower() not in specs_all:
-        raise NeuronmapError(f"--control {word!r} has no eliciting prompts (bundled: {', '.join(sorted(specs_all))}): "
-                             "add it to a --prompts FILE, or choose a bundled one")
+        raise NeuronmapError(f"control={word!r} has no eliciting prompts (bundled: {', '.join(sorted(specs_all))}): "
+                             "add it to a prompts_file=FILE, or choose a bundled one")
     return specs_all[word.lower()]

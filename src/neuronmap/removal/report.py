@@ -15,7 +15,7 @@ from neuronmap.removal.edited import EDITS_JSON, FORMAT, VERSION
 BOOKKEEPING = ("format", "version", "originals")  # edits.json's own keys; the rest is RemoveReport.to_dict()
 
 
-REPORT_FIX = "--report takes a directory written by `neuronmap remove` (or its edits.json), e.g. --report no-paris"
+REPORT_FIX = "reports=... takes a directory written by `neuronmap remove` (or its edits.json), e.g. reports=no-paris"
 
 
 # What a reader of the report relies on: a key ending in ``?`` may be absent; ``(a, b)`` is either; ``[x]`` a list of x;
@@ -128,19 +128,19 @@ def read_report(path: Path | str) -> tuple[Path, dict]:
     path = Path(path)
     file = path / EDITS_JSON if path.is_dir() else path
     if not path.exists():
-        raise NeuronmapError(f"--report {path} does not exist: {REPORT_FIX}")
+        raise NeuronmapError(f"reports={path} does not exist: {REPORT_FIX}")
     if not file.is_file():
-        looks = " (it looks like an atlas: pass it without --report)" if (path / "meta.json").is_file() else ""
-        raise NeuronmapError(f"--report {path} holds no {EDITS_JSON}{looks}: {REPORT_FIX}")
-    record = _load_record(file, f"--report {file}", REPORT_FIX, "view")
+        looks = " (it looks like an atlas: pass it without reports=...)" if (path / "meta.json").is_file() else ""
+        raise NeuronmapError(f"reports={path} holds no {EDITS_JSON}{looks}: {REPORT_FIX}")
+    record = _load_record(file, f"reports={file}", REPORT_FIX, "view")
     report = {k: v for k, v in record.items() if k not in BOOKKEEPING}
     problem = _shape_problem(report, _REPORT, "")
     if problem:
-        raise NeuronmapError(f"--report {file} is damaged: {problem}; re-run `neuronmap remove` to write it anew")
+        raise NeuronmapError(f"reports={file} is damaged: {problem}; re-run `neuronmap remove` to write it anew")
     return file, report
 
 
-UNDO_FIX = "--undo takes a directory written by `neuronmap remove`"
+UNDO_FIX = "edited=... takes a directory written by `neuronmap remove`"
 
 
 REDO = "re-run `neuronmap remove` on the original model"

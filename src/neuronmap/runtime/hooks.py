@@ -41,7 +41,7 @@ POSITIONS_DEFAULT = "all"
 
 def check_positions(positions: str) -> None:
     if positions not in POSITIONS:
-        raise NeuronmapError(f"unknown --positions {positions!r}: expected one of {', '.join(POSITIONS)}")
+        raise NeuronmapError(f"unknown positions={positions!r}: expected one of {', '.join(POSITIONS)}")
 
 
 # ------------------------------------------------------------------ hooks
@@ -239,7 +239,7 @@ def resolve(specs: list[Spec], m: Model, value: Value | None = None) -> list[Int
     for s in specs:
         v = value if value is not None else s.value
         if v is None:
-            raise NeuronmapError(f"neuron spec {s.id!r} has no value: give one (e.g. {s.id}=20x) or a --sweep")
+            raise NeuronmapError(f"neuron spec {s.id!r} has no value: give one (e.g. {s.id}=20x) or a sweep=...")
         amount = v.amount
         if v.relative and s.mode != "scale":
             ranges = natural_range(m) if ranges is None else ranges

@@ -128,10 +128,10 @@ def model_dtype(dtype: str) -> str:
     if dtype == "auto":
         return "float32"
     if dtype == "split":
-        raise NeuronmapError("--dtype split is a decoding precision (map, compare): a model runs in auto, float32 or "
-                             "bfloat16; use --dtype auto")
+        raise NeuronmapError("dtype=split is a decoding precision (map, compare): a model runs in auto, float32 or "
+                             "bfloat16; use dtype=auto")
     if dtype not in MODEL_DTYPES:
-        raise NeuronmapError(f"unknown --dtype {dtype!r}: expected auto, float32 or bfloat16")
+        raise NeuronmapError(f"unknown dtype={dtype!r}: expected auto, float32 or bfloat16")
     return dtype
 
 

@@ -135,8 +135,8 @@ def parse_sweep(text: str) -> list[Value]:
     """
     items = [t for t in text.split(",") if t.strip()]
     if not items:
-        raise NeuronmapError(f"empty --sweep {text!r}: expected values such as 0,5x,10x,20x,50x")
-    return [parse_value(t, "--sweep value") for t in items]
+        raise NeuronmapError(f"empty sweep={text!r}: expected values such as 0,5x,10x,20x,50x")
+    return [parse_value(t, "sweep=... value") for t in items]
 
 
 def check_specs(specs: list[Spec], m: Model) -> None:
@@ -168,7 +168,7 @@ def check_values(specs: list[Spec], sweep: str | None) -> None:
     """
     for s in specs:
         if s.value is None and not sweep:
-            raise NeuronmapError(f"neuron spec {s.id!r} has no value: give one (e.g. {s.id}=20x) or a --sweep")
+            raise NeuronmapError(f"neuron spec {s.id!r} has no value: give one (e.g. {s.id}=20x) or a sweep=...")
         for v in [s.value] if s.value is not None else parse_sweep(sweep):
             if not v.relative and s.mode != "scale":
                 check_amount(s, v, v.amount)

@@ -139,7 +139,7 @@ def serve_atlases(paths: list[Path | str], reports: list[Path | str] = ()) -> Se
 
     if not paths and not reports:
         raise NeuronmapError("no atlas given: pass one or more atlas directories, e.g. `neuronmap serve demo-atlas`, "
-                             "or a removal report with --report EDITED_DIR")
+                             "or a removal report with reports=EDITED_DIR")
     atlases: dict[str, Atlas] = {}
     for p in paths:
         files = Atlas.open(p)
