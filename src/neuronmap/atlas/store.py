@@ -20,7 +20,7 @@ from neuronmap.atlas.format import AtlasFiles, rebuild_hint
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.core.fsio import atomic_file
 from neuronmap.core.ids import MATRICES, format_ranges, parse_layers, parse_matrices, parse_poles
-from neuronmap.core.cache import cache_dir
+from neuronmap.core.cache import cache_dir, file_sha256, hash_file
 
 INDEX = "token_index.parquet"
 
@@ -88,10 +88,17 @@ def _stamp(neurons: Path) -> str:
 
 
 def _index_is_current(path: Path, stamp: str) -> bool:
+    """Built from this neurons.parquet (its stamp) and unchanged since (the sha256 written beside it at build time)."""
     try:
-        return (pq.read_metadata(path).metadata or {}).get(b"neurons") == stamp.encode()
+        current = (pq.read_metadata(path).metadata or {}).get(b"neurons") == stamp.encode()
+        return current and _index_sha(path).read_text().strip() == file_sha256(path)
     except (OSError, ValueError, pa.ArrowException):
         return False
+
+
+def _index_sha(path: Path) -> Path:
+    # The index is derived data that search trusts: a changed or damaged one is rebuilt, never read.
+    return path.with_name(path.name + ".sha256")
 
 
 def _build_index(neurons: Path, out: Path, stamp: str) -> None:
@@ -102,6 +109,10 @@ def _build_index(neurons: Path, out: Path, stamp: str) -> None:
                     FROM read_parquet({sql_path(neurons)}))
                   ORDER BY token_id, prob DESC)
             TO {sql_path(tmp)} (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 65536, KV_METADATA {{neurons: '{stamp}'}})""")
+        digest = hash_file(tmp)
+    # After the index is in place: an index without its sha256 (a crash between the two) counts as not built.
+    with atomic_file(_index_sha(out), "token index") as tmp:
+        tmp.write_text(digest + "\n")
 
 
 def _index_places(files: AtlasFiles) -> list[Path]:
@@ -121,8 +132,9 @@ def token_index_file(files: AtlasFiles) -> Path:
     Columns ``token_id matrix layer neuron pole prob``, one row per (atlas row, top-k
     token), sorted by token id then prob (descending), so a lookup reads only the row
     groups whose id range holds the wanted ids. Written beside neurons.parquet as
-    ``token_index.parquet`` (under the cache dir if the atlas is read-only); rebuilt when
-    neurons.parquet changes (its size and mtime are kept in the index's metadata).
+    ``token_index.parquet`` (under the cache dir if the atlas is read-only) with its sha256 beside it
+    (``token_index.parquet.sha256``); rebuilt when neurons.parquet changes (its size and mtime are kept in the
+    index's metadata) and when the index no longer has the sha256 it was written with.
 
     Raises:
         NeuronmapError: neither place is writable.

@@ -90,7 +90,8 @@ class RowsWriter:
 
 
 # What `map` writes into an atlas (and `search`, `record` add beside it): the only names --overwrite may delete.
-ATLAS_FILES = frozenset({"meta.json", "neurons.parquet", "vocab.parquet", "token_index.parquet", "evidence.parquet",
+ATLAS_FILES = frozenset({"meta.json", "neurons.parquet", "vocab.parquet", "token_index.parquet",
+                         "token_index.parquet.sha256", "evidence.parquet",
                          "examples.parquet", "contexts.parquet", "agreement.parquet"})
 
 
