@@ -631,3 +631,26 @@ def test_serve_with_a_steering_job_running_exits_143_without_an_abort(tmp_path):
     finally:
         p.kill()
     assert p.returncode == 143 and err == "terminated: viewer stopped\n"
+
+
+def test_an_atlas_changed_while_served_is_checked_again(pair, tmp_path):
+    # A file changed in place under a running viewer: the next request reopens the atlas, checks its sha256, and
+    # answers one line naming the file instead of serving rows from it.
+    import shutil
+
+    a = tmp_path / "a"
+    shutil.copytree(pair[0], a)
+    c = client(a)
+    assert c.get("/api/neuron/L0N1").status_code == 200
+    b = bytearray((a / "neurons.parquet").read_bytes())
+    i = len(b) // 2
+    b[i] ^= 1
+    b[i + 1] ^= 1
+    (a / "neurons.parquet").write_bytes(bytes(b))
+    r = c.get("/api/neuron/L0N1")
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    msg = r.json()["error"]
+    assert msg.startswith("atlas 'a' changed on disk and no longer opens: ") and "neurons.parquet is damaged" in msg
+    assert "\n" not in msg
+    shutil.copy(pair[0] / "neurons.parquet", a / "neurons.parquet")  # put right: served again
+    assert c.get("/api/neuron/L0N1").status_code == 200

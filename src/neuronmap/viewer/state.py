@@ -51,7 +51,8 @@ class Served:
         reports: name -> a removal report (read once: ``remove`` never rewrites one in place).
         hosts: the Host header values requests may carry (``*``: any).
         cache: results that take long to compute (stats, comparisons), keyed by what they depend on.
-        stamps: name -> the (mtime, size) of its meta.json when it was opened.
+        stamps: name -> the stat of its meta.json and data files when it was opened.
+        broken: name -> why an atlas that changed on disk no longer opens (its requests answer that, not old data).
     """
 
     atlases: dict[str, Atlas]
@@ -60,6 +61,7 @@ class Served:
     cache: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     stamps: dict = field(default_factory=dict)
+    broken: dict = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -80,6 +82,8 @@ class Served:
             raise RequestError(f"unknown atlas {name!r}: this viewer serves {', '.join(self.names)}; "
                                "pick one of those with ?atlas=NAME", 404)
         self._refresh(name)
+        if name in self.broken:
+            raise RequestError(self.broken[name], 500)
         return name, self.atlases[name]
 
     def report(self, name: str) -> Report:
@@ -95,19 +99,23 @@ class Served:
         return self.reports[name]
 
     def _refresh(self, name: str) -> None:
-        """Reopen an atlas whose meta.json changed since it was opened (evidence recorded, or mapped again), and
-        forget the results computed from it. Every writer renames meta.json into place last, so a changed stamp
-        means a finished atlas; one that fails to open is left as it was served."""
+        """Reopen an atlas whose meta.json or a data file changed since it was opened (evidence recorded, mapped
+        again, or a file changed in place), and forget the results computed from it. Reopening checks every file's
+        sha256 again, so an atlas damaged while served answers one line naming the file instead of wrong rows."""
         files = self.atlases[name]
         stamp = _stamp(files.root)
         if stamp == self.stamps.get(name, stamp):
             return
         try:
             fresh = Atlas.open(files.root)
-        except NeuronmapError:
+        except NeuronmapError as e:
+            with self.lock:
+                self.broken[name], self.stamps[name] = f"atlas {name!r} changed on disk and no longer opens: {e}", stamp
+                self.cache = {k: v for k, v in self.cache.items() if name not in k[1:]}
             return
         with self.lock:
             self.atlases[name], self.stamps[name] = fresh, stamp
+            self.broken.pop(name, None)
             self.cache = {k: v for k, v in self.cache.items() if name not in k[1:]}
 
     def cached(self, key: tuple, compute: Callable[[], object]) -> object:
@@ -162,9 +170,15 @@ def _unique(root: Path, taken: dict, fallback: str) -> str:
     return name
 
 
-def _stamp(root: Path) -> tuple[int, int] | None:
-    try:
-        st = (root / "meta.json").stat()
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size
+def _stamp(root: Path) -> tuple | None:
+    """The stat of meta.json and of every data file beside it: any write, rename or in-place edit changes it."""
+    out = []
+    for p in sorted(q for q in root.glob("*.parquet") if q.name != "token_index.parquet") + [root / "meta.json"]:
+        try:
+            st = p.stat()
+        except OSError:
+            if p.name == "meta.json":
+                return None
+            continue
+        out.append((p.name, st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino))
+    return tuple(out)
