@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import threading
+import os
 from pathlib import Path
 
 import pytest
@@ -654,3 +655,42 @@ def test_an_atlas_changed_while_served_is_checked_again(pair, tmp_path):
     assert "\n" not in msg
     shutil.copy(pair[0] / "neurons.parquet", a / "neurons.parquet")  # put right: served again
     assert c.get("/api/neuron/L0N1").status_code == 200
+
+
+def test_a_process_exiting_with_a_job_running_waits_for_its_step_instead_of_aborting():
+    # Python kills daemon threads at exit; one inside torch aborted the process ("terminate called without an active
+    # exception", exit 134), which failed the test run that had submitted steering jobs.
+    import subprocess
+    import sys
+
+    code = ("import time, torch\n"
+            "from neuronmap.viewer.jobs import JobQueue\n"
+            "q = JobQueue()\n"
+            "def work(_):\n"
+            "    x = torch.randn(600, 600)\n"
+            "    t = time.time()\n"
+            "    while time.time() - t < 2: x = torch.tanh(x @ x.T / 600)\n"
+            "    return {'ok': True}\n"
+            "second = q.submit({}, [('a', 'work', work), ('b', 'more work', work)])\n"
+            "queued = q.submit({}, [('a', 'work', work)])\n"
+            "time.sleep(0.5)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0 and "terminate called" not in p.stderr, (p.returncode, p.stderr[-500:])
+
+
+def test_a_closed_queue_takes_no_job_and_drops_the_queued():
+    import threading
+    import time
+
+    from neuronmap.viewer.jobs import JobQueue
+
+    q, started = JobQueue(), threading.Event()
+    running = q.submit({}, [("a", "wait", lambda _: (started.set(), time.sleep(0.3), {})[2]), ("b", "never", lambda _: {})])
+    queued = q.submit({}, [("a", "never", lambda _: {})])
+    assert started.wait(10)
+    q.close(timeout=10)
+    assert q.status(running.id)["error"] == "the viewer stopped before this job finished"
+    assert q.status(queued.id)["error"] == "the viewer stopped before this job ran"
+    with pytest.raises(NeuronmapError, match="the viewer is stopping: it takes no new jobs"):
+        q.submit({}, [("a", "x", lambda _: {})])

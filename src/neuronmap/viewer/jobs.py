@@ -8,6 +8,8 @@ done (the clamp numbers arrive before the generations).
 
 from __future__ import annotations
 
+import atexit
+
 import itertools
 import threading
 import time
@@ -54,6 +56,7 @@ class JobQueue:
         self._cv = threading.Condition()
         self._ids = itertools.count(1)
         self._worker: threading.Thread | None = None
+        self._closed = False
 
     def submit(self, request: dict, steps: list[tuple[str, str, Callable[[dict], dict]]]) -> Job:
         """Queue a job; returns at once."""
@@ -62,9 +65,14 @@ class JobQueue:
             self._jobs[job.id] = job
             self._pending.append(job.id)
             self._trim()
+            if self._closed:
+                raise NeuronmapError("the viewer is stopping: it takes no new jobs")
             if self._worker is None:
                 self._worker = threading.Thread(target=self._run, name="neuronmap-jobs", daemon=True)
                 self._worker.start()
+                # Python kills daemon threads at exit; one caught inside torch aborts the process ("terminate called
+                # without an active exception"), so the exit waits for the running step instead.
+                atexit.register(self.close)
             self._cv.notify()
             return job
 
@@ -88,6 +96,17 @@ class JobQueue:
                     "request": dict(job.request), "results": dict(job.results), "error": job.error,
                     "seconds": round((job.finished_at or now) - (job.started_at or now), 3)}
 
+    def close(self, timeout: float | None = None) -> None:
+        """Take no more jobs, drop the queued ones, let the running step finish, and stop the worker."""
+        with self._cv:
+            self._closed = True
+            for jid in self._pending[1:] if self._worker is not None else self._pending:
+                self._jobs[jid].state, self._jobs[jid].error = "error", "the viewer stopped before this job ran"
+            self._pending[1:] = []
+            self._cv.notify_all()
+        if self._worker is not None and self._worker is not threading.current_thread():
+            self._worker.join(timeout)
+
     def _trim(self) -> None:
         done = [k for k, j in self._jobs.items() if j.state in ("done", "error")]
         for k in done[: max(0, len(done) - KEEP)]:
@@ -96,13 +115,17 @@ class JobQueue:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._pending:
+                while not self._pending and not self._closed:
                     self._cv.wait()
+                if not self._pending:  # closed with nothing to run
+                    return
                 job = self._jobs[self._pending[0]]
                 job.state, job.started_at = "running", time.time()
             try:
                 for i, (key, _label, fn) in enumerate(job.steps):
                     with self._cv:
+                        if self._closed:
+                            raise NeuronmapError("the viewer stopped before this job finished")
                         job.step = i
                     result = fn(dict(job.results))
                     with self._cv:
@@ -118,3 +141,5 @@ class JobQueue:
             with self._cv:
                 job.state, job.error, job.finished_at = state, error, time.time()
                 self._pending.remove(job.id)
+                if self._closed:
+                    return
