@@ -112,6 +112,20 @@ def top_neurons(contrib: torch.Tensor, acts: torch.Tensor, top: int) -> list[tup
     return [(neuron_id(j // d_mlp, j % d_mlp), j // d_mlp, j % d_mlp, float(a[j]), float(flat[j])) for j in hi + lo]
 
 
+def target_ranks(m: Model, head: Head, which: list[tuple[int, int, float]], target: int) -> list[int]:
+    """The target's rank among all tokens in each written vector's decoding, ``which``: ``(layer, index, activation)``.
+
+    The written vector is ``sign(activation) x down column`` (the atlas's ``+`` or ``-`` pole), decoded through the
+    final norm and head as the atlas decodes it (neuronmap.decode.head), so rank <= the atlas's top-k means the
+    target is in the neuron's label.
+    """
+    if not which:
+        return []
+    vecs = torch.stack([m.down_column(layer, i) * (1.0 if a >= 0 else -1.0) for layer, i, a in which])  # [n, d_model]
+    z = head_logits(head, vecs.to(head.W_U.device))  # [n, d_vocab]
+    return [int(r) + 1 for r in (z > z[:, target:target + 1]).sum(-1).tolist()]
+
+
 def active_neurons(acts: torch.Tensor, quantiles: tuple[list[float], np.ndarray] | None, top: int) -> list[dict]:
     """The neurons most active at one position, ``acts`` ``[n_layers, d_mlp]``.
 

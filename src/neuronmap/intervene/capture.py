@@ -97,7 +97,10 @@ def capture(m: Model, ids: torch.Tensor, pos: torch.Tensor) -> Captured:
     """Run the model once on ``ids`` ``[1, seq]`` and keep, at positions ``pos`` ``[n_pos]``, what ``Captured`` lists."""
     n = m.n_layers
     c = Captured([None] * n, [None] * n, [None] * n, [None] * n)
-    keep = lambda t: _first(t)[0, pos].detach().float()  # noqa: E731  [n_pos, ...]
+
+    def keep(t):  # [1, seq, d] -> [n_pos, d]; OPT flattens its MLP's tokens to [seq, d]
+        t = _first(t)
+        return (t[pos] if t.dim() == 2 else t[0, pos]).detach().float()
 
     def pre_block(i):
         def hook(module, args, kwargs):

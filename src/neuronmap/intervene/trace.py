@@ -25,7 +25,7 @@ from neuronmap.core.errors import NeuronmapError
 from neuronmap.atlas.labels import activation_quantiles, neuron_labels
 from neuronmap.atlas.scoring import check_weights
 from neuronmap.decode.head import Head
-from neuronmap.intervene.attribution import active_neurons, decompose, lens, pre_softcap, softcapped, top_neurons
+from neuronmap.intervene.attribution import active_neurons, decompose, lens, pre_softcap, softcapped, target_ranks, top_neurons
 from neuronmap.intervene.capture import capture, last_logit, model_head
 from neuronmap.runtime.hooks import encode
 from neuronmap.runtime.models import DEVICE, DTYPE, Model, load_model, require_tokenizer
@@ -44,6 +44,8 @@ class TraceNeuron:
         neuron, layer, index: ``L{layer}N{index}``, its layer and index.
         activation: the down projection's input at that position.
         contribution: its direct contribution to the target's logit (before any softcap).
+        target_rank: the target's rank (1 = top) among all tokens when the vector the neuron writes here
+            (``sign(activation) x down column``) is decoded through the final norm and head, as the atlas decodes it.
         label: from the atlas (``neuronmap.atlas.labels.neuron_labels``: down/up/gate top tokens, agreement), or None.
     """
 
@@ -52,11 +54,12 @@ class TraceNeuron:
     index: int
     activation: float
     contribution: float
+    target_rank: int
     label: dict | None = None
 
     def to_dict(self) -> dict:
         return {"neuron": self.neuron, "layer": self.layer, "index": self.index, "activation": self.activation,
-                "contribution": self.contribution, "label": self.label}
+                "contribution": self.contribution, "target_rank": self.target_rank, "label": self.label}
 
 
 @dataclass(frozen=True)
@@ -278,7 +281,9 @@ def trace(m: Model, text: str, target: str | None = None, atlas=None, top: int =
         nxt = torch.topk(probs, NEXT)
         total = sum(g["contribution"] for g in groups[p])
         logit = float(c.logits[p, t])
-        neurons = tuple(TraceNeuron(*n) for n in top_neurons(contrib[p], acts, top))
+        best = top_neurons(contrib[p], acts, top)
+        ranks = target_ranks(m, head, [(n[1], n[2], n[3]) for n in best], t)
+        neurons = tuple(TraceNeuron(*n, rank) for n, rank in zip(best, ranks))
         active = tuple(active_neurons(acts, quantiles, top)) if where_mode == "all" else ()
         out.append(TracePosition(pos, strings[pos], tuple((tok.decode([int(i)]), float(q)) for q, i in zip(nxt.values, nxt.indices)),
                                  tok.decode([t]), t, logit, float(probs[t]), None if pre is None else pre[p],
