@@ -145,9 +145,9 @@ def capture(m: Model, ids: torch.Tensor, pos: torch.Tensor) -> Captured:
 
 @contextmanager
 def frozen_final_norm(m: Model, head: Head, scale: float) -> Iterator[None]:
-    """Inside the block, the final norm divides the last position by ``scale``'s inverse as recorded, not its own.
+    """Inside the block, the final norm scales the last position by ``scale`` (as recorded), not by its own factor.
 
-    So an ablation's logit change at that position is linear in what reached the norm (the direct effect's premise).
+    So an ablation's logit change there is linear in what reached the norm: the premise of the direct contribution.
     """
     def hook(module, args, output):
         x = args[0][..., -1, :].float()  # [batch, d_model]
