@@ -475,6 +475,39 @@ def case_record(tmp: Path) -> dict:
     return res
 
 
+def case_trace(tmp: Path, n: int = 7) -> dict:
+    """``trace`` of a 64-token text on the demo model against a plain forward pass of the same ids, in turn, n times."""
+    import torch
+
+    from neuronmap.intervene.trace import trace
+    from neuronmap.runtime.hooks import bundled_text
+    from neuronmap.runtime.models import load_model
+
+    m = load_model(None)
+    ids = m.tokenizer(bundled_text("reference.txt"), return_tensors="pt")["input_ids"][:, :64]
+    text = m.tokenizer.decode(ids[0])
+    ids = m.tokenizer(text, return_tensors="pt")["input_ids"]  # what trace encodes
+    plain, traced = [], []
+    with torch.no_grad():
+        m.model(input_ids=ids)
+        trace(m, text)  # warm both
+        for _ in range(n):
+            t = time.perf_counter()
+            m.model(input_ids=ids)
+            plain.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            trace(m, text)
+            traced.append(time.perf_counter() - t)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {"case": "trace", "machine": machine(), "tokens": int(ids.shape[1]), "runs": n,
+            "note": "demo model, fp32; the first 64 tokens of the bundled reference text; in turn: a plain forward "
+                    "(model(input_ids), logits included) and `trace` at the last position (its forward with hooks, the "
+                    "decomposition, the logit lens, the top-20 contributors' target ranks), no atlas, median of each",
+            "plain_s": round(med(plain), 4), "trace_s": round(med(traced), 4),
+            "trace_over_plain": round(med(traced) / med(plain), 2),
+            "ratios": [round(b / a, 2) for a, b in zip(plain, traced)], "peak_rss_mb": peak_rss_mb()}
+
+
 def case_record_memory(tmp: Path) -> dict:
     """Peak memory of ``record`` at 1M and at 10M tokens of GCIDE, each in a fresh process, on a small model.
 
@@ -523,6 +556,8 @@ def run_case(name: str, device: str) -> dict:
             return case_record(tmp)
         if name == "record-memory":
             return case_record_memory(tmp)
+        if name == "trace":
+            return case_trace(tmp)
         if name == "default-ratio":
             return case_default_ratio(tmp)
         if name in SHAPES:
@@ -546,7 +581,7 @@ def _fmt_s(x) -> str:
 def write_markdown() -> None:
     results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
     order = [c for c in ("demo", "llama-3.2-1b", "llama-3.2-1b-split", "llama-3.1-8b-up", "llama-3.1-8b-up-l0", "atlas-8b",
-                         "viewer", "ray-overhead", "record", "record-memory", "default-ratio") if c in results]
+                         "viewer", "ray-overhead", "record", "record-memory", "default-ratio", "trace") if c in results]
     lines = [START, ""]
     machines = {json.dumps({k: v for k, v in r["machine"].items() if k != "date"}, sort_keys=True) for r in results.values()}
     for m in map(json.loads, sorted(machines)):
@@ -557,7 +592,7 @@ def write_markdown() -> None:
               "naive / map | read MB | peak RSS MB |", "|" + "---|" * 15]
     for c in order:
         r = results[c]
-        if c in ("atlas-8b", "viewer", "ray-overhead", "record", "record-memory", "default-ratio"):
+        if c in ("atlas-8b", "viewer", "ray-overhead", "record", "record-memory", "default-ratio", "trace"):
             continue
         for dtype in ("split", "bfloat16", "float32"):
             if dtype not in r:
@@ -613,6 +648,11 @@ def write_markdown() -> None:
                          f"(`auto` = {r['dtype']}, kernel {r['kernel']}) of the demo's {r['matrices']} layers {r['layers']} "
                          f"({r['n_vectors']:,} vectors) and the bare products of the same vectors, in turn: {runs}. "
                          f"Peak RSS {r['peak_rss_mb']} MB.")
+            continue
+        if c == "trace":
+            lines.append(f"- **trace** ({r['machine']['date']}): {r['note']}; {r['tokens']} tokens, {r['runs']} runs: plain "
+                         f"{r['plain_s']} s, trace {r['trace_s']} s = **{r['trace_over_plain']}x** (each run's ratio: "
+                         f"{', '.join(map(str, r['ratios']))}). Peak RSS {r['peak_rss_mb']} MB.")
             continue
         if c == "record-memory":
             runs = "; ".join(f"{x['tokens']:,} tokens ({x['sequences']:,} sequences) in {x['seconds']} s, peak RSS "
@@ -670,7 +710,7 @@ def main() -> int:
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
     cases = args.only.split(",") if args.only else ["demo", "llama-3.2-1b", "llama-3.1-8b-up-l0", "atlas-8b", "viewer",
-                                                    "ray-overhead", "record", "record-memory", "default-ratio"] + (["llama-3.1-8b-up"] if args.llama8b else [])
+                                                    "ray-overhead", "record", "record-memory", "default-ratio", "trace"] + (["llama-3.1-8b-up"] if args.llama8b else [])
     for c in cases:
         print(f"bench: {c} ...", flush=True)
         t = time.perf_counter()

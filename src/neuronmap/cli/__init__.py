@@ -21,11 +21,12 @@ from neuronmap.cli.flags import as_flags
 from neuronmap.cli.model_cmds import add_clamp, add_generate, add_verify
 from neuronmap.cli.remove_cmd import add_remove
 from neuronmap.cli.series_cmds import add_map_many, add_trajectory
+from neuronmap.cli.trace_cmd import add_trace
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.atlas.damage import damaged_data
 from neuronmap.core.fsio import exit_on_signals, restore_signals
 
-COMMANDS = [add_map, add_search, add_show, add_layer, add_similar, add_stats, add_clamp, add_generate, add_verify, add_compare,
+COMMANDS = [add_map, add_search, add_show, add_layer, add_similar, add_stats, add_clamp, add_generate, add_verify, add_trace, add_compare,
             add_map_many, add_trajectory, add_remove, add_record, add_examples, add_serve]
 
 

@@ -42,6 +42,8 @@ class Family:
         eps_keys: config keys holding the final norm's epsilon, first found wins.
         default_eps: epsilon when no key is present (OPT hard-codes 1e-5).
         softcap_key: config key of the final-logit softcap, if the family has one.
+        mlp_out_norm: a norm of the MLP's output before it joins the residual stream (Gemma 2 and 3's
+            ``post_feedforward_layernorm``), of kind ``norm``; None where the MLP writes its output as is.
     """
 
     name: str
@@ -62,6 +64,7 @@ class Family:
     fused_gate_up: bool = False
     conv1d: bool = False
     head_bias: str | None = None
+    mlp_out_norm: str | None = None
 
     def __post_init__(self):
         # A table entry with a norm the decoder cannot reproduce would decode silently wrong: refuse it at import.
@@ -72,6 +75,15 @@ class Family:
     def matrices(self) -> tuple[str, ...]:
         """The matrix names this family has, in map order."""
         return ("gate", "up", "down") if self.gated else ("up", "down")
+
+    def block(self, layer: int) -> str:
+        """The decoder block (layer module) that holds the pre-MLP norm, e.g. ``model.layers.3``.
+
+        Example:
+            >>> family_for_model_type("gpt2").block(3)
+            'transformer.h.3'
+        """
+        return self.mlp_norm.format(i=layer).rsplit(".", 2)[0]
 
     @property
     def gated(self) -> bool:
@@ -119,11 +131,13 @@ FAMILIES: tuple[Family, ...] = (
     _llama_like(
         "gemma2", ("gemma2",), ("gemma2",), norm="rms_1p",
         mlp_norm="model.layers.{i}.pre_feedforward_layernorm.weight",
+        mlp_out_norm="model.layers.{i}.post_feedforward_layernorm.weight",
         softcap_key="final_logit_softcapping",
     ),
     _llama_like(
         "gemma3", ("gemma3_text", "gemma3"), ("gemma3",), norm="rms_1p",
         mlp_norm="model.layers.{i}.pre_feedforward_layernorm.weight",
+        mlp_out_norm="model.layers.{i}.post_feedforward_layernorm.weight",
         softcap_key="final_logit_softcapping",
     ),
     _llama_like(
