@@ -48,6 +48,7 @@ PARAM_FLAGS: dict[str, str] = {
     "plot": "--plot",
     "pole": "--pole",
     "positions": "--positions",
+    "target": "--target",
     "prompt": "--prompt",
     "prompts": "--prompt",
     "prompts_file": "--prompts",

@@ -172,16 +172,16 @@ def target_token(m: Model, word: str) -> int:
     """
     tok = require_tokenizer(m)
     if not word:
-        raise NeuronmapError("empty --target: give one token, e.g. --target Paris")
+        raise NeuronmapError("empty target='': give one token, e.g. target=Paris")
     tries = [word] if word[0].isspace() else [" " + word, word]
     for w in tries:
         ids = tok.encode(w, add_special_tokens=False)
         if len(ids) == 1:
             return int(ids[0])
     pieces = [tok.decode([i]) for i in tok.encode(tries[-1], add_special_tokens=False)]
-    raise NeuronmapError(f"--target {word!r} is {len(pieces)} tokens in this model's vocabulary "
+    raise NeuronmapError(f"target={word!r} is {len(pieces)} tokens in this model's vocabulary "
                          f"({', '.join(repr(p) for p in pieces)}), not one: give a single token, "
-                         f"e.g. --target {pieces[0]!r} to trace the first")
+                         f"e.g. target={pieces[0]!r} to trace the first")
 
 
 def parse_positions(text: str) -> str | int:
@@ -195,7 +195,7 @@ def parse_positions(text: str) -> str | int:
     try:
         return int(text)
     except ValueError:
-        raise NeuronmapError(f"--positions {text!r}: expected last, all or a token index such as 3") from None
+        raise NeuronmapError(f"positions={text!r}: expected last, all or a token index such as 3") from None
 
 
 def chosen_positions(positions: str | int, seq: int) -> list[int]:
@@ -210,7 +210,7 @@ def chosen_positions(positions: str | int, seq: int) -> list[int]:
         return [seq - 1]
     p = int(positions)
     if not -seq <= p < seq:
-        raise NeuronmapError(f"--positions {p} is past the end of the text: it has {seq} tokens (0 to {seq - 1}); "
+        raise NeuronmapError(f"positions={p} is past the end of the text: it has {seq} tokens (0 to {seq - 1}); "
                              "give an index in that range, or last")
     return [p % seq]
 
