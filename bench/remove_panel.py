@@ -95,6 +95,7 @@ def main() -> int:
     ap.add_argument("--strength", type=float, default=None)
     ap.add_argument("--matrices", default="down")
     ap.add_argument("--set", action="append", default=[], help="general only: NAME=VALUE for general_removal.Options")
+    ap.add_argument("--sweep", default="", help="general only: strengths to measure on the same chosen edits, e.g. 2,5,10")
     ap.add_argument("--tag", default="", help="suffix of the result file")
     args = ap.parse_args()
 
@@ -123,6 +124,19 @@ def main() -> int:
                            leave_out=(c["control"]["word"],))
             edits, vectors, klm, klp, info = res.edits, res.vectors, res.kl_median, res.kl_p95, res.info
             method = {"select": "general", **o.__dict__}
+            if args.sweep:
+                from neuronmap.effects import reference_logprobs
+                ref = reference_logprobs(m)
+                info["sweep"] = {}
+                for s in [float(x) for x in args.sweep.split(",")]:
+                    vs = g.revector(m, edits, res.direction, s)
+                    km, kp = g.kl(m, edits, vs, ref)
+                    with applied(m, edits, vs):
+                        a = measure(m, c, panel)
+                    sv = verdict(before, a, km, kp)
+                    info["sweep"][s] = sv
+                    print(f"   strength {s:g}: {'PASS' if sv['pass'] else 'fail'} held {' '.join(f'{x:.3g}' for x in sv['heldout_ratio'])}"
+                          f" ctl {sv['control_kept']:.2f} nb {sv['neighbour_median']:.2f} KL {km:.4f}", flush=True)
         else:
             kw = {k: v for k, v in (("edits", args.edits), ("edit", args.edit), ("strength", args.strength)) if v is not None}
             opts = RemoveOptions(select=args.select, matrices=args.matrices, **kw)
@@ -141,6 +155,12 @@ def main() -> int:
     summ = {"n": n, "pass": sum(r["pass"] for r in rows),
             **{f"ok_{k}": sum(r["ok"][k] for r in rows) for k in ("heldout", "control", "neighbours", "kl")},
             "kl_median_of_medians": statistics.median(r["kl_median"] for r in rows) if rows else None}
+    if args.sweep:
+        for s in [float(x) for x in args.sweep.split(",")]:
+            vs = [r["info"]["sweep"][s] for r in rows]
+            summ[f"sweep_{s:g}"] = {"pass": sum(v["pass"] for v in vs),
+                                    **{f"ok_{k}": sum(v["ok"][k] for v in vs) for k in ("heldout", "control", "neighbours", "kl")}}
+            print(f"  strength {s:g}: pass {summ[f'sweep_{s:g}']['pass']}/{n} {summ[f'sweep_{s:g}']}")
     print(f"{args.select}{args.tag} {args.half}: pass {summ['pass']}/{n}; held-out {summ['ok_heldout']}, control "
           f"{summ['ok_control']}, neighbours {summ['ok_neighbours']}, KL {summ['ok_kl']}")
     name = f"{args.select}{('-' + args.tag) if args.tag else ''}-{args.half if not args.concept else '+'.join(args.concept)}"
