@@ -9,16 +9,16 @@ Nothing here is written for one concept. For a concept word and the user's elici
    ``leave_out`` (the control, which must stay an untouched measure), one per lower-cased form.
 2. **Neighbour prompts** (`mine_contexts`): contexts in a corpus that end just before a neighbour word and on which
    the model gives that word P >= ``min_p``; the corpus is GCIDE (Debian's dict-gcide, read with
-   `neuronmap.corpus_sources.dictd_entries`) where installed, else the package's bundled texts.
-3. **Direction** (`neuronmap.removal.specific_direction`): the concept's gain-scaled unembedding made orthogonal to
+   `neuronmap.evidence.corpus_sources.dictd_entries`) where installed, else the package's bundled texts.
+3. **Direction** (`neuronmap.removal.method.specific_direction`): the concept's gain-scaled unembedding made orthogonal to
    the neighbours', so writing along it moves the concept's logit and, to first order, no neighbour's.
-4. **Ranking** (`neuronmap.removal.choose_edits` with ``select="specific"``): the down columns that write along the
+4. **Ranking** (`neuronmap.removal.method.choose_edits` with ``select="specific"``): the down columns that write along the
    direction at the last token of the concept's prompts (mean activation x projection) and write less than
    ``specificity`` of that at the last token of the neighbour prompts; the ``edits`` best are reflected
    ``strength`` times along the direction (``edit="reflect"``).
 
 `remove(m, word, prompts, options)` returns the edits (not applied) and the collateral KL on the bundled reference
-text, measured as `neuronmap.removal.remove_concepts` measures it.
+text, measured as `neuronmap.removal.method.remove_concepts` measures it.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _same_class(word: str, tok: str) -> bool:
 
 
 def _forms(word: str) -> set[str]:
-    from neuronmap.concepts import variant_strings
+    from neuronmap.atlas.concepts import variant_strings
     return {v.strip().lower() for v in variant_strings(word)}
 
 
@@ -89,8 +89,8 @@ def gain_rows(head) -> torch.Tensor:
 
 def neighbour_words(m, head, word: str, k: int, leave_out: tuple[str, ...] = (), rows=None) -> list[tuple[str, float]]:
     """The ``k`` nearest same-class words to ``word`` in the gain-scaled unembedding, with their cosines."""
-    from neuronmap.concepts import tokenizer_strings
-    from neuronmap.removal import whole_concept
+    from neuronmap.atlas.concepts import tokenizer_strings
+    from neuronmap.removal.method import whole_concept
     rows = gain_rows(head) if rows is None else rows
     c = whole_concept(m, word)
     v = rows[list(c.token_ids)].mean(0)
@@ -122,17 +122,17 @@ def corpus_texts() -> list[str]:
     global _CORPUS
     if _CORPUS is None:
         if GCIDE[0].is_file() and GCIDE[1].is_file():
-            from neuronmap.corpus_sources import dictd_entries
+            from neuronmap.evidence.corpus_sources import dictd_entries
             _CORPUS = [t for _, t in dictd_entries(*GCIDE)]
         else:
-            from neuronmap.intervene import bundled_text
+            from neuronmap.runtime.hooks import bundled_text
             _CORPUS = [bundled_text(n) for n in ("reference.txt", "beekeeping.txt")]
     return _CORPUS
 
 
 def candidate_contexts(word: str, n: int, context_words: int) -> list[str]:
     """Up to ``n`` distinct contexts that end just before `` word`` (as written, whole word) in the corpus."""
-    from neuronmap.effects import mentions
+    from neuronmap.intervene.effects import mentions
     pat = re.compile(r"(?<=\s)" + re.escape(word) + r"\b")
     out: list[str] = []
     seen = set()
@@ -156,7 +156,7 @@ _MINED: dict = {}
 
 def mine_contexts(m, word: str, keep: int, min_p: float, context_words: int, tries: int = 8) -> list[tuple[str, float]]:
     """Corpus contexts on which the model completes with ``word`` (P >= ``min_p``), best first, at most ``keep``."""
-    from neuronmap.effects import concept_tokens, next_token_logprobs
+    from neuronmap.intervene.effects import concept_tokens, next_token_logprobs
     key = (word, context_words, tries)
     if key not in _MINED:
         ctx = candidate_contexts(word, tries, context_words)
@@ -175,7 +175,7 @@ def mine_contexts(m, word: str, keep: int, min_p: float, context_words: int, tri
 
 def _acts(m, prompts: list[str], position: str) -> list[torch.Tensor]:
     """Per layer, ``[2, d_mlp]``: row 1 the activation averaged over prompts (row 0 unused, as choose_edits skips it)."""
-    from neuronmap.removal import _residual
+    from neuronmap.removal.method import _residual
     per = []
     for p in prompts:
         _, acts = _residual(m, p)
@@ -191,10 +191,11 @@ def remove(m, word: str, prompts: list[str], o: Options = Options(), leave_out: 
         prompts: the user's eliciting prompts (each ending where the word comes next).
         leave_out: words never used as neighbours (the control).
     """
-    from neuronmap.decode import build_head
-    from neuronmap.effects import kl_rows, reference_logprobs
-    from neuronmap.removal import RemoveOptions, applied, choose_edits, specific_direction
-    from neuronmap.sources import open_weights
+    from neuronmap.decode.engine import build_head
+    from neuronmap.intervene.effects import kl_rows, reference_logprobs
+    from neuronmap.removal.method import applied, choose_edits, specific_direction
+    from neuronmap.removal.options import RemoveOptions
+    from neuronmap.sources.resolve import open_weights
     head = build_head(open_weights(m.source))
     nbs = neighbour_words(m, head, word, o.neighbours, leave_out)
     words = [w for w, _ in nbs]
@@ -206,7 +207,7 @@ def remove(m, word: str, prompts: list[str], o: Options = Options(), leave_out: 
     d = specific_direction(m, head, word, words)
     acts = _acts(m, concept_prompts, o.position)
     nacts = [_acts(m, [c for _, c, _ in nprompts], o.position)] if nprompts else []
-    import neuronmap.removal as R
+    import neuronmap.removal.method as R
     old = R.SPECIFICITY
     R.SPECIFICITY = o.specificity
     try:
@@ -226,7 +227,7 @@ def remove(m, word: str, prompts: list[str], o: Options = Options(), leave_out: 
 
 def revector(m, edits, d: torch.Tensor, strength: float) -> list[torch.Tensor]:
     """The chosen down columns reflected ``strength`` times along ``d`` (the edits' own vectors for another strength)."""
-    from neuronmap.removal import _param
+    from neuronmap.removal.method import _param
     u = d / d.norm()
     out = []
     for e in edits:
@@ -237,8 +238,8 @@ def revector(m, edits, d: torch.Tensor, strength: float) -> list[torch.Tensor]:
 
 
 def kl(m, edits, vectors, ref_before) -> tuple[float, float]:
-    from neuronmap.effects import kl_rows, reference_logprobs
-    from neuronmap.removal import applied
+    from neuronmap.intervene.effects import kl_rows, reference_logprobs
+    from neuronmap.removal.method import applied
     with applied(m, edits, vectors):
         per_token = kl_rows(reference_logprobs(m), ref_before)
     return float(per_token.median()), float(per_token.quantile(0.95))

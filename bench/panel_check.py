@@ -5,7 +5,7 @@ Usage:
     python bench/panel_check.py --build          # measure bench/panel_candidates.json and (re)write the panel (done once,
                                                  # before any tuning: do not rebuild it to suit a method)
 
-P is the probability that the next token is one of the concept's single-token variants (`neuronmap.effects.
+P is the probability that the next token is one of the concept's single-token variants (`neuronmap.intervene.effects.
 concept_tokens`: " coffee", " Coffee" ...), the same measure `neuronmap remove` reports, on SmolLM2-135M-Instruct
 (`smollm2-135m`, fp32 on CPU), the prompt encoded as `neuronmap remove` encodes it.
 
@@ -14,7 +14,7 @@ How the panel is built (`--build`), all mechanical once the candidate prompts we
   at most 6 concepts, those with the highest 4th-best P (the most robust);
 - its passing prompts, by P descending, alternate eliciting (1st, 3rd, 5th) and held-out (2nd, 4th, 6th);
 - its control is the panel concept of the same kind nearest to it in the unembedding (cosine of the gain-scaled mean
-  row of the variants, as `neuronmap.removal.specific_direction` scales them), on that concept's best prompt: the
+  row of the variants, as `neuronmap.removal.method.specific_direction` scales them), on that concept's best prompt: the
   similar concept most at risk;
 - its neighbours (for the specificity measure) are the other panel concepts of its kind, less the control;
 - halves: within each kind the concepts, sorted by name, are shuffled with `random.Random(SEED)` and alternate tune,
@@ -42,13 +42,13 @@ MAX_EACH = 3  # eliciting and held-out prompts kept per concept
 
 
 def load():
-    from neuronmap.models import load_model
+    from neuronmap.runtime.models import load_model
     return load_model(None)
 
 
 def probs(m, prompts: list[str], word: str) -> list[float]:
     """P(concept) as the next token after each prompt."""
-    from neuronmap.effects import concept_tokens, next_token_logprobs
+    from neuronmap.intervene.effects import concept_tokens, next_token_logprobs
     ids = list(concept_tokens(m, word).token_ids)
     if not prompts:
         return []
@@ -61,9 +61,9 @@ def one_token(m, word: str) -> bool:
 
 def unembed_rows(m, words: list[str]) -> torch.Tensor:
     """Gain-scaled mean unembedding row of each word's variants, unit length, ``[n, d_model]``."""
-    from neuronmap.decode import build_head
-    from neuronmap.effects import concept_tokens
-    from neuronmap.sources import open_weights
+    from neuronmap.decode.engine import build_head
+    from neuronmap.intervene.effects import concept_tokens
+    from neuronmap.sources.resolve import open_weights
     head = build_head(open_weights(m.source))
     gain = head.gain.float() if head.gain is not None else 1.0
     rows = torch.stack([gain * head.W_U[list(concept_tokens(m, w).token_ids)].float().mean(0) for w in words])

@@ -9,7 +9,7 @@ Usage:
 
 Each concept is removed alone from the demo model (SmolLM2-135M-Instruct, fp32, CPU), nothing is written but the
 result JSON (bench/results/remove-panel/<select>[-tag]-<half>.json). The existing methods run through
-`neuronmap.removal.remove_concepts` with the concept's first eliciting prompt as TARS's detailed prompt and its
+`neuronmap.removal.method.remove_concepts` with the concept's first eliciting prompt as TARS's detailed prompt and its
 eliciting prompts as what is measured; `general` runs bench/general_removal.py.
 
 Metrics per concept:
@@ -19,7 +19,7 @@ Metrics per concept:
   neighbours (the other same-kind panel concepts, each as mean after / mean before over its panel prompts): the
   median keeps >= 80%;
 - collateral: KL(P_edited || P_original) per token of the bundled reference text, median and 95th percentile
-  (`neuronmap.removal.remove_concepts`'s own measurement; recomputed the same way for `general`).
+  (`neuronmap.removal.method.remove_concepts`'s own measurement; recomputed the same way for `general`).
 Pass = held-out all pass, control and median neighbour >= 0.8, median KL < 0.01.
 """
 
@@ -42,7 +42,7 @@ OUT = ROOT / "bench" / "results" / "remove-panel"
 
 
 def probs(m, prompts: list[str], word: str) -> list[float]:
-    from neuronmap.effects import concept_tokens, next_token_logprobs
+    from neuronmap.intervene.effects import concept_tokens, next_token_logprobs
     ids = list(concept_tokens(m, word).token_ids)
     return next_token_logprobs(m, prompts)[:, ids].exp().sum(-1).tolist()
 
@@ -73,9 +73,9 @@ def verdict(before: dict, after: dict, kl_median: float, kl_p95: float) -> dict:
 
 
 def run_existing(m, c: dict, opts):
-    """One concept removed by neuronmap.removal.remove_concepts: (edits, vectors, kl_median, kl_p95, info)."""
-    from neuronmap.elicit import ConceptSpec
-    from neuronmap.removal import remove_concepts
+    """One concept removed by neuronmap.removal.method.remove_concepts: (edits, vectors, kl_median, kl_p95, info)."""
+    from neuronmap.intervene.elicit import ConceptSpec
+    from neuronmap.removal.method import remove_concepts
     spec = ConceptSpec(c["word"], c["eliciting"][0]["prompt"], None,
                        tuple(("direct", r["prompt"], c["word"]) for r in c["eliciting"]))
     r = remove_concepts(m, [spec], None, opts)
@@ -99,8 +99,9 @@ def main() -> int:
     ap.add_argument("--tag", default="", help="suffix of the result file")
     args = ap.parse_args()
 
-    from neuronmap.models import load_model
-    from neuronmap.removal import RemoveOptions, applied
+    from neuronmap.runtime.models import load_model
+    from neuronmap.removal.method import applied
+    from neuronmap.removal.options import RemoveOptions
     panel = json.loads(PANEL.read_text())
     cs = [c for c in panel["concepts"] if args.half == "all" or c["half"] == args.half]
     if args.concept:
@@ -125,7 +126,7 @@ def main() -> int:
             edits, vectors, klm, klp, info = res.edits, res.vectors, res.kl_median, res.kl_p95, res.info
             method = {"select": "general", **o.__dict__}
             if args.sweep:
-                from neuronmap.effects import reference_logprobs
+                from neuronmap.intervene.effects import reference_logprobs
                 ref = reference_logprobs(m)
                 info["sweep"] = {}
                 for s in [float(x) for x in args.sweep.split(",")]:
