@@ -18,7 +18,7 @@ def add_layer(sub) -> None:
     p = sub.add_parser("layer", help="the neurons of one layer and matrix, sorted by confidence, entropy or norm")
     p.add_argument("atlas", help="atlas directory")
     p.add_argument("layer", type=int_at_least(0), help="layer number, e.g. 29")
-    p.add_argument("--matrix", default="up", help="gate, up or down (default up)")
+    p.add_argument("--matrix", default=None, help="gate, up or down (default up; a feature atlas: enc or dec, default dec)")
     p.add_argument("--pole", default=None, choices=["+", "-", "both"], help="+ (the vector), - (its negation) or both (default)")
     p.add_argument("--sort", default="confidence", choices=SORTS, help="confidence (top-1 p), entropy, norm or neuron (default confidence)")
     order = p.add_mutually_exclusive_group()
