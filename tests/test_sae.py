@@ -180,9 +180,32 @@ def test_readers_work_on_a_feature_atlas(feature_atlas):
     lr = a.layer(LAYER).to_dict()
     assert lr["rows"][0]["id"].startswith(f"L{LAYER}F") and {r["matrix"] for r in lr["rows"]} == {"dec"}
     st = a.stats().to_dict()
-    assert st["n_rows"] == 4 * a.meta["d_mlp"] if "n_rows" in st else True
+    assert st["n_rows"] == 4 * a.meta["d_mlp"] and {r["matrix"] for r in st["layers"]} == {"enc", "dec"}
     top = lr["rows"][0]["top_token"]
     hits = a.search([top.strip() or top], top=5).to_dict()
-    assert hits["rows"] and all(r["id"].startswith(f"L{LAYER}F") for r in hits["rows"])
+    assert hits["results"] and all(r["id"].startswith(f"L{LAYER}F") for r in hits["results"])
     sim = a.similar(f, "dec", top=3).to_dict()
     assert sim["id"] == f and len(sim["rows"]) == 3 and all(r["id"].startswith(f"L{LAYER}F") for r in sim["rows"])
+
+
+def test_viewer_pages_on_a_feature_atlas(feature_atlas):
+    from starlette.testclient import TestClient
+
+    from neuronmap.viewer import create_app
+
+    c = TestClient(create_app([feature_atlas], host="127.0.0.1"), base_url="http://127.0.0.1")
+    page = c.get(f"/neuron/L{LAYER}F5")
+    assert page.status_code == 200 and f"L{LAYER}F5" in page.text
+    assert f"/neuron/L{LAYER}F4" in page.text and f"/neuron/L{LAYER}F6" in page.text  # prev/next stay features
+    assert 'data-matrix="enc"' in page.text and 'data-matrix="dec"' in page.text
+    assert "steering SAE features is not built yet" in page.text
+    api = c.get(f"/api/neuron/L{LAYER}F5").json()
+    assert api["id"] == f"L{LAYER}F5" and len(api["rows"]) == 4
+    lay = c.get(f"/layer/{LAYER}")
+    assert lay.status_code == 200 and f"/neuron/L{LAYER}F" in lay.text and "matrix=enc" in lay.text
+    r = c.get(f"/search?q=L{LAYER}F7", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].endswith(f"/neuron/L{LAYER}F7")
+    bad = c.get(f"/api/neuron/L{LAYER}N5")
+    assert bad.status_code == 400 and "is a neuron id but this atlas holds SAE features" in bad.json()["error"]
+    sim = c.get(f"/api/similar/L{LAYER}F5").json()
+    assert sim["rows"] and all(x["id"].startswith(f"L{LAYER}F") for x in sim["rows"])
