@@ -87,6 +87,32 @@ class Sae:
         """``[d_sae, d_out]``: feature i's decoder direction is row i of ``W_dec``."""
         return self.tensor("W_dec")
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature activations as SAELens computes them, ``[n, d_in] -> [n, d_sae]`` fp32.
+
+        standard/transcoder: ReLU; topk: the k largest pre-activations through a ReLU; jumprelu(_transcoder): a
+        pre-activation kept where it exceeds its threshold; gated: the gate's sign times the ReLU'd magnitude path.
+        SAEs subtract ``b_dec`` from the input first where ``apply_b_dec_to_input`` (transcoders never do).
+        """
+        x = x.float()
+        if self.apply_b_dec_to_input and self.architecture not in TRANSCODERS:
+            x = x - self.tensor("b_dec")
+        if self.architecture == "gated":
+            h = x @ self.tensor("W_enc")  # [n, d_sae]
+            gate = (h + self.tensor("b_gate")) > 0
+            return gate * torch.relu(h * self.tensor("r_mag").exp() + self.tensor("b_mag"))
+        pre = x @ self.tensor("W_enc") + self.tensor("b_enc")  # [n, d_sae]
+        if self.architecture == "topk":
+            vals, idx = pre.topk(min(self.k, self.d_sae), dim=-1)
+            return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+        if self.architecture in ("jumprelu", "jumprelu_transcoder"):
+            return pre * (pre > self.tensor("threshold"))
+        return torch.relu(pre)
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        """The reconstruction (a transcoder's prediction), ``[n, d_sae] -> [n, d_out]``."""
+        return acts @ self.tensor("W_dec") + self.tensor("b_dec")
+
     def to_dict(self) -> dict:
         """What meta.json records of this SAE."""
         return {"path": str(self.path.resolve()), "sha256": self.sha256, "architecture": self.architecture,
