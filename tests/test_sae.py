@@ -209,3 +209,25 @@ def test_viewer_pages_on_a_feature_atlas(feature_atlas):
     assert bad.status_code == 400 and "is a neuron id but this atlas holds SAE features" in bad.json()["error"]
     sim = c.get(f"/api/similar/L{LAYER}F5").json()
     assert sim["rows"] and all(x["id"].startswith(f"L{LAYER}F") for x in sim["rows"])
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu", "transcoder"])
+def test_sae_lens_reads_what_we_save_and_encodes_as_we_do(demo, tmp_path, arch):
+    """Runs where sae-lens is installed (it is not a dependency): its own loader, its encode and decode against ours."""
+    sae_lens = pytest.importorskip("sae_lens")
+    g = torch.Generator().manual_seed(0)
+    d_in, d_sae = demo.d_model, 64
+    t = {"W_enc": torch.randn(d_in, d_sae, generator=g) * 0.05, "W_dec": torch.randn(d_sae, d_in, generator=g),
+         "b_enc": torch.randn(d_sae, generator=g) * 0.1, "b_dec": torch.randn(d_in, generator=g) * 0.1}
+    if arch == "jumprelu":
+        t["threshold"] = torch.rand(d_sae, generator=g) * 0.2
+    p = save_sae(tmp_path / arch, t, arch, f"blocks.{LAYER}.hook_resid_post", k=8 if arch == "topk" else None,
+                 hook_out=f"blocks.{LAYER}.hook_mlp_out" if arch == "transcoder" else None)
+    theirs = (sae_lens.Transcoder if arch == "transcoder" else sae_lens.SAE).load_from_disk(p)
+    (ours,) = open_saes(p, demo)
+    assert theirs.cfg.metadata.hook_name == ours.point.hook
+    x = torch.randn(32, d_in, generator=g)
+    with torch.no_grad():
+        a, b = theirs.encode(x), ours.encode(x)
+        assert (b > 0).sum() > 0 and torch.equal(a, b)
+        assert torch.allclose(theirs.decode(a), ours.decode(b), atol=1e-5)

@@ -19,6 +19,7 @@ from neuronmap.runtime.models import Model, find_module
 from neuronmap.sources.families import HookPoint
 
 GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
+SAELENS_LAYOUT = "6.0.0"
 
 
 def save_sae(out: Path | str, tensors: dict[str, torch.Tensor], architecture: str, hook: str,
@@ -37,8 +38,10 @@ def save_sae(out: Path | str, tensors: dict[str, torch.Tensor], architecture: st
     cfg = {"architecture": architecture, "d_in": int(d_in), "d_sae": int(d_sae), "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": architecture not in ("transcoder", "jumprelu_transcoder"),
            "normalize_activations": "none", "reshape_activations": "none",
+           # sae_lens_version marks the SAELens 6 layout: without it SAELens reads the file as pre-6 and drops metadata.
            "metadata": {"model_name": model_name, "hook_name": hook, "hook_head_index": None, "prepend_bos": False,
-                        "sae_lens_training_version": None, "trained_by": "neuronmap.testing.sae"}}
+                        "sae_lens_version": SAELENS_LAYOUT, "sae_lens_training_version": SAELENS_LAYOUT,
+                        "trained_by": "neuronmap.testing.sae"}}
     if tensors["W_dec"].shape[1] != d_in or hook_out:
         cfg["d_out"] = int(tensors["W_dec"].shape[1])
     if hook_out:
