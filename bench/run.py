@@ -532,6 +532,9 @@ def case_sae(tmp: Path, d_sae: int = 16384, layer: int = 20) -> dict:
     r = map_model(src, tmp / "fa", MapOptions(sae=str(sae)))
     dt = {"split": torch.bfloat16, "bfloat16": torch.bfloat16}.get(r.meta["dtype"], torch.float32)
     bare = bare_product_seconds(r.n_vectors, w.d_model, w.d_vocab, "cpu", dt)
+    # The same engine on neurons, about as many vectors, right after: on a shared machine this separates what the
+    # feature path costs from what the machine's load costs.
+    nm = map_model(src, tmp / "na", MapOptions(matrices="down", layers="9-29"))
     ratio = r.seconds / bare
     slice_n = 512  # of the 8B shape: d_model 4096, d_vocab 128256; both matrices of 131,072 features
     big = bare_product_seconds(slice_n, 4096, 128256, "cpu", dt)
@@ -539,6 +542,8 @@ def case_sae(tmp: Path, d_sae: int = 16384, layer: int = 20) -> dict:
     return {"case": "sae", "machine": machine(), "d_sae": d_sae, "layer": layer, "n_vectors": r.n_vectors,
             "dtype": r.meta["dtype"], "kernel": r.meta["kernel"], "map_s": round(r.seconds, 2),
             "timings": r.meta["timings"], "bare_s": round(bare, 2), "map_over_bare": round(ratio, 2),
+            "neuron_map_vectors": nm.n_vectors, "neuron_map_s": round(nm.seconds, 2),
+            "feature_over_neuron_per_vector": round((r.seconds / r.n_vectors) / (nm.seconds / nm.n_vectors), 2),
             "llama8b_slice_vectors": slice_n, "llama8b_bare_est_s": round(est_bare, 1),
             "llama8b_map_est_s": round(est_bare * ratio, 1), "peak_rss_mb": peak_rss_mb()}
 
@@ -644,7 +649,9 @@ def write_markdown() -> None:
             lines.append(f"- **sae** ({r['machine']['date']}): `map --sae` of a {r['d_sae']:,}-feature SAE at layer "
                          f"{r['layer']} of the demo model ({r['n_vectors']:,} vectors: enc and dec), {r['dtype']}, "
                          f"{r['kernel']} kernel: {r['map_s']} s end to end against {r['bare_s']} s for the bare product "
-                         f"of the same shape = **{r['map_over_bare']}x**. A Llama-3.1-8B-shaped 131,072-feature SAE "
+                         f"of the same shape = **{r['map_over_bare']}x**; the same engine on {r['neuron_map_vectors']:,} "
+                         f"neurons (down, layers 9-29) right after: {r['neuron_map_s']} s, so a feature costs "
+                         f"{r['feature_over_neuron_per_vector']}x a neuron per vector. A Llama-3.1-8B-shaped 131,072-feature SAE "
                          f"(both matrices, d_model 4096, d_vocab 128,256), estimated from a measured "
                          f"{r['llama8b_slice_vectors']}-vector slice of its bare product: bare "
                          f"{_fmt_s(r['llama8b_bare_est_s'])}, map at the ratio above {_fmt_s(r['llama8b_map_est_s'])} "
