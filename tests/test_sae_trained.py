@@ -86,3 +86,36 @@ def test_the_transcoder_maps_and_two_saes_at_one_layer_are_refused(demo_saes, tm
     assert "are both at layer 20" in err and "one atlas holds one SAE per layer" in err
     with pytest.raises(NeuronmapError):
         open_saes(demo_saes, open_weights(None))
+
+
+def test_steering_a_feature_raises_its_decoded_token(demo_saes, topk_atlas):
+    """Adding a multiple of a feature's decoder direction at its hook raises the token it decodes to, far more than
+    adding another feature's direction of the same norm does."""
+    from neuronmap.runtime.features import steer_feature
+    from neuronmap.runtime.models import load_model
+
+    from neuronmap.sources.vocab import WORD
+
+    cols = ["matrix", "neuron", "pole", "token_ids", "tokens", "probs"]
+    t = pq.read_table(topk_atlas / "neurons.parquet", columns=cols).to_pandas()
+    t = t[(t["matrix"] == "dec") & (t["pole"] == "+")].sort_values("neuron").reset_index(drop=True)
+    best = int(np.argmax([p[0] if WORD.match(w[0]) else 0.0 for p, w in zip(t["probs"], t["tokens"])]))  # a word
+    token = int(t["token_ids"][best][0])
+    other = (best + 1) % len(t)
+    m = load_model(None)
+    (sae,) = open_saes(demo_saes / "topk", open_weights(None))
+    ids = torch.tensor([m.tokenizer("The weather today is", add_special_tokens=False)["input_ids"]])
+
+    def p(feature=None):
+        with torch.inference_mode():
+            if feature is None:
+                return torch.softmax(m.model(ids).logits[0, -1], -1)[token].item()
+            with steer_feature(m, sae, feature, 200.0):
+                return torch.softmax(m.model(ids).logits[0, -1], -1)[token].item()
+    base, steered, control = p(), p(best), p(other)
+    print(f"L20F{best} (top token {m.tokenizer.decode([token])!r}): p {base:.2e} -> {steered:.3f} steered at 200x its "
+          f"decoder direction; L20F{other} steered the same: {control:.2e}")
+    assert steered > 100 * base and steered > 10 * control
+    with pytest.raises(NeuronmapError, match=r"feature 2048 is out of range: the SAE at .* has features 0-2047"):
+        with steer_feature(m, sae, 2048, 1.0):
+            pass
