@@ -54,7 +54,7 @@ def add_map(sub) -> None:
                    help="checkpoint dir, .gguf file, hub id (org/name) or packaged model (smollm2-135m, gemma3-270m); default: the demo model")
     p.add_argument("-o", "--out", required=True, help="atlas directory to create")
     p.add_argument("--sae", default=None, metavar="PATH",
-                   help="decode the features of a SAELens SAE or transcoder (cfg.json + sae_weights.safetensors), or a "
+                   help="decode the features of a SAELens SAE or transcoder (a directory: cfg.json and its safetensors), or a "
                         "directory of them one per layer, instead of the MLP neurons: ids L{layer}F{index}, matrices "
                         "enc,dec (see docs/features.md)")
     map_arguments(p)
