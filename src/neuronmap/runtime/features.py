@@ -9,8 +9,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-import torch
-
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.runtime.models import Model, find_module
 from neuronmap.sources.sae import Sae
