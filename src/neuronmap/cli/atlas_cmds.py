@@ -184,7 +184,7 @@ def cmd_search(args) -> int:
             out.print(f"\n[bold]{show_token(c.text)}[/bold]: single-token variants {toks}")
         tab = Table(show_edge=False)
         evidence = "evidence" in files.meta
-        cols = ("rank", "neuron", "matrix", "pole", "p(concept)", "best variant", "top tokens (p)") + \
+        cols = ("rank", "feature" if files.meta.get("sae") else "neuron", "matrix", "pole", "p(concept)", "best variant", "top tokens (p)") + \
             (("agreement (base)",) if evidence else ())
         for col in cols:
             tab.add_column(col, justify="right" if col in ("rank", "p(concept)", "agreement (base)") else "left")
