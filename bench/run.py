@@ -543,6 +543,44 @@ def case_record_memory(tmp: Path) -> dict:
     return res
 
 
+def case_sae(tmp: Path, d_sae: int = 16384, layer: int = 20) -> dict:
+    """``map --sae``: a 16,384-feature SAE (random unit decoder rows; the decode does not depend on training) at the
+    demo model's layer 20, end to end (read, decode both matrices and poles, write), against the bare product of the
+    same shape in the same dtype; then a Llama-3.1-8B-shaped 131,072-feature decoder estimated from a measured slice
+    of its bare product times the ratio measured here."""
+    import torch
+
+    from neuronmap.mapping.mapper import map_model
+    from neuronmap.mapping.part import MapOptions
+    from neuronmap.sources.resolve import open_weights, resolve_source
+    from neuronmap.testing.sae import save_sae
+
+    src = resolve_source(None)
+    w = open_weights(src)
+    g = torch.Generator().manual_seed(0)
+    dec = torch.randn(d_sae, w.d_model, generator=g)
+    dec /= dec.norm(dim=1, keepdim=True)
+    sae = save_sae(tmp / "sae", {"W_enc": dec.T.contiguous(), "W_dec": dec, "b_enc": torch.zeros(d_sae),
+                                 "b_dec": torch.zeros(w.d_model)}, "standard", f"blocks.{layer}.hook_resid_post")
+    r = map_model(src, tmp / "fa", MapOptions(sae=str(sae)))
+    dt = {"split": torch.bfloat16, "bfloat16": torch.bfloat16}.get(r.meta["dtype"], torch.float32)
+    bare = bare_product_seconds(r.n_vectors, w.d_model, w.d_vocab, "cpu", dt)
+    # The same engine on neurons, about as many vectors, right after: on a shared machine this separates what the
+    # feature path costs from what the machine's load costs.
+    nm = map_model(src, tmp / "na", MapOptions(matrices="down", layers="9-29"))
+    ratio = r.seconds / bare
+    slice_n = 512  # of the 8B shape: d_model 4096, d_vocab 128256; both matrices of 131,072 features
+    big = bare_product_seconds(slice_n, 4096, 128256, "cpu", dt)
+    est_bare = big * 2 * 131072 / slice_n
+    return {"case": "sae", "machine": machine(), "d_sae": d_sae, "layer": layer, "n_vectors": r.n_vectors,
+            "dtype": r.meta["dtype"], "kernel": r.meta["kernel"], "map_s": round(r.seconds, 2),
+            "timings": r.meta["timings"], "bare_s": round(bare, 2), "map_over_bare": round(ratio, 2),
+            "neuron_map_vectors": nm.n_vectors, "neuron_map_s": round(nm.seconds, 2),
+            "feature_over_neuron_per_vector": round((r.seconds / r.n_vectors) / (nm.seconds / nm.n_vectors), 2),
+            "llama8b_slice_vectors": slice_n, "llama8b_bare_est_s": round(est_bare, 1),
+            "llama8b_map_est_s": round(est_bare * ratio, 1), "peak_rss_mb": peak_rss_mb()}
+
+
 def run_case(name: str, device: str) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="nm-bench-"))
     try:
@@ -560,6 +598,8 @@ def run_case(name: str, device: str) -> dict:
             return case_trace(tmp)
         if name == "default-ratio":
             return case_default_ratio(tmp)
+        if name == "sae":
+            return case_sae(tmp)
         if name in SHAPES:
             # Written by a separate process, so the generator's memory is not this case's.
             (tmp / "ckpt").mkdir()
@@ -581,7 +621,7 @@ def _fmt_s(x) -> str:
 def write_markdown() -> None:
     results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
     order = [c for c in ("demo", "llama-3.2-1b", "llama-3.2-1b-split", "llama-3.1-8b-up", "llama-3.1-8b-up-l0", "atlas-8b",
-                         "viewer", "ray-overhead", "record", "record-memory", "default-ratio", "trace") if c in results]
+                         "viewer", "ray-overhead", "record", "record-memory", "default-ratio", "trace", "sae") if c in results]
     lines = [START, ""]
     machines = {json.dumps({k: v for k, v in r["machine"].items() if k != "date"}, sort_keys=True) for r in results.values()}
     for m in map(json.loads, sorted(machines)):
@@ -592,7 +632,7 @@ def write_markdown() -> None:
               "naive / map | read MB | peak RSS MB |", "|" + "---|" * 15]
     for c in order:
         r = results[c]
-        if c in ("atlas-8b", "viewer", "ray-overhead", "record", "record-memory", "default-ratio", "trace"):
+        if c in ("atlas-8b", "viewer", "ray-overhead", "record", "record-memory", "default-ratio", "trace", "sae"):
             continue
         for dtype in ("split", "bfloat16", "float32"):
             if dtype not in r:
@@ -639,6 +679,18 @@ def write_markdown() -> None:
                          f"tokens/s), plain forward {r['plain_s']} s ({r['plain_tokens_per_s']:,} tokens/s), record / plain "
                          f"{r['record_over_plain']}. Running state {r['state_mb']} MB whatever the corpus size (histograms, "
                          f"top and bottom N, counts); peak RSS {r['peak_rss_mb']} MB.")
+            continue
+        if c == "sae":
+            lines.append(f"- **sae** ({r['machine']['date']}): `map --sae` of a {r['d_sae']:,}-feature SAE at layer "
+                         f"{r['layer']} of the demo model ({r['n_vectors']:,} vectors: enc and dec), {r['dtype']}, "
+                         f"{r['kernel']} kernel: {r['map_s']} s end to end against {r['bare_s']} s for the bare product "
+                         f"of the same shape = **{r['map_over_bare']}x**; the same engine on {r['neuron_map_vectors']:,} "
+                         f"neurons (down, layers 9-29) right after: {r['neuron_map_s']} s, so a feature costs "
+                         f"{r['feature_over_neuron_per_vector']}x a neuron per vector. A Llama-3.1-8B-shaped 131,072-feature SAE "
+                         f"(both matrices, d_model 4096, d_vocab 128,256), estimated from a measured "
+                         f"{r['llama8b_slice_vectors']}-vector slice of its bare product: bare "
+                         f"{_fmt_s(r['llama8b_bare_est_s'])}, map at the ratio above {_fmt_s(r['llama8b_map_est_s'])} "
+                         f"(an estimate, not a run). Peak RSS {r['peak_rss_mb']} MB.")
             continue
         if c == "default-ratio":
             runs = "; ".join(f"{x['map_s']} s against bf16 {x['bare_bf16_s']} s and fp32 {x['bare_fp32_s']} s "

@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # that uses any of them, directly or through another fixture, is marked slow. `demo` is the real demo model in
 # tests/test_intervene.py (load_model) and tests/test_decode.py (open_weights).
 SLOW_FIXTURES = frozenset({"demo_atlas", "demo_checkpoint", "gemma_checkpoint", "gemma_gguf", "demo_gguf",
-                           "demo_finetuned", "demo_series", "demo"})
+                           "demo_finetuned", "demo_series", "demo", "demo_saes"})
 
 
 def pytest_collection_modifyitems(config, items):
@@ -160,6 +160,16 @@ def demo_atlas(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("atlas") / "demo"
     map_model(None, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_saes() -> Path:
+    """A TopK SAE (``topk``) on the demo model's layer-20 residual stream and a transcoder (``transcoder``) of its
+    layer-20 MLP, trained on ~2k tokens of GCIDE and saved in SAELens's layout, with the activations they were trained
+    on (``acts.safetensors``); made once into .cache/test-models (neuronmap.testing.sae)."""
+    from neuronmap.testing.sae import build_test_saes
+
+    return build_test_saes(MODEL_CACHE / "smollm2-135m-saes-L20-v1")
 
 
 FINETUNE_STEPS, FINETUNE_LR = 30, 1e-3

@@ -17,6 +17,7 @@ import pandas as pd
 from neuronmap.atlas.store import choose_rows, connect
 from neuronmap.atlas.concepts import read_vocab
 from neuronmap.core.errors import NeuronmapError
+from neuronmap.core.ids import id_letter
 from neuronmap.sources.vocab import STOPWORDS, WORD
 from neuronmap.atlas.search import records
 from neuronmap.atlas.stats import TOKEN_CLASSES, vocab_classes
@@ -74,14 +75,14 @@ class LayerRows:
                 "offset": self.offset, "limit": self.limit, "n_matching": self.n_matching, "rows": records(self.rows)}
 
 
-def layer_rows(atlas: Atlas, layer: int, matrix: str = "up", pole: str | None = None, sort: str = "confidence",
+def layer_rows(atlas: Atlas, layer: int, matrix: str | None = None, pole: str | None = None, sort: str = "confidence",
                descending: bool | None = None, token_class: str | None = None, offset: int = 0,
                limit: int = PAGE) -> LayerRows:
     """The rows of one layer and matrix, sorted and filtered, one page of them.
 
     Args:
         files: the atlas.
-        layer, matrix: which rows (the atlas must hold them).
+        layer, matrix: which rows (the atlas must hold them); matrix None: ``up`` (a feature atlas: ``dec``).
         pole: ``+``, ``-``, or None / ``both``.
         sort: ``confidence`` (top-1 p), ``entropy``, ``norm`` (weight norm) or ``neuron`` (index).
         descending: the order; None takes the key's natural one (confidence and norm high first,
@@ -104,6 +105,7 @@ def layer_rows(atlas: Atlas, layer: int, matrix: str = "up", pole: str | None = 
         raise NeuronmapError(f"unknown token class {token_class!r}: expected one of {', '.join(TOKEN_CLASSES)}")
     if offset < 0 or not 1 <= limit <= MAX_PAGE:
         raise NeuronmapError(f"page offset {offset} and limit {limit} out of range: expected offset >= 0 and 1 <= limit <= {MAX_PAGE}")
+    matrix = matrix or ("dec" if id_letter(atlas.meta) == "F" else "up")
     (mat,), (lay,), poles = choose_rows(atlas.meta, matrix, str(layer), pole)
     descending = _DESCENDING[sort] if descending is None else descending
     df = connect().execute(

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from neuronmap.core.errors import NeuronmapError
-from neuronmap.core.ids import MATRICES, POLES
+from neuronmap.core.ids import ALL_MATRICES, POLES
 
 FORMAT = "neuronmap-atlas"
 VERSION = 1
@@ -110,8 +110,8 @@ def _meta_problem(meta: object) -> str | None:
     if not _int(dec.get("top_k")) or not 1 <= dec["top_k"] <= meta["d_vocab"]:
         return f"decode.top_k is {dec.get('top_k')!r}, expected an integer from 1 to d_vocab ({meta['d_vocab']})"
     mats, layers, poles = dec.get("matrices"), dec.get("layers"), dec.get("poles")
-    if not isinstance(mats, list) or not mats or any(m not in MATRICES for m in mats):
-        return f"decode.matrices is {mats!r}, expected a non-empty list of gate, up, down"
+    if not isinstance(mats, list) or not mats or any(m not in ALL_MATRICES for m in mats):
+        return f"decode.matrices is {mats!r}, expected a non-empty list of gate, up, down (features: enc, dec)"
     if not isinstance(layers, list) or not layers or any(not _int(x) or not 0 <= x < meta["n_layers"] for x in layers):
         return f"decode.layers is {layers!r}, expected a non-empty list of layers 0-{meta['n_layers'] - 1}"
     if not isinstance(poles, list) or not poles or any(x not in POLES for x in poles):

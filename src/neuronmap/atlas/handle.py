@@ -65,7 +65,7 @@ class Atlas(AtlasFiles):
         """``neuronmap stats``: per layer and matrix summaries (``atlas.stats.stats``)."""
         return stats(self, matrices, layers, pole, n_top)
 
-    def layer(self, layer: int, matrix: str = "up", pole: str | None = None, sort: str = "confidence",
+    def layer(self, layer: int, matrix: str | None = None, pole: str | None = None, sort: str = "confidence",
               descending: bool | None = None, token_class: str | None = None, offset: int = 0,
               limit: int = PAGE) -> LayerRows:
         """``neuronmap layer``: one layer's rows, sorted and filtered (``atlas.browse.layer_rows``)."""

@@ -125,6 +125,14 @@ def atlas_weights(atlas: Atlas, weights: str | None = None) -> Weights:
         NeuronmapError: as ``check_weights``.
     """
     src = check_weights(atlas, weights)
+    if atlas.meta.get("sae"):  # a feature atlas: its SAEs' vectors in place of the neurons', each sha256 checked
+        from neuronmap.sources.sae import reopen_saes
+
+        return reopen_saes(atlas.meta["sae"], _model_weights(src))
+    return _model_weights(src)
+
+
+def _model_weights(src) -> Weights:
     if not _KEEP_BYTES:
         return open_weights(src)
     key = tuple((str(f), file_sha256(f)) for f in src.files)  # the sha256 is cached by path, size and times

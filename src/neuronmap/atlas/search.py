@@ -24,7 +24,7 @@ from neuronmap.atlas.store import choose_rows, connect, sql_path, stored_ranks, 
 from neuronmap.atlas.concepts import Concept, expand_concept, read_vocab, vocab_index
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.atlas.evidence import NeuronEvidence, has_evidence, neuron_evidence
-from neuronmap.core.ids import MATRICES, neuron_id, parse_neuron_id
+from neuronmap.core.ids import ALL_MATRICES, id_letter, neuron_id, parse_neuron_id
 from neuronmap.atlas.scoring import TokenProbs, atlas_weights, exact_token_probs
 
 if TYPE_CHECKING:  # the handle calls these functions; they only name its type
@@ -318,12 +318,13 @@ def show(atlas: Atlas, neuron: str, stored: bool = False, weights: str | None = 
         >>> show(open_files("demo-atlas"), "L29N750").rows[["matrix", "pole", "top_token", "rank"]]  # doctest: +SKIP
     """
     meta = atlas.meta
-    layer, idx = parse_neuron_id(neuron, int(meta["n_layers"]), int(meta["d_mlp"]))
+    letter = id_letter(meta)
+    layer, idx = parse_neuron_id(neuron, int(meta["n_layers"]), int(meta["d_mlp"]), letter)
     choose_rows(meta, None, str(layer), None)  # the atlas has this layer
     rows = connect().execute(
         "SELECT id, layer, neuron, matrix, pole, token_ids, tokens, probs, logits, entropy, weight_norm "
         "FROM read_parquet(?) WHERE layer = ? AND neuron = ?", [str(atlas.neurons), layer, idx]).df()
-    order = {k: i for i, k in enumerate([*MATRICES, "+", "-"])}
+    order = {k: i for i, k in enumerate([*ALL_MATRICES, "+", "-"])}
     rows = rows.sort_values(["matrix", "pole"], key=lambda s: s.map(order)).reset_index(drop=True)
     top = [int(t[0]) for t in rows["token_ids"]]
     if stored:
@@ -337,8 +338,8 @@ def show(atlas: Atlas, neuron: str, stored: bool = False, weights: str | None = 
     rows.insert(8, "n_ranked", [n for _, n, _ in ranked])
     method = "stored" if stored else "exact"
     rows.insert(9, "rank_method", method)
-    ev = neuron_evidence(atlas, neuron_id(layer, idx), examples) if has_evidence(atlas) else None
-    return NeuronReport(atlas.root, neuron_id(layer, idx), layer, idx, method, rows.drop(columns=["token_ids"]), ev)
+    ev = neuron_evidence(atlas, neuron_id(layer, idx, letter), examples) if has_evidence(atlas) else None
+    return NeuronReport(atlas.root, neuron_id(layer, idx, letter), layer, idx, method, rows.drop(columns=["token_ids"]), ev)
 
 
 def _exact_ranks(files, rows, top, layer, idx, weights) -> list[tuple[int, int, float]]:

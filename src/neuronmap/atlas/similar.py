@@ -21,7 +21,7 @@ import torch
 
 from neuronmap.atlas.store import choose_rows, connect
 from neuronmap.core.errors import NeuronmapError
-from neuronmap.core.ids import neuron_id, parse_neuron_id
+from neuronmap.core.ids import id_letter, neuron_id, parse_neuron_id
 from neuronmap.atlas.scoring import atlas_weights
 from neuronmap.atlas.search import records
 
@@ -87,7 +87,8 @@ def similar(atlas: Atlas, neuron: str, matrices: str | None = None, top: int = T
     if top < 1:
         raise NeuronmapError(f"top={top} is out of range: expected 1 or more")
     meta = atlas.meta
-    layer, idx = parse_neuron_id(neuron, int(meta["n_layers"]), int(meta["d_mlp"]))
+    letter = id_letter(meta)
+    layer, idx = parse_neuron_id(neuron, int(meta["n_layers"]), int(meta["d_mlp"]), letter)
     mats, lays, _ = choose_rows(meta, matrices, None, None)
     choose_rows(meta, None, str(layer), None)  # the atlas has this layer
     w = atlas_weights(atlas, weights)
@@ -103,7 +104,7 @@ def similar(atlas: Atlas, neuron: str, matrices: str | None = None, top: int = T
             c = cos.numpy()[best].astype(np.float64)
             lay = np.array(lays)[best // d_mlp]
             parts.append(pd.DataFrame({"matrix": m, "rank": np.arange(1, len(best) + 1),
-                                       "id": [neuron_id(int(a), int(b)) for a, b in zip(lay, best % d_mlp)],
+                                       "id": [neuron_id(int(a), int(b), letter) for a, b in zip(lay, best % d_mlp)],
                                        "layer": lay, "neuron": best % d_mlp, "cosine": c,
                                        "pole": np.where(c < 0, "-", "+")}))
     hits = pd.concat(parts, ignore_index=True)
@@ -112,7 +113,7 @@ def similar(atlas: Atlas, neuron: str, matrices: str | None = None, top: int = T
     rows = con.execute(
         "SELECT h.*, n.tokens[1] AS top_token, n.probs[1] AS top_prob FROM hits h JOIN read_parquet(?) n "
         "USING (matrix, layer, neuron, pole) ORDER BY h.order", [str(atlas.neurons)]).df().drop(columns="order")
-    return SimilarResult(atlas.root, neuron_id(layer, idx), layer, idx, rows, len(lays) * d_mlp,
+    return SimilarResult(atlas.root, neuron_id(layer, idx, letter), layer, idx, rows, len(lays) * d_mlp,
                          time.perf_counter() - t0)
 
 

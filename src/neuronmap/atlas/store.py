@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from neuronmap.atlas.format import AtlasFiles, rebuild_hint
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.core.fsio import atomic_file
-from neuronmap.core.ids import MATRICES, format_ranges, parse_layers, parse_matrices, parse_poles
+from neuronmap.core.ids import FEATURE_MATRICES, MATRICES, format_ranges, id_letter, parse_layers, parse_matrices, parse_poles
 from neuronmap.core.cache import cache_dir, file_sha256, hash_file
 
 INDEX = "token_index.parquet"
@@ -35,7 +35,8 @@ def choose_rows(meta: dict, matrices: str | None, layers: str | None, pole: str 
         NeuronmapError: malformed, or asking for rows the atlas was not mapped with.
     """
     dec = meta["decode"]
-    mats = parse_matrices(matrices, MATRICES) if matrices and matrices.strip() != "all" else list(dec["matrices"])
+    kinds = FEATURE_MATRICES if id_letter(meta) == "F" else MATRICES
+    mats = parse_matrices(matrices, kinds) if matrices and matrices.strip() != "all" else list(dec["matrices"])
     lays = parse_layers(layers, int(meta["n_layers"])) if layers else list(dec["layers"])
     for m in mats:
         if m not in dec["matrices"]:

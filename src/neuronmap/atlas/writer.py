@@ -27,7 +27,7 @@ def _lists(flat: pa.Array, k: int, n: int) -> pa.Array:
 
 def rows_table(
     matrix: str, layer: int, pole: str, neurons: np.ndarray, token_ids: np.ndarray, logits: np.ndarray,
-    logsumexp: np.ndarray, entropy: np.ndarray, weight_norm: np.ndarray, vocab: pa.Array,
+    logsumexp: np.ndarray, entropy: np.ndarray, weight_norm: np.ndarray, vocab: pa.Array, letter: str = "N",
 ) -> pa.Table:
     """One block of atlas rows.
 
@@ -36,6 +36,7 @@ def rows_table(
         token_ids, logits: ``[n, k]``.
         logsumexp, entropy, weight_norm: ``[n]``.
         vocab: ``[d_vocab]`` token strings.
+        letter: ``N`` for neurons, ``F`` for SAE features (the id column).
     """
     n, k = token_ids.shape
     ids32 = token_ids.astype(np.int32, copy=False)
@@ -44,7 +45,7 @@ def rows_table(
         "matrix": pa.array([matrix] * n, pa.string()),
         "layer": pa.array(np.full(n, layer, np.int32)),
         "neuron": pa.array(neurons.astype(np.int32)),
-        "id": pa.array([neuron_id(layer, i) for i in neurons.tolist()], pa.string()),
+        "id": pa.array([neuron_id(layer, i, letter) for i in neurons.tolist()], pa.string()),
         "pole": pa.array([pole] * n, pa.string()),
         "token_ids": _lists(pa.array(ids32.ravel()), k, n),
         "tokens": _lists(vocab.take(pa.array(ids32.ravel())), k, n),

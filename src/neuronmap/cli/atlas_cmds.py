@@ -44,7 +44,8 @@ def map_options(args):
     from neuronmap.mapping.part import MapOptions
 
     return MapOptions(matrices=args.matrices, layers=args.layers, top_k=args.top_k, device=args.device,
-                      dtype=args.dtype, norm=args.norm, fold_input_norm=args.fold_input_norm, kernel=args.kernel)
+                      dtype=args.dtype, norm=args.norm, fold_input_norm=args.fold_input_norm, kernel=args.kernel,
+                      sae=getattr(args, "sae", None))
 
 
 def add_map(sub) -> None:
@@ -52,6 +53,10 @@ def add_map(sub) -> None:
     p.add_argument("source", nargs="?", default=None,
                    help="checkpoint dir, .gguf file, hub id (org/name) or packaged model (smollm2-135m, gemma3-270m); default: the demo model")
     p.add_argument("-o", "--out", required=True, help="atlas directory to create")
+    p.add_argument("--sae", default=None, metavar="PATH",
+                   help="decode the features of a SAELens SAE or transcoder (a directory: cfg.json and its safetensors), or a "
+                        "directory of them one per layer, instead of the MLP neurons: ids L{layer}F{index}, matrices "
+                        "enc,dec (see docs/features.md)")
     map_arguments(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_map)
@@ -83,14 +88,17 @@ def cmd_map(args) -> int:
         print_json(result.to_dict())
         return 0
     m = result.meta
+    unit = (f"{len(m['sae'])} SAE{'s' if len(m['sae']) > 1 else ''} ({m['sae'][0]['architecture']}) x {m['d_mlp']} features"
+            if m.get("sae") else f"{m['n_layers']} layers x {m['d_mlp']} neurons")
     out.print(f"[bold]Mapped[/bold] {result.n_vectors:,} vectors ({m['n_rows']:,} rows with both poles) of "
-              f"{escape(m['source']['spec'])} ({m['family']}: {m['n_layers']} layers x {m['d_mlp']} neurons, "
+              f"{escape(m['source']['spec'])} ({m['family']}: {unit}, "
               f"matrices {','.join(m['decode']['matrices'])}) in {result.seconds:.1f} s, "
               f"{m['timings']['vectors_per_s']:,.0f} vectors/s on {m['device']} ({m['dtype']}, {m['kernel']} kernel).")
     out.print(f"Atlas: {result.path}", markup=False)
     if result.highlights:
-        t = Table(title="Some confident content-word neurons")
-        for c in ("neuron", "matrix", "pole", "top token", "p"):
+        kind = "feature" if m.get("sae") else "neuron"
+        t = Table(title=f"Some confident content-word {kind}s")
+        for c in (kind, "matrix", "pole", "top token", "p"):
             t.add_column(c)
         for h in result.highlights:
             t.add_row(h["id"], h["matrix"], h["pole"], show_token(h["token"]), f"{h['prob']:.3f}")
@@ -176,7 +184,7 @@ def cmd_search(args) -> int:
             out.print(f"\n[bold]{show_token(c.text)}[/bold]: single-token variants {toks}")
         tab = Table(show_edge=False)
         evidence = "evidence" in files.meta
-        cols = ("rank", "neuron", "matrix", "pole", "p(concept)", "best variant", "top tokens (p)") + \
+        cols = ("rank", "feature" if files.meta.get("sae") else "neuron", "matrix", "pole", "p(concept)", "best variant", "top tokens (p)") + \
             (("agreement (base)",) if evidence else ())
         for col in cols:
             tab.add_column(col, justify="right" if col in ("rank", "p(concept)", "agreement (base)") else "left")

@@ -18,7 +18,7 @@ def add_layer(sub) -> None:
     p = sub.add_parser("layer", help="the neurons of one layer and matrix, sorted by confidence, entropy or norm")
     p.add_argument("atlas", help="atlas directory")
     p.add_argument("layer", type=int_at_least(0), help="layer number, e.g. 29")
-    p.add_argument("--matrix", default="up", help="gate, up or down (default up)")
+    p.add_argument("--matrix", default=None, help="gate, up or down (default up; a feature atlas: enc or dec, default dec)")
     p.add_argument("--pole", default=None, choices=["+", "-", "both"], help="+ (the vector), - (its negation) or both (default)")
     p.add_argument("--sort", default="confidence", choices=SORTS, help="confidence (top-1 p), entropy, norm or neuron (default confidence)")
     order = p.add_mutually_exclusive_group()
@@ -45,7 +45,8 @@ def cmd_layer(args) -> int:
               f"{' with a ' + r.token_class + ' top token' if r.token_class else ''}, by {r.sort} "
               f"({'descending' if r.descending else 'ascending'})")
     tab = Table(show_edge=False)
-    for col in ("neuron", "pole", "top token", "p", "class", "entropy", "|w|", "next tokens"):
+    unit = "feature" if len(r.rows) and "F" in str(r.rows["id"].iloc[0]) else "neuron"  # L20F885: an SAE feature
+    for col in (unit, "pole", "top token", "p", "class", "entropy", "|w|", "next tokens"):
         tab.add_column(col, justify="right" if col in ("p", "entropy", "|w|") else "left")
     for x in r.rows.to_dict("records"):
         tab.add_row(x["id"], x["pole"], show_token(x["top_token"]), f"{x['top_prob']:.3f}", x["token_class"], f"{x['entropy']:.3f}",
@@ -78,7 +79,7 @@ def cmd_similar(args) -> int:
     out.print(f"[bold]{r.id}[/bold]: most aligned vectors by |cosine| over {r.n_compared:,} per matrix; a negative cosine "
               "pairs with the other neuron's - pole")
     tab = Table(show_edge=False)
-    for col in ("matrix", "rank", "neuron", "cosine", "pole", "top token", "p"):
+    for col in ("matrix", "rank", "feature" if "F" in r.id else "neuron", "cosine", "pole", "top token", "p"):
         tab.add_column(col, justify="right" if col in ("rank", "cosine", "p") else "left")
     for x in r.rows.to_dict("records"):
         tab.add_row(x["matrix"], str(x["rank"]), x["id"], f"{x['cosine']:+.3f}", x["pole"], show_token(x["top_token"]), f"{x['top_prob']:.3f}")

@@ -49,6 +49,8 @@ PARAM_FLAGS: dict[str, str] = {
     "pole": "--pole",
     "positions": "--positions",
     "target": "--target",
+    "fold_input_norm": "--fold-input-norm",
+    "sae": "--sae",
     "prompt": "--prompt",
     "prompts": "--prompt",
     "prompts_file": "--prompts",

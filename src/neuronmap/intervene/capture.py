@@ -18,7 +18,7 @@ import torch
 from neuronmap.core.errors import NeuronmapError
 from neuronmap.decode.head import Head
 from neuronmap.runtime.hooks import intervene
-from neuronmap.runtime.models import Model, find_module, module_name
+from neuronmap.runtime.models import Model, find_module
 from neuronmap.runtime.specs import Intervention
 
 
@@ -90,7 +90,7 @@ def mlp_out_norms(m: Model) -> list[torch.nn.Module] | None:
     """Each layer's norm of the MLP output (Gemma 2/3), or None where the MLP writes its output as is."""
     if m.family.mlp_out_norm is None:
         return None
-    return [find_module(m.model, module_name(m.family.mlp_out_norm, i)) for i in range(m.n_layers)]
+    return [find_module(m.model, m.family.mlp_out_norm.format(i=i)) for i in range(m.n_layers)]
 
 
 def capture(m: Model, ids: torch.Tensor, pos: torch.Tensor) -> Captured:
@@ -128,7 +128,7 @@ def capture(m: Model, ids: torch.Tensor, pos: torch.Tensor) -> Captured:
     handles = []
     try:
         for i in range(n):
-            block = find_module(m.model, m.family.block(i))
+            block = find_module(m.model, m.family.block.format(i=i))
             handles += [block.register_forward_pre_hook(pre_block(i), with_kwargs=True),
                         block.register_forward_hook(post_block(i)),
                         m.downs[i].register_forward_pre_hook(pre_down(i)),

@@ -16,10 +16,11 @@ from neuronmap.core import fsio
 from neuronmap.decode.engine import build_head, choose_reducer, compiled_reduce, kernel_used, resolve_device, resolve_dtype
 from neuronmap.decode.head import NORM_MODES
 from neuronmap.core.errors import NeuronmapError, ResumableError
-from neuronmap.core.ids import parse_layers, parse_matrices
+from neuronmap.core.ids import FEATURE_MATRICES, format_ranges, parse_layers, parse_matrices
 from neuronmap.mapping.part import MapOptions, highlights, map_part
 from neuronmap.mapping.parts import assemble, open_parts, read_best, write_part
 from neuronmap.sources.resolve import Weights, open_weights, resolve_source
+from neuronmap.sources.sae import FeatureWeights, open_saes
 from neuronmap.sources.weights import Source
 from neuronmap.core.cache import file_sha256
 
@@ -158,7 +159,7 @@ def plan_map(source: Source | str | None, out: Path | str, options: MapOptions, 
     """
     src = source if isinstance(source, Source) else resolve_source(source)
     # The model's own files are never written over, whatever -o and --overwrite say.
-    protect = (src.path, *src.files)
+    protect = (src.path, *src.files, *((Path(options.sae),) if options.sae else ()))
     out = atlas_out.check_output(Path(out), overwrite, protect)  # fail before reading any weights
     if ray is not None:  # before minutes of hashing: Ray missing or a bad address is one line at once
         from neuronmap.mapping.distributed import check_address, import_ray
@@ -167,8 +168,14 @@ def plan_map(source: Source | str | None, out: Path | str, options: MapOptions, 
         check_address(ray)
     notes = [f"removed {p.name}, left beside {out.name} by a run that was killed" for p in fsio.remove_stale(out)]
     weights = open_weights(src)
-    matrices = parse_matrices(options.matrices, weights.family.matrices)
-    layers = parse_layers(options.layers, weights.n_layers)
+    saes = []
+    if options.sae is not None:
+        weights, saes = sae_weights(weights, options, ray)
+        matrices = parse_matrices(options.matrices, FEATURE_MATRICES)
+        layers = sae_layers(options.layers, weights)
+    else:
+        matrices = parse_matrices(options.matrices, weights.family.matrices)
+        layers = parse_layers(options.layers, weights.n_layers)
     if not 1 <= options.top_k <= weights.d_vocab:
         raise NeuronmapError(f"top_k={options.top_k} is out of range: expected 1 to {weights.d_vocab} (the vocabulary size)")
     if options.norm not in NORM_MODES:
@@ -184,9 +191,34 @@ def plan_map(source: Source | str | None, out: Path | str, options: MapOptions, 
     manifest = {"weights": [{"name": f.name, "sha256": file_sha256(f)} for f in src.files],
                 "matrices": matrices, "layers": layers, "top_k": options.top_k, "norm": options.norm,
                 "fold_input_norm": options.fold_input_norm, "precision": precision(dtype, options.n_candidates),
-                "format": atlas_io.VERSION}
+                "format": atlas_io.VERSION, "sae": [s.sha256 for s in saes]}
     return Plan(src, weights, out, protect, options, overwrite, ray, matrices, layers, device, dtype, order, reduce,
                 kernel, manifest, notes)
+
+
+def sae_weights(weights: Weights, options: MapOptions, ray: str | None) -> tuple[FeatureWeights, list]:
+    """The model's weights with the features of the SAEs at ``options.sae`` in place of its neurons.
+
+    Raises:
+        NeuronmapError: ``--ray`` or ``--fold-input-norm`` with ``--sae``; a bad SAE (neuronmap.sources.sae).
+    """
+    if ray is not None:
+        raise NeuronmapError("sae=... cannot run on Ray yet: drop ray=... (an SAE's features map in seconds to minutes here)")
+    if options.fold_input_norm:
+        raise NeuronmapError("fold_input_norm=True applies to MLP neurons, not SAE features: drop it with sae=...")
+    saes = open_saes(options.sae, weights)
+    return FeatureWeights(weights, saes), saes
+
+
+def sae_layers(text: str | None, weights: FeatureWeights) -> list[int]:
+    """--layers for a feature map: the SAEs' layers (None: all of them), refusing a layer with no SAE."""
+    have = sorted(weights.saes)
+    layers = parse_layers(text, weights.n_layers) if text is not None else have
+    missing = [x for x in layers if x not in weights.saes]
+    if missing:
+        raise NeuronmapError(f"layers={text!r}: there is no SAE at layer {missing[0]}; the SAEs given are at layers "
+                             f"{format_ranges(have)}")
+    return layers
 
 
 def resume_notes(parts, plan: Plan) -> list[str]:
@@ -346,4 +378,7 @@ def atlas_meta(plan: Plan, device, timings: dict, seconds: float) -> dict:
         "n_rows": 2 * n_vectors,
         "timings": {**{k: round(v, 3) for k, v in timings.items()}, "total_s": round(seconds, 3),
                     "vectors_per_s": round(n_vectors / max(seconds, 1e-9), 1)},
+        # An atlas of SAE features (ids L{layer}F{index}, matrices enc/dec; d_mlp is d_sae): each SAE decoded.
+        **({"sae": [weights.saes[x].to_dict() for x in plan.layers], "d_sae": weights.d_mlp}
+           if isinstance(weights, FeatureWeights) else {}),
     }

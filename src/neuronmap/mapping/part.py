@@ -23,7 +23,8 @@ from neuronmap.sources.weights import Weights
 
 @dataclass(frozen=True)
 class MapOptions:
-    """What ``map`` decodes and how; recorded in meta.json as ``decode``."""
+    """What ``map`` decodes and how; recorded in meta.json as ``decode`` (``sae``: a SAELens directory, or a
+    directory of them, whose features are decoded instead of the MLP neurons)."""
 
     matrices: str | None = None
     layers: str | None = None
@@ -34,6 +35,7 @@ class MapOptions:
     fold_input_norm: bool = False
     n_candidates: int = 16
     kernel: str = "auto"
+    sae: str | None = None
 
 
 def highlights(best: dict[str, dict], n: int = 12) -> list[dict]:
@@ -44,7 +46,7 @@ def map_part(weights: Weights, head, matrix: str, layer: int, options: MapOption
               timings: dict) -> tuple[list[pa.Table], dict]:
     """Decode one (matrix, layer): its atlas rows, in the order a single pass writes them, and its highlights."""
     t = time.perf_counter()
-    vecs = weights.vectors(matrix, layer)  # [d_mlp, d_model]
+    vecs = weights.vectors(matrix, layer)  # [d_mlp, d_model]; features: [d_sae, d_model]
     if options.fold_input_norm and matrix != "down":
         vecs = vecs * weights.mlp_norm_gain(layer)
     norms = vecs.norm(dim=-1).numpy()
@@ -63,13 +65,14 @@ def map_part(weights: Weights, head, matrix: str, layer: int, options: MapOption
         timings["decode_s"] += t2 - t
         neurons = np.arange(start, start + len(norms[start:start + rows]))
         for pole, (ids, lg, lse, ent) in dec.items():
-            tables.append(atlas_out.rows_table(matrix, layer, pole, neurons, ids, lg, lse, ent, norms[start:start + rows], vocab))
-            track_best(best, weights.tokens, matrix, layer, pole, neurons, ids, lg, lse)
+            tables.append(atlas_out.rows_table(matrix, layer, pole, neurons, ids, lg, lse, ent, norms[start:start + rows], vocab,
+                                               weights.letter))
+            track_best(best, weights.tokens, matrix, layer, pole, neurons, ids, lg, lse, weights.letter)
         timings["write_s"] += time.perf_counter() - t2
     return tables, best
 
 
-def track_best(best, tokens, matrix, layer, pole, neurons, ids, lg, lse) -> None:
+def track_best(best, tokens, matrix, layer, pole, neurons, ids, lg, lse, letter: str = "N") -> None:
     """Keep in ``best`` (content word -> highlight) the most confident row per word of this block."""
     p1 = np.exp(lg[:, 0] - lse)  # [rows]; nan where a vector holds nan
     for j in np.argsort(-p1)[:8]:
@@ -79,6 +82,6 @@ def track_best(best, tokens, matrix, layer, pole, neurons, ids, lg, lse) -> None
             continue
         key = tok.strip().lower()
         if key not in best or best[key]["prob"] < p1[j]:
-            best[key] = {"id": neuron_id(layer, int(neurons[j])), "matrix": matrix, "pole": pole, "token": tok,
+            best[key] = {"id": neuron_id(layer, int(neurons[j]), letter), "matrix": matrix, "pole": pole, "token": tok,
                          "prob": float(p1[j])}
 

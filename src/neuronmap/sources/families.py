@@ -10,6 +10,7 @@ matrices in ``nn.Linear`` layout, ``[out_features, in_features]``:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from neuronmap.core.errors import NeuronmapError
@@ -42,6 +43,10 @@ class Family:
         eps_keys: config keys holding the final norm's epsilon, first found wins.
         default_eps: epsilon when no key is present (OPT hard-codes 1e-5).
         softcap_key: config key of the final-logit softcap, if the family has one.
+        block: the decoder layer's module (``model.named_modules()`` name template): TransformerLens's
+            ``hook_resid_pre`` is its input, ``hook_resid_post`` its output.
+        mlp_module: the MLP's module; ``mlp_out``: the module whose output TransformerLens calls ``hook_mlp_out``
+            (Gemma 2/3 normalise the MLP's output before adding it; None: the MLP itself).
         mlp_out_norm: a norm of the MLP's output before it joins the residual stream (Gemma 2 and 3's
             ``post_feedforward_layernorm``), of kind ``norm``; None where the MLP writes its output as is.
     """
@@ -64,6 +69,9 @@ class Family:
     fused_gate_up: bool = False
     conv1d: bool = False
     head_bias: str | None = None
+    block: str = "model.layers.{i}"
+    mlp_module: str = "model.layers.{i}.mlp"
+    mlp_out: str | None = None
     mlp_out_norm: str | None = None
 
     def __post_init__(self):
@@ -75,15 +83,6 @@ class Family:
     def matrices(self) -> tuple[str, ...]:
         """The matrix names this family has, in map order."""
         return ("gate", "up", "down") if self.gated else ("up", "down")
-
-    def block(self, layer: int) -> str:
-        """The decoder block (layer module) that holds the pre-MLP norm, e.g. ``model.layers.3``.
-
-        Example:
-            >>> family_for_model_type("gpt2").block(3)
-            'transformer.h.3'
-        """
-        return self.mlp_norm.format(i=layer).rsplit(".", 2)[0]
 
     @property
     def gated(self) -> bool:
@@ -106,6 +105,58 @@ class Family:
             return self.up.format(i=layer), 0, neuron + (d_mlp if matrix == "up" else 0)
         name = (self.gate if matrix == "gate" else self.up).format(i=layer)
         return name, 1 if self.conv1d else 0, neuron
+
+
+    def hook_point(self, hook: str, n_layers: int) -> "HookPoint":
+        """Where a TransformerLens hook name (``blocks.12.hook_resid_post``) lies in this family's modules.
+
+        Raises:
+            NeuronmapError: a name outside ``HOOKS``, or a block outside ``0..n_layers-1``.
+
+        Example:
+            >>> family_for_model_type("llama").hook_point("blocks.3.hook_mlp_out", 30)
+            HookPoint(hook='blocks.3.hook_mlp_out', layer=3, module='model.layers.3.mlp', side='output')
+        """
+        m = _TL_HOOK.fullmatch(hook.strip()) if isinstance(hook, str) else None
+        if m is None or m.group(2) not in HOOKS:
+            raise NeuronmapError(f"unknown hook {hook!r}: expected blocks.{{layer}}.{{point}} with point one of "
+                                 f"{', '.join(HOOKS)} (TransformerLens names), e.g. blocks.12.hook_resid_post")
+        layer, (role, side) = int(m.group(1)), HOOKS[m.group(2)]
+        if layer >= n_layers:
+            raise NeuronmapError(f"hook {hook}: block {layer} is out of range, this {self.name} model has blocks "
+                                 f"0-{n_layers - 1}")
+        template = {"block": self.block, "mlp": self.mlp_module, "mlp_out": self.mlp_out or self.mlp_module,
+                    "ln2": self.mlp_norm.removesuffix(".weight")}[role]
+        return HookPoint(hook.strip(), layer, template.format(i=layer), side)
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """A TransformerLens hook as a module of the Hugging Face model.
+
+    Attributes:
+        hook: the TransformerLens name; layer: its block.
+        module: the ``model.named_modules()`` name; side: ``input`` or ``output`` of that module. Every hook in
+            ``HOOKS`` holds a ``d_model`` vector per token.
+    """
+
+    hook: str
+    layer: int
+    module: str
+    side: str
+
+
+# TransformerLens hook point -> (the family's module role, which side of it). ``ln2.hook_normalized`` is the pre-MLP
+# norm's output with its gain: TransformerLens folds that gain into the MLP (fold_ln), so an SAE trained there saw
+# the activation divided by the gain; docs/features.md says so.
+HOOKS = {
+    "hook_resid_pre": ("block", "input"),
+    "hook_resid_post": ("block", "output"),
+    "hook_mlp_out": ("mlp_out", "output"),
+    "ln2.hook_normalized": ("ln2", "output"),
+    "hook_mlp_in": ("mlp", "input"),
+}
+_TL_HOOK = re.compile(r"blocks\.([0-9]{1,6})\.(.+)")
 
 
 def _llama_like(name: str, model_types: tuple[str, ...], gguf_archs: tuple[str, ...], **kw) -> Family:
@@ -131,14 +182,14 @@ FAMILIES: tuple[Family, ...] = (
     _llama_like(
         "gemma2", ("gemma2",), ("gemma2",), norm="rms_1p",
         mlp_norm="model.layers.{i}.pre_feedforward_layernorm.weight",
-        mlp_out_norm="model.layers.{i}.post_feedforward_layernorm.weight",
-        softcap_key="final_logit_softcapping",
+        softcap_key="final_logit_softcapping", mlp_out="model.layers.{i}.post_feedforward_layernorm",
+        mlp_out_norm="model.layers.{i}.post_feedforward_layernorm",
     ),
     _llama_like(
         "gemma3", ("gemma3_text", "gemma3"), ("gemma3",), norm="rms_1p",
         mlp_norm="model.layers.{i}.pre_feedforward_layernorm.weight",
-        mlp_out_norm="model.layers.{i}.post_feedforward_layernorm.weight",
-        softcap_key="final_logit_softcapping",
+        softcap_key="final_logit_softcapping", mlp_out="model.layers.{i}.post_feedforward_layernorm",
+        mlp_out_norm="model.layers.{i}.post_feedforward_layernorm",
     ),
     _llama_like(
         "phi3", ("phi3",), ("phi3",), gate=None, fused_gate_up=True,
@@ -150,6 +201,7 @@ FAMILIES: tuple[Family, ...] = (
         mlp_norm="transformer.h.{i}.ln_2.weight", final_norm="transformer.ln_f", norm="layer",
         head="lm_head.weight", embed="transformer.wte.weight",
         layers_keys=("n_layer", "num_hidden_layers"), eps_keys=("layer_norm_epsilon",), conv1d=True,
+        block="transformer.h.{i}", mlp_module="transformer.h.{i}.mlp",
     ),
     Family(
         name="gpt_neox", model_types=("gpt_neox",), gguf_archs=("gptneox",),
@@ -158,6 +210,7 @@ FAMILIES: tuple[Family, ...] = (
         mlp_norm="gpt_neox.layers.{i}.post_attention_layernorm.weight",
         final_norm="gpt_neox.final_layer_norm", norm="layer",
         head="embed_out.weight", embed="gpt_neox.embed_in.weight", eps_keys=("layer_norm_eps",),
+        block="gpt_neox.layers.{i}", mlp_module="gpt_neox.layers.{i}.mlp",
     ),
     Family(
         name="opt", model_types=("opt",), gguf_archs=(),
@@ -165,6 +218,9 @@ FAMILIES: tuple[Family, ...] = (
         mlp_norm="model.decoder.layers.{i}.final_layer_norm.weight",
         final_norm="model.decoder.final_layer_norm", norm="layer",
         head="lm_head.weight", embed="model.decoder.embed_tokens.weight", eps_keys=(),
+        # OPT has no MLP module: fc1 and fc2 sit in the layer, and fc2's output is what the MLP adds.
+        block="model.decoder.layers.{i}", mlp_module="model.decoder.layers.{i}.fc1",
+        mlp_out="model.decoder.layers.{i}.fc2",
     ),
 )
 

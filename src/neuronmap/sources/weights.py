@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -171,6 +171,7 @@ class Weights:
     has: Callable[[str], bool] = field(repr=False)
     config: dict = field(repr=False, default_factory=dict)
     file_of: Callable[[str], Path] | None = field(repr=False, default=None)
+    letter: ClassVar[str] = "N"  # the id letter of what ``vectors`` gives (neuronmap.sources.sae: ``F``)
 
     def _checked(self, name: str, shape: tuple[int, ...], native: bool = False) -> torch.Tensor:
         """Read one tensor, refusing a non-float dtype, a wrong shape or a non-finite value.

@@ -31,7 +31,7 @@ from neuronmap.viewer.data import Data, Found, Overview, SearchPage
 from neuronmap.viewer.steer import SteerRunner
 
 STATIC = Path(__file__).parent / "static"
-_NEURON = re.compile(r"^\s*L[0-9]+N[0-9]+\s*$")
+_NEURON = re.compile(r"^\s*L[0-9]+[NF][0-9]+\s*$")  # a neuron's id, or an SAE feature's
 
 
 def _html(served: Served, request: Request, title: str, body: str, status: int = 200, atlas: str | None = None) -> HTMLResponse:

@@ -265,7 +265,7 @@ class Data:
             raise RequestError(f"layer {shown(text)} is out of range: the atlas holds layers {format_ranges(layers)}")
         page = query_int(request, "page", 0, 0, 10**7)
         desc = request.query_params.get("desc")
-        lr = layer_rows(files, int(text), request.query_params.get("matrix") or "up", _opt(request, "pole"),
+        lr = layer_rows(files, int(text), request.query_params.get("matrix") or None, _opt(request, "pole"),
                         request.query_params.get("sort") or "confidence", None if desc in (None, "") else desc in ("1", "true"),
                         _opt(request, "class"), page * PAGE, PAGE)
         return LayerPage(name, files.meta, lr)

@@ -9,7 +9,7 @@ import math
 
 import pandas as pd
 
-from neuronmap.core.ids import MATRICES, neuron_id
+from neuronmap.core.ids import ALL_MATRICES, id_letter, neuron_id
 from neuronmap.atlas.stats import TOKEN_CLASSES
 from neuronmap.viewer.render import bar, esc, json_block, link, num, table, tok, url
 
@@ -117,8 +117,10 @@ def neuron(name: str, first: str, meta: dict, report, weights_ok: bool, weights_
     d = report.to_dict()
     n_layers, d_mlp = int(meta["n_layers"]), int(meta["d_mlp"])
     L, N = d["layer"], d["neuron"]
-    prev = f"L{L}N{N - 1}" if N > 0 else (f"L{L - 1}N{d_mlp - 1}" if L > 0 else None)
-    nxt = f"L{L}N{N + 1}" if N + 1 < d_mlp else (f"L{L + 1}N0" if L + 1 < n_layers else None)
+    c, layers = id_letter(meta), meta["decode"]["layers"]
+    # Across a layer's edge only to a layer the atlas holds (a feature atlas may hold a single SAE's layer).
+    prev = f"L{L}{c}{N - 1}" if N > 0 else (f"L{L - 1}{c}{d_mlp - 1}" if L > 0 and L - 1 in layers else None)
+    nxt = f"L{L}{c}{N + 1}" if N + 1 < d_mlp else (f"L{L + 1}{c}0" if L + 1 < n_layers and L + 1 in layers else None)
     nav = " · ".join(x for x in [
         link(url(f"/neuron/{prev}", atlas=_a(name, first)), "← " + esc(prev)) if prev else "",
         link(url(f"/layer/{L}", atlas=_a(name, first)), f"layer {L}"),
@@ -134,7 +136,9 @@ def neuron(name: str, first: str, meta: dict, report, weights_ok: bool, weights_
     similar = ('<div id="similar" data-src="' + esc(url(f"/api/similar/{d['id']}", atlas=_a(name, first))) + '" data-atlas="'
                + esc(_a(name, first) or "") + '"><p>computing cosines over the weights…</p></div>') if weights_ok else \
         f'<p class="notice">{esc(weights_note or "the weights are not available")}</p>'
-    steer = _steer_form(name, d["id"]) if weights_ok else f'<p class="notice">steering needs the weights: {esc(weights_note)}</p>'
+    steer = ('<p class="notice">steering SAE features is not built yet: see docs/features.md</p>' if meta.get("sae")
+             else _steer_form(name, d["id"]) if weights_ok
+             else f'<p class="notice">steering needs the weights: {esc(weights_note)}</p>')
     return f"""<h1>{esc(d['id'])} <small>{esc(name)}</small></h1><p class="nav">{nav}</p>
 <div class="cards">{''.join(cards)}</div>
 <section><h2>Most similar vectors</h2><p class="sub">|cosine| over the weights, same matrix, any layer; a negative cosine pairs with the other neuron's − pole</p>{similar}</section>
@@ -225,7 +229,7 @@ def layer(name: str, first: str, meta: dict, lr) -> str:
              esc(r["token_class"]), num(r["entropy"], ".3f"), num(r["weight_norm"], ".3f"),
              " ".join(tok(t) for t in r["tokens"][1:4])] for r in d["rows"]]
     mats = " ".join(link(url(f"/layer/{d['layer']}", **{**here, "matrix": m}), esc(m), "current" if m == d["matrix"] else "")
-                    for m in MATRICES if m in meta["decode"]["matrices"])
+                    for m in ALL_MATRICES if m in meta["decode"]["matrices"])
     classes = " ".join(link(url(f"/layer/{d['layer']}", **{**here, "class": c}), esc(c or "all"),
                             "current" if c == (d["token_class"] or "") else "") for c in ["", *TOKEN_CLASSES])
     page = d["offset"] // d["limit"]
