@@ -289,7 +289,7 @@ def instruction_set(flags) -> str:
     return "avx512-bf16" if "avx512_bf16" in flags else ("avx2" if "avx2" in flags else "other")
 
 
-def floor_seconds(n_vectors: int, d_model: int, d_vocab: int, bf16_head: bool) -> dict:
+def floor_seconds(n_vectors: int, d_model: int, d_vocab: int, bf16_head: bool, sample: int = 16384) -> dict:
     """The cheapest products that give an exact atlas, each with torch's own kernel, for ``n_vectors`` vectors.
 
     Exact (top-10 order as fp64, |dp| <= 1e-5) takes either one fp32 product or the split's bf16 products with
@@ -298,8 +298,11 @@ def floor_seconds(n_vectors: int, d_model: int, d_vocab: int, bf16_head: bool) -
     """
     import torch
 
-    fp32 = bare_product_seconds(n_vectors, d_model, d_vocab, "cpu", torch.float32)
-    bf16 = bare_product_seconds(n_vectors, d_model, d_vocab, "cpu", torch.bfloat16)
+    # Timed over at most `sample` vectors and scaled: the rate is steady after a few blocks, and a loaded machine
+    # could not otherwise time the floor twice around a whole map in one session.
+    n = min(n_vectors, sample)
+    fp32 = bare_product_seconds(n, d_model, d_vocab, "cpu", torch.float32) * n_vectors / n
+    bf16 = bare_product_seconds(n, d_model, d_vocab, "cpu", torch.bfloat16) * n_vectors / n
     n_split = 2 if bf16_head else 3
     split = n_split * bf16
     return {"fp32_product_s": round(fp32, 2), "bf16_product_s": round(bf16, 2), "split_products": n_split,
