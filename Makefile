@@ -32,10 +32,12 @@ $(BROWSER) $(GCIDE):
 	@if [ "$$(id -u)" = 0 ]; then apt-get install -y -q $(PKG) >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q $(PKG) >/dev/null); \
 	else echo "make needs Debian's $(PKG): run 'sudo apt-get install -y $(PKG)'"; exit 1; fi
 
-# The atlas of the embedded model, then activation evidence from every 50th entry of GCIDE (~190k tokens).
+# The atlas of the embedded model, then activation evidence from every 280th entry of GCIDE (~32k tokens, about a
+# minute): a slice that holds dog entries (Maltese dog, puppies), so the dog neuron L29N808 shows what it fires on.
+# More evidence: `neuronmap record demo-atlas --corpus $(GCIDE) --every 10 --overwrite` (README).
 demo: $(STAMP) $(GCIDE)
 	$(BIN)/neuronmap map -o demo-atlas --overwrite
-	$(BIN)/neuronmap record demo-atlas --corpus $(GCIDE) --every 50 --tokens 200000
+	$(BIN)/neuronmap record demo-atlas --corpus $(GCIDE) --every 280 --tokens 40000
 
 # The viewer on the demo atlas (run `make demo` first).
 serve: $(STAMP)

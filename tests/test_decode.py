@@ -276,3 +276,33 @@ def test_auto_falls_back_to_float32_without_avx512_bf16(monkeypatch):
         monkeypatch.undo()
         native.load.cache_clear()
         fused._load.cache_clear()
+
+
+@pytest.mark.skipif(fused._amx() is None, reason="no AMX-BF16 here (or Linux refused the tile state)")
+@pytest.mark.parametrize("bf16_head", [True, False])
+def test_amx_kernel_matches_fp64_and_the_avx512_kernel(bf16_head, monkeypatch):
+    # 37 rows: two whole AMX tiles of 16 and 5 rows on vdpbf16ps; d_model 96 (three 32-wide steps); 1000 tokens (a short
+    # last panel). Both builds must give the fp64 top-10 in order, and sums that agree to fp32 rounding.
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(1000, 96, generator=g) * 0.05
+    W = W.bfloat16() if bf16_head else W
+    h = torch.randn(37, 96, generator=g) * 3
+    packed, ref = fused.pack_head(W), h.double() @ W.double().T  # [37, 1000]
+    outs = {}
+    for amx in ("1", "0"):
+        monkeypatch.setenv("NEURONMAP_AMX", amx)
+        fused._amx.cache_clear()
+        fused._load.cache_clear()
+        assert fused.name() == ("amx-bf16" if amx == "1" else "avx512bf16")
+        outs[amx] = fused.decode_rows(packed, h, 10, True)
+    monkeypatch.undo()
+    fused._amx.cache_clear()
+    fused._load.cache_clear()
+    for pole, sign in enumerate((1.0, -1.0)):
+        top = (sign * ref).topk(10, -1)
+        lse = torch.logsumexp(sign * ref, -1)
+        for amx in ("1", "0"):
+            ids, z, m, s, _ = outs[amx][pole]
+            assert torch.equal(ids, top.indices)
+            assert (z.double() - top.values).abs().max() < 1e-4
+            assert ((m.double() + s.log()) - lse).abs().max() < 1e-5

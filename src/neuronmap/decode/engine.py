@@ -161,11 +161,11 @@ def compiled_reduce(z: torch.Tensor, minus: bool) -> tuple[torch.Tensor, ...]:
 
 
 def kernel_used(reduce, d_vocab: int, dtype: str = "float32", device: str = "cpu", k: int = 10) -> str:
-    """What a decode ran: ``avx512bf16`` (the fused kernel: ``split`` on a CPU), ``cuda-split`` (``split`` on CUDA,
+    """What a decode ran: ``avx512bf16`` or ``amx-bf16`` (the fused kernel: ``split`` on a CPU), ``cuda-split`` (``split`` on CUDA,
     then a reducer), else what a reducer from ``choose_reducer`` ran: ``compiled`` or ``eager``."""
     if dtype == "split" and not str(device).startswith("cuda"):
         if k <= fused.MAX_K:
-            return fused.NAME
+            return fused.name()
     elif dtype == "split":
         return "cuda-split+" + kernel_used(reduce, d_vocab)
     return "compiled" if reduce is compiled_reduce and not _compile_failed and d_vocab > GROUP else "eager"

@@ -15,6 +15,7 @@ says why and ``--dtype auto`` falls back to exact fp32 (decode.resolve_dtype).
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -24,10 +25,25 @@ from neuronmap.decode import native
 from neuronmap.decode.head import Decoded, rescore
 from neuronmap.core.errors import NeuronmapError
 
-NAME = "avx512bf16"  # the kernel name recorded in meta.json and the resume manifest
+NAME = "avx512bf16"  # the kernel name recorded in meta.json
+AMX_NAME = "amx-bf16"  # the same kernel, its products on AMX tiles (NEURONMAP_AMX=0 turns it off)
 PANEL = 64  # tokens per panel of the packed head (csrc/fused.c)
 MAX_K = 256  # top-k the kernel keeps in registers' reach; larger k goes the fp32 way
 VERSION = 6  # nm_version() of csrc/fused.c
+
+
+@lru_cache(maxsize=1)
+def _amx() -> ctypes.CDLL | None:
+    """The AMX-BF16 build of the kernel where the CPU has AMX and Linux grants the tile state, else None."""
+    if os.environ.get("NEURONMAP_AMX", "1") == "0":
+        return None
+    lib = native.load("fused_amx")
+    return lib if lib is not None and lib.nm_version() == VERSION and lib.nm_amx_init() == 0 else None
+
+
+def name() -> str:
+    """The kernel name recorded in meta.json: ``amx-bf16`` where the AMX build runs, else ``avx512bf16``."""
+    return AMX_NAME if _load()[0] is not None and _amx() is not None else NAME
 
 
 @lru_cache(maxsize=1)
@@ -37,6 +53,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"the fused kernel is not available ({native.why_not('fused')})"
     if lib.nm_version() != VERSION:
         return None, f"the fused kernel library is stale (version {lib.nm_version()}, expected {VERSION})"
+    lib = _amx() or lib  # the same functions, the products on AMX tiles
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.nm_decode.argtypes = [p, i, i, i, p, p, i, p, f, i, i, i, p, p, p, p, p]
     lib.nm_decode.restype = i

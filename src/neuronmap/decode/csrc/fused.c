@@ -12,6 +12,7 @@
  *   hi, lo: [n][2 * d2] bf16 rows.
  * Built by neuronmap.native (its KERNELS entry "fused" has the flags: -mavx512f -mavx512bw -mavx512vl -mavx512bf16 ...).
  */
+#define _GNU_SOURCE  /* syscall() for the AMX permission request */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -105,11 +106,26 @@ typedef struct {
     float cap;
 } Args;
 
+/* The reductions of 16 logits of one row (tokens v0 .. v0+15): bias, softcap, then both poles' sums and top-k. */
+static inline void reduce16(const Args *g, State *st, int r, int v0, __m512 acc) {
+    int V = g->V, poles = g->poles, k = g->k;
+    __mmask16 valid = v0 >= V ? 0 : (V - v0 >= 16 ? 0xFFFF : (__mmask16)((1u << (V - v0)) - 1));
+    if (!valid) return;
+    __m512 z = g->bias ? _mm512_add_ps(acc, _mm512_maskz_loadu_ps(valid, g->bias + v0)) : acc;
+    if (g->cap > 0) z = softcap512(z, g->cap);
+    size_t row = (size_t)r * poles;
+    update_sums(&st->sums[row], z, valid);
+    update_top(st->vals + row * k, st->ids + row * k, k, z, valid, v0);
+    if (poles == 2) {
+        __m512 zm = _mm512_sub_ps(_mm512_setzero_ps(), z);
+        update_sums(&st->sums[row + 1], zm, valid);
+        update_top(st->vals + (row + 1) * k, st->ids + (row + 1) * k, k, zm, valid, v0);
+    }
+}
+
 static inline __attribute__((always_inline)) void tile(int R, int NW, const Args *g, int p, int r0, State *st) {
     const uint16_t *hi = g->hi, *lo = g->lo;
-    int ld = g->ld, d2 = g->d2, V = g->V, poles = g->poles, k = g->k;
-    const float *bias = g->bias;
-    float cap = g->cap;
+    int ld = g->ld, d2 = g->d2;
     __m512 acc[MAXR][4];
     for (int r = 0; r < R; r++)
         for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
@@ -130,24 +146,8 @@ static inline __attribute__((always_inline)) void tile(int R, int NW, const Args
             }
         }
     }
-    for (int j = 0; j < 4; j++) {
-        int v0 = p * PANEL + 16 * j;
-        __mmask16 valid = v0 >= V ? 0 : (V - v0 >= 16 ? 0xFFFF : (__mmask16)((1u << (V - v0)) - 1));
-        if (!valid) continue;
-        __m512 bv = bias ? _mm512_maskz_loadu_ps(valid, bias + v0) : _mm512_setzero_ps();
-        for (int r = 0; r < R; r++) {
-            __m512 z = _mm512_add_ps(acc[r][j], bv);
-            if (cap > 0) z = softcap512(z, cap);
-            size_t row = (size_t)(r0 + r) * poles;
-            update_sums(&st->sums[row], z, valid);
-            update_top(st->vals + row * k, st->ids + row * k, k, z, valid, v0);
-            if (poles == 2) {
-                __m512 zm = _mm512_sub_ps(_mm512_setzero_ps(), z);
-                update_sums(&st->sums[row + 1], zm, valid);
-                update_top(st->vals + (row + 1) * k, st->ids + (row + 1) * k, k, zm, valid, v0);
-            }
-        }
-    }
+    for (int j = 0; j < 4; j++)
+        for (int r = 0; r < R; r++) reduce16(g, st, r0 + r, p * PANEL + 16 * j, acc[r][j]);
 }
 
 #define TILE_CASES(NW) \
@@ -162,6 +162,57 @@ static inline __attribute__((always_inline)) void tile(int R, int NW, const Args
 
 static void tiles_nw1(const Args *g, int p, int r0, int R, State *st) { TILE_CASES(1) }
 static void tiles_nw2(const Args *g, int p, int r0, int R, State *st) { TILE_CASES(2) }
+
+
+#ifdef NM_AMX
+/* AMX-BF16 (built as the "fused_amx" kernel, with -DNM_AMX): the same products on the tile unit, 16 rows x 64
+ * tokens at a time, fp32 accumulation in tiles as vdpbf16ps does; then the same reductions. The packed panels are
+ * already the B operand's layout (pairs of model dimensions x 16 tokens x 2), so nothing is repacked. */
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* Linux hands out the tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): 0 when granted. */
+int nm_amx_init(void) { return syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 0 : -1; }
+
+static void amx_config(void) {
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 8; i++) { c.rows[i] = 16; c.colsb[i] = 64; }
+    _tile_loadconfig(&c);
+}
+
+/* tmm0-3: the 4 x 16 tokens' fp32 sums; tmm4, tmm5: hi, lo rows (16 x 32 dims); tmm6, tmm7: the head's hi, lo. */
+#define AMX_J(J) do { \
+        _tile_loadd(6, w + ((size_t)(q * NW) * PANEL + 16 * (J)) * 2, bstride); \
+        _tile_dpbf16ps(J, 4, 6); \
+        _tile_dpbf16ps(J, 5, 6); \
+        if (NW == 2) { _tile_loadd(7, w + ((size_t)(q * NW + 1) * PANEL + 16 * (J)) * 2, bstride); _tile_dpbf16ps(J, 4, 7); } \
+    } while (0)
+
+static void amx_tile(int NW, const Args *g, int p, int r0, State *st) {
+    float buf[16 * PANEL] __attribute__((aligned(64)));
+    int ld = g->ld, d2 = g->d2;
+    const uint16_t *w = g->Wp + (size_t)p * d2 * NW * PANEL * 2;
+    size_t bstride = (size_t)NW * PANEL * 2 * 2, astride = (size_t)ld * 2;
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int q = 0; q < d2; q += 16) {
+        _tile_loadd(4, g->hi + (size_t)r0 * ld + 2 * q, astride);
+        _tile_loadd(5, g->lo + (size_t)r0 * ld + 2 * q, astride);
+        AMX_J(0); AMX_J(1); AMX_J(2); AMX_J(3);
+    }
+    _tile_stored(0, buf, PANEL * 4); _tile_stored(1, buf + 16, PANEL * 4);
+    _tile_stored(2, buf + 32, PANEL * 4); _tile_stored(3, buf + 48, PANEL * 4);
+    for (int j = 0; j < 4; j++)
+        for (int r = 0; r < 16; r++) reduce16(g, st, r0 + r, p * PANEL + 16 * j, _mm512_load_ps(buf + r * PANEL + 16 * j));
+}
+#endif
 
 /* The kernel's version: neuronmap.fused checks it after loading. */
 int nm_version(void) { return 6; }
@@ -198,12 +249,23 @@ int nm_decode(const uint16_t *Wp, int nw, int d2, int V, const uint16_t *hi, con
         for (int sl = 0; sl < n_slices; sl++) {
             State *st = &states[sl];
             int p0 = (int)((long)n_panels * sl / n_slices), p1 = (int)((long)n_panels * (sl + 1) / n_slices);
-            for (int p = p0; p < p1; p++)
-                for (int r0 = 0; r0 < n; r0 += MAXR) {
+            int amx_rows = 0;
+#ifdef NM_AMX
+            if (d2 % 16 == 0) { amx_config(); amx_rows = n / 16 * 16; }  /* whole 16-row tiles; the rest below */
+#endif
+            for (int p = p0; p < p1; p++) {
+#ifdef NM_AMX
+                for (int r0 = 0; r0 < amx_rows; r0 += 16) amx_tile(nw, &g, p, r0, st);
+#endif
+                for (int r0 = amx_rows; r0 < n; r0 += MAXR) {
                     int R = n - r0 < MAXR ? n - r0 : MAXR;
                     if (nw == 2) tiles_nw2(&g, p, r0, R, st);
                     else tiles_nw1(&g, p, r0, R, st);
                 }
+            }
+#ifdef NM_AMX
+            if (amx_rows) _tile_release();
+#endif
         }
         /* Merge the slices' lanes: each (m, s, t) re-based on the overall max, in double; top-k lists merged. */
         for (size_t j = 0; j < (size_t)n * poles; j++) {
