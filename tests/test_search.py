@@ -427,17 +427,14 @@ def test_a_search_takes_at_most_64_concepts_of_256_characters(tiny_atlases, caps
         search(Atlas.open(d), ["<7>"] * 10_000)
 
 
-def test_many_hits_are_described_in_order_and_in_seconds(tiny_atlases):
+def test_many_hits_are_described_in_order(tiny_atlases):
     """64 concepts x 100 hits: each hit's id, stored top 5, entropy and norm are its own row's, in the ranking's order
-    (one query per hit took over 10 minutes for 6,400 hits on one demo layer)."""
-    import time
-
+    (one query per hit took over 10 minutes for 6,400 hits on one demo layer; one query per block now: the speed is
+    not asserted here, by the project's rule, but this test would not finish in CI with the old query)."""
     files = Atlas.open(tiny_atlases["llama"])
-    t0 = time.perf_counter()
     r = search(files, [f"<{i}>" for i in range(64)], top=100)
-    took = time.perf_counter() - t0
     t = r.table
-    assert len(t) == 64 * 100 and took < 60, (len(t), took)
+    assert len(t) == 64 * 100, len(t)
     rows = pq.read_table(files.neurons).to_pandas().set_index(["layer", "matrix", "pole", "neuron"])
     for h in t.itertuples():
         row = rows.loc[(h.layer, h.matrix, h.pole, h.neuron)]
